@@ -1,1 +1,3 @@
-"""volseg."""
+"""volseg: distributed, chunked, promptable organelle segmentation for petascale EM volumes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,40 @@
+"""Progress bars for long commands (tqdm on stderr; quiet when disabled)."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from volseg.geometry import Block
+
+
+class BlockProgress:
+    """Blocks done / total with voxels per second and ETA."""
+
+    def __init__(self, total_blocks: int, total_voxels: int, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total_blocks, unit="block", disable=not enabled, dynamic_ncols=True,
+                        desc="segmenting")
+        self.total_voxels = total_voxels
+        self.voxels = 0
+
+    def __call__(self, block: Block, seconds: float) -> None:
+        self.voxels += block.core.size
+        elapsed = self.bar.format_dict["elapsed"] or 1e-9
+        self.bar.set_postfix_str(f"{self.voxels / elapsed / 1e6:.2f} Mvox/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class StepProgress:
+    """Training steps with loss and steps per second."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total, unit="step", desc=desc, disable=not enabled, dynamic_ncols=True)
+
+    def __call__(self, step: int, total: int, loss: float, steps_per_second: float) -> None:
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {steps_per_second:.2f} step/s", refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()

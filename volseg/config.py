@@ -1,0 +1,226 @@
+"""The run configuration: one typed, validated, immutable schema for run / train / eval / demo.
+
+A config is YAML. ``load_config(path)`` returns a frozen :class:`Config` or raises
+:class:`~volseg.errors.ConfigError` naming the file, the field (as a dotted path) and what is allowed.
+Relative paths inside a config are resolved against the current working directory, like every other
+command-line path. Below ``cli.py`` nothing sees a dict or an argparse namespace, only these objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from volseg.errors import ConfigError
+from volseg.models import ModelSpec
+
+Triple = tuple[int, int, int]
+PositiveTriple = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VolumeRef(Section):
+    """A volume: its URL (local path, file://, memory://, gs://, s3://, http(s)://, with an optional
+    Neuroglancer-style format prefix zarr:// zarr2:// zarr3:// n5:// precomputed://), and for OME-Zarr
+    the scale level to read."""
+
+    url: str = Field(min_length=1)
+    scale: int | None = Field(default=None, ge=0)
+
+
+class RoiConfig(Section):
+    """The region to segment, in voxels (z, y, x), half-open; defaults to the whole volume."""
+
+    start: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+    stop: PositiveTriple
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RoiConfig:
+        if any(b >= e for b, e in zip(self.start, self.stop, strict=True)):
+            raise ValueError(f"roi.start {self.start} must be below roi.stop {self.stop} on every axis")
+        return self
+
+
+class ModelConfig(Section):
+    """Which model, and where its weights are (a ``.safetensors`` checkpoint with its JSON card)."""
+
+    name: str = "unet"
+    num_classes: int = Field(default=1, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.name, self.num_classes, dict(self.options))
+
+
+class InferenceConfig(Section):
+    """Sliding windows over the global window grid and how their predictions are blended."""
+
+    window: PositiveTriple = (1, 128, 128)
+    stride: PositiveTriple = (1, 96, 96)
+    blend: Literal["cosine", "gaussian", "constant"] = "cosine"
+    batch_size: int = Field(default=8, ge=1)
+    device: str = "auto"
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> InferenceConfig:
+        for ax, w, s in zip("zyx", self.window, self.stride, strict=True):
+            if s > w:
+                raise ValueError(
+                    f"stride {s} on axis {ax} exceeds the window {w}; voxels between windows would "
+                    f"never be predicted (use a stride of at most {w})"
+                )
+        return self
+
+
+class OutputConfig(Section):
+    """Where results go. Created with the input's voxel size and offset; an existing output must have
+    the same geometry, or the run is refused."""
+
+    probabilities: str = Field(min_length=1)
+    density: str | None = None
+    dtype: Literal["float32", "uint8"] = "float32"
+    chunk: PositiveTriple | None = None
+    shard: PositiveTriple | None = None
+
+
+class ExecutionConfig(Section):
+    """How blocks are cut and run. ``block`` is the core each block writes; it must be a whole
+    number of output chunks (or shards); default: the output chunk grown to about 16 M voxels."""
+
+    block: PositiveTriple | None = None
+    executor: Literal["serial"] = "serial"
+    prefetch: int = Field(default=2, ge=0, le=16)
+
+
+class TrainConfig(Section):
+    """Supervised training on labelled volumes (source domain)."""
+
+    raw: VolumeRef
+    labels: VolumeRef
+    steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    crop: PositiveTriple = (1, 128, 128)
+    learning_rate: float = Field(default=2e-3, gt=0)
+    density_sigma_nm: float = Field(default=40.0, gt=0)
+    seed: int = 0
+    checkpoint: str = Field(min_length=1)
+
+
+class EvalConfig(Section):
+    """Ground truth to score the semantic output against."""
+
+    labels: VolumeRef
+
+
+class SyntheticConfig(Section):
+    """A self-generated EM-like volume (see volseg.data.synthetic), written as a zarr group at ``url``
+    with arrays ``raw`` (uint8) and ``mito`` (uint8, 1 = mitochondrion)."""
+
+    url: str = Field(min_length=1)
+    shape: PositiveTriple = (24, 384, 384)
+    domain: str = "tem"
+    seed: int = 0
+
+
+class Config(Section):
+    """A whole volseg configuration; each command checks the sections it needs."""
+
+    input: VolumeRef | None = None
+    roi: RoiConfig | None = None
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    output: OutputConfig | None = None
+    execution: ExecutionConfig = ExecutionConfig()
+    train: TrainConfig | None = None
+    eval: EvalConfig | None = None
+    synthetic: list[SyntheticConfig] | None = None
+    source_path: str | None = Field(default=None, exclude=True)
+
+    def require(self, *sections: str, command: str) -> None:
+        """Raise :class:`ConfigError` unless every named section is present."""
+        for name in sections:
+            if getattr(self, name) is None:
+                raise ConfigError(
+                    f"{self.source_path or 'the config'}: `volseg {command}` needs a `{name}:` section, "
+                    "and there is none.",
+                    f"add a `{name}:` section (see the config reference in README.md).",
+                )
+
+    def output_fingerprint(self) -> str:
+        """A hash of every field that changes what a run writes (not where, nor how it is scheduled)."""
+        relevant = {
+            "input": self.input.model_dump() if self.input else None,
+            "roi": self.roi.model_dump() if self.roi else None,
+            "model": self.model.model_dump(exclude={"checkpoint"}),
+            "inference": self.inference.model_dump(exclude={"device", "batch_size"}),
+            "output": {"dtype": self.output.dtype} if self.output else None,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "is not a known field (check its spelling against the config reference in README.md)"
+        elif item["type"] == "missing":
+            message = "is required but missing"
+        elif item["type"] == "literal_error":
+            message = f"must be {item['ctx']['expected']}, got {item.get('input')!r}"
+        else:
+            message = f"{message} (got {item.get('input')!r})"
+        lines.append(f"{field} {message}")
+    return f"{source}: " + "; ".join(lines) + "."
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a parsed YAML mapping into a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections (input:, model:, ...), "
+            f"got {type(data).__name__}.",
+            "start from configs/demo.yaml.",
+        )
+    try:
+        return Config.model_validate({**data, "source_path": source})
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source),
+                          "correct the field(s) named above.") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.",
+                          "give the path of a YAML config, e.g. configs/demo.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}.",
+                          "fix the YAML syntax there (indentation, colons, quotes).") from None
+    return parse_config(data, str(path))

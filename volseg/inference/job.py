@@ -1,0 +1,87 @@
+"""One segmentation job: what every block does, independent of who runs it.
+
+A :class:`SegmentationJob` holds the input volume, the output volumes and the predictor, and splits a
+block's work into three steps an executor can overlap: ``read`` (async), ``compute`` and ``write``
+(async). Executors (:mod:`volseg.inference.executor` here, :mod:`volseg.actors` on Ray) only decide
+which block runs where and when.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from volseg.geometry import Block
+from volseg.inference.blockwise import plan_windows, predict_box
+from volseg.inference.predictor import Predictor
+from volseg.inference.windows import WindowGrid
+
+
+class Pending(Protocol):
+    def result(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """An output volume and the prediction channels it stores (``channels`` index the C+1 stack)."""
+
+    volume: Any
+    channels: tuple[int, ...]
+
+
+def to_storage(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Convert float predictions to an output dtype: floats as they are, integers as ``[0, 1]`` scaled
+    to the dtype's full range and rounded (probabilities outside [0, 1] are clipped first)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return values.astype(dtype, copy=False)
+    top = np.iinfo(dtype).max
+    return np.rint(np.clip(values, 0.0, 1.0) * top).astype(dtype)
+
+
+class SegmentationJob:
+    """Read core + context from ``source``, predict and blend, write the core into ``outputs``."""
+
+    def __init__(
+        self,
+        source: Any,
+        outputs: Sequence[OutputTarget],
+        predictor: Predictor,
+        windows: WindowGrid,
+        blend: str = "cosine",
+        batch_windows: int = 16,
+    ) -> None:
+        self.source = source
+        self.outputs = tuple(outputs)
+        self.predictor = predictor
+        self.windows = windows
+        self.blend = blend
+        self.batch_windows = batch_windows
+
+    def read(self, block: Block) -> Pending:
+        """Start reading everything ``block``'s windows need; ``.result()`` gives the array."""
+        return self.source.read_async(plan_windows(self.windows, block.core).read_box)
+
+    def compute(self, block: Block, data: np.ndarray) -> np.ndarray:
+        """``(C+1) × core`` blended predictions of the block."""
+        return predict_box(self.source, self.predictor, self.windows, block.core, self.blend, data,
+                           self.batch_windows)
+
+    def write(self, block: Block, blended: np.ndarray) -> list[Pending]:
+        """Start writing the block's core into every output; each future resolves once durable."""
+        pending = []
+        for target in self.outputs:
+            values = blended[list(target.channels)]
+            if target.volume.num_channels is None:
+                values = values[0]
+            pending.append(target.volume.write_async(block.core, to_storage(values, target.volume.dtype)))
+        return pending
+
+    def run_block(self, block: Block) -> None:
+        """All three steps, synchronously (for executors that do not overlap them)."""
+        blended = self.compute(block, self.read(block).result())
+        for pending in self.write(block, blended):
+            pending.result()

@@ -1,0 +1,101 @@
+"""The Predictor protocol (a batch of raw windows → class probabilities and a density map) and its
+torch implementation.
+
+A predictor's output stacks the channels as ``C`` class probabilities followed by one density
+channel, so blending treats them alike::
+
+    windows      B × Z × Y × X       raw voxels, the volume's dtype
+    prediction   B × (C+1) × Z × Y × X  float32: p(class 0..C-1), then density
+
+A 2D model has a window of Z = 1 and runs on each slice; a 3D model on a Z-deep window. Numpy↔torch,
+device placement and autocast happen here, never in ``volseg.models``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from volseg.geometry import Coord
+from volseg.models import InputContract
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Anything that maps a batch of windows to probabilities and density (see the module docstring)."""
+
+    @property
+    def window(self) -> Coord:
+        """The window shape (z, y, x) the predictor evaluates."""
+
+    @property
+    def num_classes(self) -> int:
+        """Number of probability channels ``C`` (the density channel comes after them)."""
+
+    def predict(self, windows: np.ndarray) -> np.ndarray:
+        """B×Z×Y×X raw windows → B×(C+1)×Z×Y×X float32 predictions."""
+
+
+def normalize(windows: torch.Tensor, contract: InputContract) -> torch.Tensor:
+    """Raw voxels → model input: scale integers to [0, 1], then standardise with the contract's mean/std."""
+    x = windows.float()
+    if contract.input_scale != 1.0:
+        x = x * (1.0 / contract.input_scale)
+    return (x - contract.mean) / contract.std
+
+
+class TorchPredictor:
+    """A :class:`Predictor` around a torch module whose forward maps ``B×1×(Z×)Y×X`` input to
+    ``(logits B×C×…, density B×1×…)``.
+
+    ``batch_size`` windows go through the model at once; ``amp_dtype`` (e.g. ``torch.bfloat16``)
+    turns on autocast on the device.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        contract: InputContract,
+        window: Coord,
+        num_classes: int,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.contract = contract
+        self._window = tuple(int(w) for w in window)
+        self._num_classes = int(num_classes)
+        self.batch_size = int(batch_size)
+        self.amp_dtype = amp_dtype
+        contract.check_window(self._window)
+
+    @property
+    def window(self) -> Coord:
+        return self._window
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @torch.inference_mode()
+    def predict(self, windows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(windows), self._num_classes + 1, *windows.shape[1:]), dtype=np.float32)
+        for begin in range(0, len(windows), self.batch_size):
+            batch = windows[begin : begin + self.batch_size]
+            out[begin : begin + len(batch)] = self._predict_batch(batch)
+        return out
+
+    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        x = normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), self.contract)
+        # 2D: the Z=1 slices of the windows become the batch; 3D: add the channel axis.
+        x = x.reshape(-1, 1, *x.shape[-2:]) if self.contract.dims == 2 else x.unsqueeze(1)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits, density = self.model(x)
+        stacked = torch.cat([torch.sigmoid(logits.float()), density.float()], dim=1)
+        if self.contract.dims == 2:
+            stacked = stacked.unsqueeze(2)  # B×(C+1)×Y×X → B×(C+1)×1×Y×X
+        return stacked.cpu().numpy()

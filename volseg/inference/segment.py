@@ -1,0 +1,212 @@
+"""`volseg run`: plan a segmentation (validating everything, writing nothing), then execute it.
+
+:func:`plan_segmentation` opens the input read-only, loads the model, builds the block and window
+grids, computes the run signature and checks every output that already exists. Only when all of that
+holds does :func:`open_outputs` create or open the outputs, so bad input leaves storage untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import volseg
+from volseg.config import Config
+from volseg.errors import ConfigError, OutputExistsError, VolumeFormatError
+from volseg.geometry import BlockGrid, Box, Coord
+from volseg.inference.job import OutputTarget, SegmentationJob
+from volseg.inference.predictor import TorchPredictor
+from volseg.inference.windows import WindowGrid
+from volseg.io import choose_output_chunks, create_volume, open_volume
+from volseg.models import input_contract
+from volseg.models.checkpoint import file_sha256, load_checkpoint, read_card
+
+#: Default block core size, in voxels, when the config gives none.
+DEFAULT_BLOCK_VOXELS = 1 << 24
+SIGNATURE_KEY = "volseg"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output to create: URL, dtype and which prediction channels it stores."""
+
+    name: str
+    url: str
+    dtype: np.dtype
+    channels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SegmentationPlan:
+    config: Config
+    source: Any
+    predictor: TorchPredictor
+    windows: WindowGrid
+    grid: BlockGrid
+    chunk: Coord
+    shard: Coord | None
+    outputs: tuple[OutputSpec, ...]
+    signature: str
+    checkpoint_card: dict[str, Any]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"inference.device is {device!r} but this machine has no CUDA GPU.",
+                          "set inference.device to 'auto' or 'cpu'.")
+    return torch.device(device)
+
+
+AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_predictor(config: Config) -> tuple[TorchPredictor, dict[str, Any]]:
+    """The configured model with its checkpoint loaded, wrapped as a predictor; and the checkpoint card."""
+    spec = config.model.spec
+    if config.model.checkpoint is None:
+        raise ConfigError(
+            f"{config.source_path or 'config'}: model.checkpoint is not set; `volseg run` needs trained "
+            "weights.",
+            "set model.checkpoint to a .safetensors file (train one with `volseg train CONFIG`).",
+        )
+    model = load_checkpoint(config.model.checkpoint, spec)
+    predictor = TorchPredictor(
+        model, input_contract(spec), config.inference.window, spec.num_classes,
+        device=resolve_device(config.inference.device), batch_size=config.inference.batch_size,
+        amp_dtype=AMP_DTYPES[config.inference.precision],
+    )
+    return predictor, read_card(config.model.checkpoint)
+
+
+def default_block(write_chunk: Coord, window: Coord, shape: Coord) -> Coord:
+    """A block core of whole write chunks: at least 4 windows wide in y and x (so the windows shared
+    with neighbours stay a small fraction), about ``DEFAULT_BLOCK_VOXELS`` in all, no larger than the
+    volume rounded up to whole chunks."""
+    cap = [-(-s // c) * c for s, c in zip(shape, write_chunk, strict=True)]
+    block = list(write_chunk)
+    for ax in (1, 2):
+        while block[ax] < 4 * window[ax] and block[ax] < cap[ax]:
+            block[ax] += write_chunk[ax]
+    while int(np.prod(block)) < DEFAULT_BLOCK_VOXELS and block[0] < cap[0]:
+        block[0] += write_chunk[0]
+    return tuple(min(b, c) for b, c in zip(block, cap, strict=True))
+
+
+def _roi(config: Config, bounds: Box) -> Box:
+    if config.roi is None:
+        return bounds
+    roi = Box(config.roi.start, config.roi.stop)
+    if not bounds.contains(roi):
+        raise ConfigError(f"roi {roi} reaches outside the input volume {bounds}.",
+                          f"keep roi.stop within the volume shape {bounds.stop}.")
+    return roi
+
+
+def _output_specs(config: Config, num_classes: int) -> tuple[OutputSpec, ...]:
+    out = config.output
+    assert out is not None  # checked by require()
+    specs = [OutputSpec("probabilities", out.probabilities, np.dtype(out.dtype), tuple(range(num_classes)))]
+    if out.density is not None:
+        specs.append(OutputSpec("density", out.density, np.dtype("float32"), (num_classes,)))
+    urls = [s.url for s in specs]
+    if len(set(urls)) != len(urls):
+        raise ConfigError("output.probabilities and output.density name the same URL.",
+                          "give each output its own path.")
+    if config.input is not None and config.input.url in urls:
+        raise ConfigError(f"An output URL is the input volume {config.input.url!r}; a run never writes "
+                          "into its input.", "choose an output path different from input.url.")
+    return tuple(specs)
+
+
+def run_signature(weights: str, config: Config, grid: BlockGrid, windows: WindowGrid) -> str:
+    """Hash of everything that determines the bytes a run writes."""
+    payload = {
+        "weights_sha256": weights,
+        "config": config.output_fingerprint(),
+        "grid": {"roi": grid.roi.to_json(), "core": list(grid.core_shape)},
+        "windows": {"window": list(windows.window), "stride": list(windows.stride)},
+        "volseg": volseg.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPlan:
+    """Validate everything a run needs and decide its geometry; writes nothing."""
+    config.require("input", "output", command="run")
+    assert config.input is not None and config.output is not None
+    source = open_volume(config.input.url, "r", scale=config.input.scale)
+    if source.num_channels is not None:
+        raise VolumeFormatError(
+            f"Input {config.input.url!r} has {source.num_channels} channels; volseg segments "
+            "single-channel grey EM volumes (z, y, x).", "point input.url at the grey-value array.")
+    predictor, card = build_predictor(config)
+    windows = WindowGrid(source.shape, config.inference.window, config.inference.stride)
+    chunk = config.output.chunk or choose_output_chunks(source.shape, np.dtype(config.output.dtype),
+                                                        source.chunk_shape)
+    write_chunk = config.output.shard or chunk
+    core = config.execution.block or default_block(write_chunk, windows.window, source.shape)
+    grid = BlockGrid.aligned(_roi(config, source.bounds), core, 0, source.bounds, write_chunk)
+    signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows)
+    plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
+                            None if config.output.shard is None else tuple(config.output.shard),
+                            _output_specs(config, predictor.num_classes), signature, card)
+    for spec in plan.outputs:
+        existing = create_volume(**_creation_arguments(plan, spec), dry_run=True)
+        if existing is not None:
+            _check_signature(existing, spec, signature, overwrite)
+    return plan
+
+
+def _creation_arguments(plan: SegmentationPlan, spec: OutputSpec) -> dict[str, Any]:
+    """Outputs copy the input's voxel size and offset, over the input's whole shape."""
+    source = plan.source
+    return {
+        "url": spec.url, "shape": source.shape, "dtype": spec.dtype, "voxel_size_nm": source.voxel_size_nm,
+        "voxel_offset": source.voxel_offset, "chunk_shape": plan.chunk, "shard_shape": plan.shard,
+        "num_channels": len(spec.channels) if len(spec.channels) > 1 else None, "exist_ok": True,
+    }
+
+
+def _check_signature(existing: Any, spec: OutputSpec, signature: str, overwrite: bool) -> None:
+    """Refuse an existing output written by another run (or by something else) unless overwriting."""
+    found = existing.attributes.get(SIGNATURE_KEY, {}).get("signature")
+    if found == signature or overwrite:
+        return
+    who = "another volseg run" if found else "something other than volseg"
+    raise OutputExistsError(
+        f"Output {spec.url!r} ({spec.name}) already exists and was written by {who}; writing into it "
+        "would mix two results or destroy data.",
+        "choose another output path, delete the existing output, or pass --overwrite.",
+    )
+
+
+def open_outputs(plan: SegmentationPlan) -> list[OutputTarget]:
+    """Create (or reopen, when the geometry matches) every output and stamp the run signature."""
+    num_classes = plan.predictor.num_classes
+    targets = []
+    for spec in plan.outputs:
+        volume = create_volume(**_creation_arguments(plan, spec))
+        volume.update_attributes({SIGNATURE_KEY: {
+            "signature": plan.signature,
+            "version": volseg.__version__,
+            "output": spec.name,
+            "channels": ["probability"] * num_classes + ["density"],
+            "input": plan.config.input.url if plan.config.input else None,
+            "checkpoint": plan.config.model.checkpoint,
+        }})
+        targets.append(OutputTarget(volume, spec.channels))
+    return targets
+
+
+def make_job(plan: SegmentationPlan, targets: Sequence[OutputTarget]) -> SegmentationJob:
+    inference = plan.config.inference
+    return SegmentationJob(plan.source, targets, plan.predictor, plan.windows, inference.blend,
+                           batch_windows=inference.batch_size)

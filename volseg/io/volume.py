@@ -1,0 +1,288 @@
+"""The :class:`Volume`: one array of a stored volume, read and written by boxes in (z, y, x).
+
+A volume is addressed by 0-based voxel indices of its array — the :class:`~volseg.geometry.Box` that a
+read or write takes never includes the ``voxel_offset`` (which only places the array in physical
+space). Arrays are (z, y, x), or (c, z, y, x) for volumes with channels; a box always names the three
+spatial axes and reads or writes all channels::
+
+    physical position (nm) = (index + voxel_offset) * voxel_size_nm        per axis z, y, x
+
+Backends (tensorstore, cloud-volume) implement :class:`ArrayBackend`; the Volume checks every box,
+array shape and dtype before handing them over, so all backends fail the same way on bad input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+
+from volseg.errors import GeometryMismatchError, VolumeFormatError
+from volseg.geometry import Box
+from volseg.io.attributes import AttributeStore
+
+T_co = TypeVar("T_co", covariant=True)
+
+Mode = Literal["r", "r+"]
+BackendName = Literal["auto", "tensorstore", "cloudvolume"]
+
+
+class ResultFuture(Protocol[T_co]):
+    """An asynchronous result: ``result()`` blocks until it is ready (or raises the operation's error).
+
+    tensorstore futures and :class:`concurrent.futures.Future` both qualify.
+    """
+
+    def result(self, timeout: float | None = None) -> T_co: ...
+
+
+class ArrayBackend(Protocol):
+    """Box access to one stored array, indexed (c,) z, y, x from 0.
+
+    Boxes and arrays reaching a backend are already checked by :class:`Volume`.
+    """
+
+    def read(self, box: Box) -> ResultFuture[np.ndarray]:
+        """Start reading ``box`` (all channels)."""
+        ...
+
+    def write(self, box: Box, array: np.ndarray) -> ResultFuture[None]:
+        """Start writing ``array`` into ``box``; the caller may reuse ``array`` once this returns.
+
+        The future resolves once the data is durably stored.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Everything that fixes where a volume's voxels are and how they are stored.
+
+    ``shape``, ``voxel_size_nm``, ``voxel_offset``, ``chunk_shape`` and ``shard_shape`` are spatial
+    (z, y, x); channels are counted by ``num_channels`` (``None``: the array has no channel axis).
+    """
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    voxel_size_nm: tuple[float, float, float]
+    voxel_offset: tuple[int, int, int]
+    chunk_shape: tuple[int, int, int]
+    shard_shape: tuple[int, int, int] | None = None
+    num_channels: int | None = None
+
+    @property
+    def write_chunk(self) -> tuple[int, int, int]:
+        """The unit one writer must own: the shard if the array is sharded, else the chunk."""
+        return self.shard_shape if self.shard_shape is not None else self.chunk_shape
+
+    def differences(self, existing: VolumeGeometry) -> list[str]:
+        """One line per field that differs: ``"field: given X, existing Y"`` (voxel sizes to 1e-6)."""
+        lines = []
+        for name in ("shape", "dtype", "voxel_offset", "chunk_shape", "shard_shape", "num_channels"):
+            given, found = getattr(self, name), getattr(existing, name)
+            if given != found:
+                lines.append(f"{name}: given {_show(given)}, existing {_show(found)}")
+        if not np.allclose(self.voxel_size_nm, existing.voxel_size_nm, rtol=1e-6, atol=0):
+            lines.append(
+                f"voxel_size_nm: given {_show(self.voxel_size_nm)}, existing {_show(existing.voxel_size_nm)}"
+            )
+        return lines
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, np.dtype):
+        return value.name
+    if isinstance(value, tuple):
+        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class OpenedArray:
+    """What a backend found when opening a URL: the array, its geometry and its attributes."""
+
+    format: str
+    geometry: VolumeGeometry
+    array: ArrayBackend
+    attribute_store: AttributeStore
+    ome_version: str | None = None
+    kind: str = "image"
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """How to open a volume again — small and picklable, so it can cross process (Ray) boundaries."""
+
+    url: str
+    mode: Mode = "r"
+    scale: int | None = None
+    backend: BackendName = "auto"
+
+    def open(self) -> Volume:
+        """Open the volume this spec describes (see :func:`volseg.io.open_volume`)."""
+        from volseg.io.opening import open_volume
+
+        return open_volume(self.url, self.mode, scale=self.scale, backend=self.backend)
+
+
+class Volume:
+    """One array of a stored volume (see the module docstring for coordinates and shapes).
+
+    Attributes: ``url`` (as given to open or create), ``format`` (``"zarr2"``, ``"zarr3"``, ``"n5"``
+    or ``"precomputed"``), ``ome_version`` (``"0.4"``/``"0.5"`` when the URL is an OME-Zarr image,
+    else ``None``), ``scale`` (the scale level opened), ``kind`` (``"image"`` or ``"segmentation"``;
+    only precomputed records it, other formats report ``"image"``), ``backend``, and the geometry
+    fields ``shape``, ``num_channels``, ``dtype``, ``voxel_size_nm``, ``voxel_offset``,
+    ``chunk_shape``, ``shard_shape``, ``write_chunk``, ``bounds``.
+
+    A Volume pickles as its :class:`VolumeSpec` and reopens on unpickling.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: VolumeSpec,
+        format: str,
+        geometry: VolumeGeometry,
+        array: ArrayBackend,
+        attribute_store: AttributeStore,
+        writable: bool,
+        backend: str,
+        ome_version: str | None = None,
+        scale: int = 0,
+        kind: str = "image",
+    ) -> None:
+        self.spec = spec
+        self.url = spec.url
+        self.format = format
+        self.geometry = geometry
+        self.backend = backend
+        self.ome_version = ome_version
+        self.scale = scale
+        self.kind = kind
+        self.writable = writable
+        self.shape = geometry.shape
+        self.num_channels = geometry.num_channels
+        self.dtype = geometry.dtype
+        self.voxel_size_nm = geometry.voxel_size_nm
+        self.voxel_offset = geometry.voxel_offset
+        self.chunk_shape = geometry.chunk_shape
+        self.shard_shape = geometry.shard_shape
+        self.write_chunk = geometry.write_chunk
+        self.bounds = Box.from_shape(geometry.shape)
+        self._array = array
+        self._attributes = attribute_store
+
+    def __repr__(self) -> str:
+        channels = "" if self.num_channels is None else f", num_channels={self.num_channels}"
+        return (
+            f"Volume({self.url!r}, format={self.format!r}, shape={self.shape}{channels}, "
+            f"dtype={self.dtype.name}, voxel_size_nm={self.voxel_size_nm}, chunk_shape={self.chunk_shape}, "
+            f"writable={self.writable})"
+        )
+
+    def __reduce__(self) -> tuple[Any, tuple[VolumeSpec]]:
+        return (VolumeSpec.open, (self.spec,))
+
+    def array_shape(self, box: Box) -> tuple[int, ...]:
+        """The shape of the array that :meth:`read` returns for ``box``: (z, y, x) or (c, z, y, x)."""
+        return box.shape if self.num_channels is None else (self.num_channels, *box.shape)
+
+    def read(self, box: Box) -> np.ndarray:
+        """The voxels of ``box`` (all channels), shaped as :meth:`array_shape` says.
+
+        ``box`` must lie inside :attr:`bounds`, else :class:`~volseg.errors.GeometryMismatchError`
+        names the box and the bounds. An empty box gives an empty array. Chunks never written read as 0.
+        """
+        return self.read_async(box).result()
+
+    def read_async(self, box: Box) -> ResultFuture[np.ndarray]:
+        """Start :meth:`read`; box errors are raised here, storage errors by ``result()``."""
+        self._check_box(box, "read")
+        return self._array.read(box)
+
+    def write(self, box: Box, array: np.ndarray) -> None:
+        """Write ``array`` into ``box`` and wait until it is durably stored.
+
+        ``array`` must have exactly :meth:`array_shape` ``(box)`` and :attr:`dtype` — volseg never
+        casts silently. Writing a box that covers only part of a :attr:`write_chunk` reads, merges
+        and rewrites that chunk, which races with other writers of the same chunk; blockwise writers
+        should own whole write chunks (see :meth:`volseg.geometry.BlockGrid.aligned`).
+        """
+        self.write_async(box, array).result()
+
+    def write_async(self, box: Box, array: np.ndarray) -> ResultFuture[None]:
+        """Start :meth:`write`; ``result()`` returns once the data is durable.
+
+        Input errors (read-only volume, box, shape, dtype) are raised here. ``array`` may be reused
+        as soon as this returns.
+        """
+        if not self.writable:
+            raise VolumeFormatError(
+                f"The volume {self.url} was opened read-only, so the box {box} cannot be written.",
+                "open it with mode='r+' (http(s):// volumes are always read-only).",
+            )
+        self._check_box(box, "write")
+        data = np.asarray(array)
+        expected = self.array_shape(box)
+        if data.shape != expected:
+            axes = "(z, y, x)" if self.num_channels is None else "(c, z, y, x)"
+            raise VolumeFormatError(
+                f"Cannot write an array of shape {data.shape} into the box {box} of {self.url}: "
+                f"expected shape {expected} {axes}.",
+                "pass an array with the box's shape (and all channels first, if any).",
+            )
+        if data.dtype != self.dtype:
+            raise VolumeFormatError(
+                f"Cannot write {data.dtype.name} data into {self.url}, which stores {self.dtype.name}.",
+                f"convert the array first, e.g. array.astype(np.{self.dtype.name}), after checking that "
+                "the values fit.",
+            )
+        return self._array.write(box, data)
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """The volume's JSON user attributes, freshly read (format-owned keys left out)."""
+        return self._attributes.read()
+
+    def update_attributes(self, values: dict[str, Any]) -> None:
+        """Merge ``values`` into the user attributes (shallow: each given key is replaced).
+
+        Atomic against concurrent updates from other processes. Needs mode ``"r+"``.
+        """
+        if not self.writable:
+            raise VolumeFormatError(
+                f"The volume {self.url} was opened read-only, so its attributes cannot be updated.",
+                "open it with mode='r+'.",
+            )
+        self._attributes.update(values)
+
+    def _check_box(self, box: Box, action: str) -> None:
+        if not isinstance(box, Box):
+            raise TypeError(f"expected a volseg.geometry.Box, got {type(box).__name__}")
+        if box.ndim != 3:
+            raise GeometryMismatchError(
+                f"Cannot {action} the box {box} of {self.url}: it has {box.ndim} axes, volumes are "
+                "addressed by 3 (z, y, x).",
+                "give a (z, y, x) box; channels are always read and written whole.",
+            )
+        if not self.bounds.contains(box):
+            raise GeometryMismatchError(
+                f"Cannot {action} the box {box} of {self.url}: it reaches outside the volume's bounds "
+                f"{self.bounds} (z, y, x, 0-based voxel indices; the voxel offset {self.voxel_offset} "
+                "is not part of them).",
+                "clip the box to the bounds, e.g. box.intersect(volume.bounds).",
+            )
+
+
+def as_zyx(values: Sequence[float] | Sequence[int], name: str, kind: type = int) -> tuple[Any, Any, Any]:
+    """``values`` as a 3-tuple of ``kind``; anything but 3 values raises VolumeFormatError naming ``name``."""
+    items = tuple(values)
+    if len(items) != 3:
+        raise VolumeFormatError(
+            f"{name} is {items!r}; expected 3 values in z, y, x order.", f"give {name} as (z, y, x)."
+        )
+    converted = tuple(kind(v) for v in items)
+    return converted[0], converted[1], converted[2]

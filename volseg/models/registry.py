@@ -1,0 +1,111 @@
+"""The model registry: a name → builder and input contract, and the spec that selects one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from volseg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a model expects of its input windows.
+
+    ``dims``: 2 (a window is one z slice, Z = 1) or 3. Raw voxels are divided by ``input_scale``
+    (255 for uint8 EM) and standardised with ``mean``/``std``. Window sizes must be multiples of
+    ``size_multiple`` on the axes the model downsamples.
+    """
+
+    dims: int
+    size_multiple: int = 1
+    input_scale: float = 255.0
+    mean: float = 0.5
+    std: float = 0.25
+
+    def check_window(self, window_zyx: Sequence[int]) -> None:
+        """Raise :class:`ConfigError` if the model cannot run on windows of ``window_zyx``."""
+        window = tuple(int(w) for w in window_zyx)
+        if self.dims == 2 and window[0] != 1:
+            raise ConfigError(
+                f"inference.window is {window}, but this is a 2D model: its windows are one slice deep.",
+                f"set inference.window to [1, {window[1]}, {window[2]}].",
+            )
+        spatial = window[1:] if self.dims == 2 else window
+        bad = [w for w in spatial if w % self.size_multiple]
+        if bad:
+            raise ConfigError(
+                f"inference.window {window} has sizes {bad} that are not multiples of "
+                f"{self.size_multiple}, which this model's downsampling needs.",
+                f"round the window to multiples of {self.size_multiple}.",
+            )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Selects a registered model: ``name`` plus builder keyword ``options`` (e.g. width, depth)."""
+
+    name: str
+    num_classes: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "num_classes": self.num_classes, "options": dict(self.options)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
+        return cls(str(data["name"]), int(data.get("num_classes", 1)), dict(data.get("options", {})))
+
+    def canonical(self) -> str:
+        """A stable string of the spec, for hashing into run signatures."""
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    build: Callable[..., nn.Module]
+    contract: Callable[[ModelSpec], InputContract]
+    description: str
+
+
+MODELS: dict[str, RegisteredModel] = {}
+
+
+def register(name: str, build: Callable[..., nn.Module], contract: Callable[[ModelSpec], InputContract],
+             description: str) -> None:
+    MODELS[name] = RegisteredModel(build, contract, description)
+
+
+def _entry(spec: ModelSpec) -> RegisteredModel:
+    _load_builtin_models()
+    if spec.name not in MODELS:
+        raise ConfigError(
+            f"model.name {spec.name!r} is not a registered model.",
+            f"use one of: {', '.join(sorted(MODELS))}.",
+        )
+    return MODELS[spec.name]
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised module for ``spec`` (seed torch first for reproducible weights)."""
+    entry = _entry(spec)
+    try:
+        return entry.build(num_classes=spec.num_classes, **dict(spec.options))
+    except TypeError as error:
+        raise ConfigError(
+            f"model.options {dict(spec.options)} do not fit model {spec.name!r}: {error}.",
+            "remove or rename the option (see the model's builder in volseg/models).",
+        ) from None
+
+
+def input_contract(spec: ModelSpec) -> InputContract:
+    return _entry(spec).contract(spec)
+
+
+def _load_builtin_models() -> None:
+    # Imported lazily so that the registry module stays import-cycle free.
+    from volseg.models import convnet, unet  # noqa: F401
