@@ -13,6 +13,7 @@ from volseg.adapt.sampler import CropSampler
 from volseg.commands.progress import StepProgress
 from volseg.config import Config
 from volseg.errors import VolumeFormatError
+from volseg.inference.segment import check_input_dtype
 from volseg.io import open_volume
 from volseg.models import build_model, input_contract
 from volseg.models.checkpoint import save_checkpoint
@@ -58,6 +59,7 @@ def train(config: Config, progress: bool = True) -> TrainResult:
         raise VolumeFormatError(
             f"train.labels {cfg.labels.url!r} has shape {labels.shape} but train.raw {cfg.raw.url!r} has "
             f"{raw.shape}.", "point both at arrays of the same dataset and scale.")
+    check_input_dtype(raw.dtype, cfg.raw.url, "train.raw.url")
     spec = config.model.spec
     contract = input_contract(spec)
     contract.check_window(cfg.crop)

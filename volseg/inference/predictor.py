@@ -38,11 +38,18 @@ class Predictor(Protocol):
         """B×Z×Y×X raw windows → B×(C+1)×Z×Y×X float32 predictions."""
 
 
+#: Grey-value dtypes a model can read; integers are scaled by their maximum, floats taken as [0, 1].
+INPUT_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
+_SCALE = {torch.uint8: 1.0 / 255.0, torch.uint16: 1.0 / 65535.0}
+
+
 def normalize(windows: torch.Tensor, contract: InputContract) -> torch.Tensor:
-    """Raw voxels → model input: scale integers to [0, 1], then standardise with the contract's mean/std."""
+    """Raw voxels → model input: integers scaled to [0, 1] by their dtype's maximum (uint8: 255,
+    uint16: 65535), floats taken as already in [0, 1]; then standardised with the contract's mean/std."""
+    scale = _SCALE.get(windows.dtype, 1.0)
     x = windows.float()
-    if contract.input_scale != 1.0:
-        x = x * (1.0 / contract.input_scale)
+    if scale != 1.0:
+        x = x * scale
     return (x - contract.mean) / contract.std
 
 

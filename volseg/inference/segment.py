@@ -21,7 +21,7 @@ from volseg.config import Config
 from volseg.errors import ConfigError, OutputExistsError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, Coord
 from volseg.inference.job import OutputTarget, SegmentationJob
-from volseg.inference.predictor import TorchPredictor
+from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.io import choose_output_chunks, create_volume, open_volume
 from volseg.models import input_contract
@@ -54,6 +54,17 @@ class SegmentationPlan:
     outputs: tuple[OutputSpec, ...]
     signature: str
     checkpoint_card: dict[str, Any]
+
+
+def check_input_dtype(dtype: np.dtype, url: str, field: str) -> None:
+    """Refuse grey-value volumes of a dtype models cannot read (e.g. a label volume given as input)."""
+    if np.dtype(dtype) not in INPUT_DTYPES:
+        allowed = ", ".join(str(d) for d in INPUT_DTYPES)
+        raise VolumeFormatError(
+            f"{field} {url!r} has dtype {np.dtype(dtype)}; volseg reads grey-value EM as {allowed}. "
+            "(uint32/uint64 volumes are usually labels, not images.)",
+            f"point {field} at the raw EM array, or convert it to uint8 (e.g. with tensorstore or zarr).",
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,11 +153,13 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     """Validate everything a run needs and decide its geometry; writes nothing."""
     config.require("input", "output", command="run")
     assert config.input is not None and config.output is not None
+    outputs = _output_specs(config, config.model.num_classes)
     source = open_volume(config.input.url, "r", scale=config.input.scale)
     if source.num_channels is not None:
         raise VolumeFormatError(
             f"Input {config.input.url!r} has {source.num_channels} channels; volseg segments "
             "single-channel grey EM volumes (z, y, x).", "point input.url at the grey-value array.")
+    check_input_dtype(source.dtype, config.input.url, "input.url")
     predictor, card = build_predictor(config)
     windows = WindowGrid(source.shape, config.inference.window, config.inference.stride)
     chunk = config.output.chunk or choose_output_chunks(source.shape, np.dtype(config.output.dtype),
@@ -157,7 +170,7 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows)
     plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
                             None if config.output.shard is None else tuple(config.output.shard),
-                            _output_specs(config, predictor.num_classes), signature, card)
+                            outputs, signature, card)
     for spec in plan.outputs:
         existing = create_volume(**_creation_arguments(plan, spec), dry_run=True)
         if existing is not None:

@@ -16,14 +16,13 @@ from volseg.errors import ConfigError
 class InputContract:
     """What a model expects of its input windows.
 
-    ``dims``: 2 (a window is one z slice, Z = 1) or 3. Raw voxels are divided by ``input_scale``
-    (255 for uint8 EM) and standardised with ``mean``/``std``. Window sizes must be multiples of
+    ``dims``: 2 (a window is one z slice, Z = 1) or 3. Raw voxels are scaled to [0, 1] (integers by
+    their dtype's maximum) and standardised with ``mean``/``std``. Window sizes must be multiples of
     ``size_multiple`` on the axes the model downsamples.
     """
 
     dims: int
     size_multiple: int = 1
-    input_scale: float = 255.0
     mean: float = 0.5
     std: float = 0.25
 

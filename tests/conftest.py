@@ -1,0 +1,62 @@
+"""Shared fixtures: a small synthetic EM volume on disk and a small checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from volseg.data.synthetic import generate_volume
+from volseg.io import create_volume
+from volseg.models import ModelSpec, build_model
+from volseg.models.checkpoint import save_checkpoint
+
+SMALL_UNET = ModelSpec("unet", options={"dims": 2, "width": 4, "levels": 2})
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """A 10×72×80 synthetic volume (odd, non-chunk-multiple sizes) with raw and mito arrays."""
+    root = tmp_path_factory.mktemp("data") / "small.zarr"
+    data = generate_volume((10, 72, 80), "tem", seed=3)
+    for name, array in (("raw", data.raw), ("mito", data.mito)):
+        vol = create_volume(f"{root}/{name}", shape=array.shape, dtype=array.dtype,
+                            voxel_size_nm=data.voxel_size_nm, chunk_shape=(4, 32, 32))
+        vol.write(vol.bounds, array)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised (seeded) small U-Net checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "unet.safetensors"
+    return save_checkpoint(path, build_model(SMALL_UNET), SMALL_UNET, {"mode": "test"})
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def run_config(tmp_path, small_dataset, small_checkpoint):
+    """A factory for a valid run config (dict) writing into tmp_path/out.zarr; override by sections."""
+
+    def make(**overrides) -> dict:
+        config = {
+            "input": {"url": f"{small_dataset}/raw"},
+            "model": {"name": SMALL_UNET.name, "options": dict(SMALL_UNET.options),
+                      "checkpoint": str(small_checkpoint)},
+            "inference": {"window": [1, 32, 32], "stride": [1, 20, 24], "batch_size": 4, "device": "cpu"},
+            "output": {"probabilities": str(tmp_path / "out.zarr/prob"),
+                       "density": str(tmp_path / "out.zarr/density"), "chunk": [2, 16, 16]},
+            "execution": {"block": [4, 32, 48]},
+        }
+        for key, value in overrides.items():
+            config[key] = value
+        return config
+
+    return make

@@ -1,0 +1,214 @@
+"""`volseg run` / `validate` end to end, and every kind of bad input: exit code 2, one clear line
+naming the field or file, no traceback, nothing written or overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import SMALL_UNET, write_config
+from volseg.cli import main
+from volseg.geometry import Box
+from volseg.inference.blockwise import predict_box
+from volseg.inference.predictor import TorchPredictor
+from volseg.inference.windows import WindowGrid
+from volseg.io import create_volume, open_volume
+from volseg.models import input_contract
+from volseg.models.checkpoint import load_checkpoint
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+
+
+def test_run_writes_the_whole_volume_prediction(tmp_path, run_config, small_checkpoint, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config())
+    code, err = run_cli(["run", str(config), "--no-progress"], capsys)
+    assert code == 0, err
+    prob = open_volume(str(tmp_path / "out.zarr/prob"))
+    density = open_volume(str(tmp_path / "out.zarr/density"))
+    raw = open_volume(run_config()["input"]["url"])
+    assert prob.voxel_size_nm == raw.voxel_size_nm and prob.shape == raw.shape
+    assert prob.chunk_shape == (2, 16, 16)
+    predictor = TorchPredictor(load_checkpoint(small_checkpoint, SMALL_UNET), input_contract(SMALL_UNET),
+                               (1, 32, 32), 1)
+    whole = predict_box(raw.read(raw.bounds), predictor, WindowGrid(raw.shape, (1, 32, 32), (1, 20, 24)),
+                        raw.bounds)
+    np.testing.assert_allclose(prob.read(prob.bounds), whole[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(density.read(density.bounds), whole[1], atol=1e-5, rtol=0)
+    # the same run again is accepted (same signature) and gives the same bytes
+    before = tree_digest(tmp_path / "out.zarr/prob")
+    code, err = run_cli(["run", str(config), "--no-progress"], capsys)
+    assert code == 0, err
+    assert tree_digest(tmp_path / "out.zarr/prob") == before
+
+
+def test_validate_checks_everything_and_writes_nothing(tmp_path, run_config, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config())
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "is valid" in out and "blocks of core (4, 32, 48)" in out
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_console_script_exit_code_and_message(tmp_path):
+    bad = write_config(tmp_path / "bad.yaml", {"inptu": {"url": "x"}})
+    proc = subprocess.run([sys.executable, "-m", "volseg.cli", "validate", str(bad)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "inptu" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = run_cli(["run", str(tmp_path / "nope.yaml")], capsys)
+    assert_user_error(code, err, "nope.yaml", "does not exist")
+
+
+def test_malformed_yaml_names_the_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("input:\n  url: [unclosed\nmodel: {}\n")
+    code, err = run_cli(["run", str(path)], capsys)
+    assert_user_error(code, err, "broken.yaml", "line")
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "needles"),
+    [
+        ("inference", {"window": [1, 32, 32], "strid": [1, 8, 8]}, ["inference.strid", "not a known field"]),
+        ("inference", {"window": [1, 32, 32], "stride": [1, 40, 8]}, ["stride 40", "axis y"]),
+        ("inference", {"window": [1, 32, 32], "blend": "median"}, ["inference.blend", "cosine"]),
+        ("output", {"probabilities": "x.zarr", "dtype": "int7"}, ["output.dtype", "float32"]),
+        ("execution", {"block": [4, -32, 48]}, ["execution.block"]),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, run_config, capsys, section, value, needles):
+    config = write_config(tmp_path / "run.yaml", run_config(**{section: value}))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "run.yaml", *needles)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_missing_input_volume(tmp_path, run_config, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config(input={"url": str(tmp_path / "absent.zarr")}))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "absent.zarr")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_wrong_input_dtype(tmp_path, run_config, capsys):
+    labels = create_volume(str(tmp_path / "labels.zarr"), shape=(4, 32, 32), dtype="uint64",
+                           voxel_size_nm=(40, 4, 4))
+    config = write_config(tmp_path / "run.yaml", run_config(input={"url": labels.url}))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "input.url", "uint64", "uint8")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_wrong_axis_order(tmp_path, run_config, capsys):
+    group = zarr.open_group(str(tmp_path / "xyz.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(32, 32, 4), dtype="uint8", chunks=(32, 32, 4))
+    group.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "xyz"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [4, 4, 40]}]}],
+    }]
+    config = write_config(tmp_path / "run.yaml", run_config(input={"url": str(tmp_path / "xyz.zarr")}))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "xyz.zarr", "z")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_existing_output_with_other_geometry_is_untouched(tmp_path, run_config, capsys):
+    other = create_volume(str(tmp_path / "out.zarr/prob"), shape=(10, 72, 80), dtype="float32",
+                          voxel_size_nm=(40, 4, 4), chunk_shape=(5, 36, 40))
+    other.write(other.bounds, np.full(other.shape, 7, np.float32))
+    before = tree_digest(tmp_path / "out.zarr")
+    config = write_config(tmp_path / "run.yaml", run_config())
+    code, err = run_cli(["run", str(config), "--overwrite"], capsys)
+    assert_user_error(code, err, "out.zarr/prob", "chunk_shape")
+    assert tree_digest(tmp_path / "out.zarr") == before
+
+
+def test_misaligned_blocks(tmp_path, run_config, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config(execution={"block": [4, 24, 48]}))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "axis y", "multiple of 16")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_checkpoint_that_does_not_fit(tmp_path, run_config, small_checkpoint, capsys):
+    model = {"name": "unet", "options": {"dims": 2, "width": 8, "levels": 2}, "checkpoint": str(small_checkpoint)}
+    config = write_config(tmp_path / "run.yaml", run_config(model=model))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, str(small_checkpoint), "width")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_checkpoint_whose_card_is_gone_is_checked_by_shapes(tmp_path, run_config, small_checkpoint, capsys):
+    weights = tmp_path / "bare.safetensors"
+    weights.write_bytes(small_checkpoint.read_bytes())  # no .json card beside it
+    model = {"name": "unet", "options": {"dims": 2, "width": 8, "levels": 2}, "checkpoint": str(weights)}
+    config = write_config(tmp_path / "run.yaml", run_config(model=model))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "bare.safetensors", "shape mismatch")
+
+
+def test_missing_checkpoint(tmp_path, run_config, capsys):
+    model = {"name": "unet", "options": dict(SMALL_UNET.options), "checkpoint": str(tmp_path / "no.safetensors")}
+    config = write_config(tmp_path / "run.yaml", run_config(model=model))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "no.safetensors", "model.checkpoint")
+
+
+def test_output_of_another_run_is_refused_unless_overwrite(tmp_path, run_config, capsys):
+    first = write_config(tmp_path / "a.yaml", run_config())
+    assert main(["run", str(first), "--no-progress"]) == 0
+    before = tree_digest(tmp_path / "out.zarr")
+    changed = run_config(inference={"window": [1, 32, 32], "stride": [1, 16, 16], "device": "cpu"})
+    second = write_config(tmp_path / "b.yaml", changed)
+    capsys.readouterr()
+    code, err = run_cli(["run", str(second), "--no-progress"], capsys)
+    assert_user_error(code, err, "another volseg run", "--overwrite")
+    assert tree_digest(tmp_path / "out.zarr") == before
+    assert main(["run", str(second), "--no-progress", "--overwrite"]) == 0
+    assert tree_digest(tmp_path / "out.zarr") != before
+
+
+def test_output_that_is_the_input(tmp_path, run_config, capsys):
+    cfg = run_config()
+    cfg["output"] = {"probabilities": cfg["input"]["url"]}
+    config = write_config(tmp_path / "run.yaml", cfg)
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "input")
+
+
+def test_roi_outside_the_volume(tmp_path, run_config, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config(roi={"start": [0, 0, 0], "stop": [10, 80, 80]}))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert_user_error(code, err, "roi")
+    assert not (tmp_path / "out.zarr").exists()
