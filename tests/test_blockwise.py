@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from volseg.geometry import Box, BlockGrid
+from volseg.geometry import BlockGrid, Box
 from volseg.inference.blend import window_weights
 from volseg.inference.blockwise import predict_box
 from volseg.inference.predictor import TorchPredictor

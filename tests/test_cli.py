@@ -14,7 +14,6 @@ import zarr
 
 from tests.conftest import SMALL_UNET, write_config
 from volseg.cli import main
-from volseg.geometry import Box
 from volseg.inference.blockwise import predict_box
 from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid

@@ -14,6 +14,7 @@ from volseg.adapt.augment import flip_rotate, intensity_jitter
 from volseg.adapt.losses import density_loss, segmentation_loss
 from volseg.adapt.sampler import CropSampler
 from volseg.adapt.targets import density_target
+from volseg.inference.allocator import keep_freed_memory
 from volseg.inference.predictor import normalize
 from volseg.models import InputContract
 
@@ -59,6 +60,7 @@ def make_batch(sampler: CropSampler, contract: InputContract, n: int, sigma_vx: 
 def train_supervised(model: nn.Module, contract: InputContract, sampler: CropSampler,
                      settings: SupervisedSettings, on_step: StepCallback | None = None) -> TrainHistory:
     """Train ``model`` in place on labelled crops; returns the loss of every step."""
+    keep_freed_memory()
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,

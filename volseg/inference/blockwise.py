@@ -60,7 +60,7 @@ def predict_box(
     accumulated = np.zeros((channels, *core.shape), dtype=np.float32)
     weight_sum = np.zeros(core.shape, dtype=np.float32)
     for batch in _batches(plan.origins, batch_windows):
-        inputs = np.stack([_window_input(data, plan.read_box, windows, o) for o in batch])
+        inputs = np.stack([window_input(data, plan.read_box, windows, o) for o in batch])
         predictions = predictor.predict(inputs)
         for origin, prediction in zip(batch, predictions, strict=True):
             _accumulate(accumulated, weight_sum, core, Box.from_shape(windows.window, origin),
@@ -73,7 +73,7 @@ def _batches(items: Sequence[Coord], size: int) -> Iterator[Sequence[Coord]]:
         yield items[begin : begin + size]
 
 
-def _window_input(data: np.ndarray, read_box: Box, windows: WindowGrid, origin: Coord) -> np.ndarray:
+def window_input(data: np.ndarray, read_box: Box, windows: WindowGrid, origin: Coord) -> np.ndarray:
     """The window at ``origin`` cut from ``data`` and mirror-padded on axes shorter than the window."""
     inside = windows.window_box(origin)
     arr = data[inside.relative_to(read_box)]

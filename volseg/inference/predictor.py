@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from volseg.geometry import Coord
+from volseg.inference.allocator import keep_freed_memory
 from volseg.models import InputContract
 
 
@@ -72,6 +73,8 @@ class TorchPredictor:
         amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.model = model.to(self.device).eval()
         self.contract = contract
         self._window = tuple(int(w) for w in window)
