@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from volseg.allocator import keep_freed_memory
 from volseg.config import parse_config
 from volseg.data.synthetic import generate_volume
 from volseg.geometry import Box
@@ -137,6 +138,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     if args.child:
+        keep_freed_memory()  # as `volseg` does first thing: before any I/O thread starts
         if args.child == "a":
             result = child_model_only(args.url, args.checkpoint)
         elif args.child == "b":

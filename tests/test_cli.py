@@ -45,6 +45,12 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
         assert needle in err, f"{needle!r} not in {err!r}"
 
 
+def whole_volume_prediction(raw, checkpoint):
+    predictor = TorchPredictor(load_checkpoint(checkpoint, SMALL_UNET), input_contract(SMALL_UNET), (1, 32, 32), 1)
+    windows = WindowGrid(raw.shape, (1, 32, 32), (1, 20, 24))
+    return predict_box(raw.read(raw.bounds), predictor, windows, raw.bounds)
+
+
 def test_run_writes_the_whole_volume_prediction(tmp_path, run_config, small_checkpoint, capsys):
     config = write_config(tmp_path / "run.yaml", run_config())
     code, err = run_cli(["run", str(config), "--no-progress"], capsys)
@@ -54,10 +60,7 @@ def test_run_writes_the_whole_volume_prediction(tmp_path, run_config, small_chec
     raw = open_volume(run_config()["input"]["url"])
     assert prob.voxel_size_nm == raw.voxel_size_nm and prob.shape == raw.shape
     assert prob.chunk_shape == (2, 16, 16)
-    predictor = TorchPredictor(load_checkpoint(small_checkpoint, SMALL_UNET), input_contract(SMALL_UNET),
-                               (1, 32, 32), 1)
-    whole = predict_box(raw.read(raw.bounds), predictor, WindowGrid(raw.shape, (1, 32, 32), (1, 20, 24)),
-                        raw.bounds)
+    whole = whole_volume_prediction(raw, small_checkpoint)
     np.testing.assert_allclose(prob.read(prob.bounds), whole[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(density.read(density.bounds), whole[1], atol=1e-5, rtol=0)
     # the same run again is accepted (same signature) and gives the same bytes
@@ -65,6 +68,27 @@ def test_run_writes_the_whole_volume_prediction(tmp_path, run_config, small_chec
     code, err = run_cli(["run", str(config), "--no-progress"], capsys)
     assert code == 0, err
     assert tree_digest(tmp_path / "out.zarr/prob") == before
+
+
+@pytest.mark.parametrize(
+    ("name", "shard", "dtype"),
+    [("out.n5/prob", None, "float32"), ("precomputed://{tmp}/prob_pc", None, "float32"),
+     ("zarr2://{tmp}/out2.zarr/prob", None, "float32"), ("out3.zarr/prob", [4, 32, 48], "uint8")],
+)
+def test_run_into_every_output_format(tmp_path, run_config, small_checkpoint, capsys, name, shard, dtype):
+    url = name.format(tmp=tmp_path) if "{tmp}" in name else str(tmp_path / name)
+    output = {"probabilities": url, "chunk": [2, 16, 16], "dtype": dtype}
+    if shard:
+        output["shard"] = shard
+    config = write_config(tmp_path / "run.yaml", run_config(output=output))
+    code, err = run_cli(["run", str(config), "--no-progress"], capsys)
+    assert code == 0, err
+    prob = open_volume(url)
+    assert prob.write_chunk == tuple(shard or (2, 16, 16))
+    whole = whole_volume_prediction(open_volume(run_config()["input"]["url"]), small_checkpoint)[0]
+    if dtype == "uint8":
+        whole = np.rint(whole * 255)
+    np.testing.assert_allclose(prob.read(prob.bounds), whole, atol=1e-5 if dtype == "float32" else 1, rtol=0)
 
 
 def test_validate_checks_everything_and_writes_nothing(tmp_path, run_config, capsys):

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from volseg.allocator import keep_freed_memory
 from volseg.errors import USER_ERROR_EXIT_CODE, VolsegError
 
 DEMO_CONFIG = "configs/demo.yaml"
@@ -99,6 +100,7 @@ COMMANDS = {"run": _run, "validate": _validate, "train": _train, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # before any I/O thread starts (see volseg.allocator)
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

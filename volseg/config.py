@@ -29,11 +29,18 @@ class Section(BaseModel):
 
 class VolumeRef(Section):
     """A volume: its URL (local path, file://, memory://, gs://, s3://, http(s)://, with an optional
-    Neuroglancer-style format prefix zarr:// zarr2:// zarr3:// n5:// precomputed://), and for OME-Zarr
-    the scale level to read."""
+    Neuroglancer-style format prefix zarr:// zarr2:// zarr3:// n5:// precomputed://), for OME-Zarr
+    the scale level to read, and for precomputed the library that reads it."""
 
     url: str = Field(min_length=1)
     scale: int | None = Field(default=None, ge=0)
+    backend: Literal["auto", "tensorstore", "cloudvolume"] = "auto"
+
+    def open(self) -> Any:
+        """The volume, opened read-only (a :class:`volseg.io.Volume`)."""
+        from volseg.io import open_volume
+
+        return open_volume(self.url, "r", scale=self.scale, backend=self.backend)
 
 
 class RoiConfig(Section):

@@ -19,8 +19,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from volseg.errors import AlignmentError
+import numpy as np
+
+from volseg.errors import AlignmentError, PointsError
 
 Coord = tuple[int, ...]
 
@@ -259,3 +262,51 @@ class BlockGrid:
 
     def __len__(self) -> int:
         return self.num_blocks
+
+
+def read_box(source: Any, box: Box) -> np.ndarray:
+    """Read ``box`` from a :class:`volseg.io.Volume` (anything with ``read``) or a numpy-like array."""
+    if hasattr(source, "read"):
+        return source.read(box)
+    return np.asarray(source[box.slices])
+
+
+@dataclass(frozen=True)
+class PointSet:
+    """Points in voxel coordinates (z, y, x) of a volume: one global set of prompts or annotations.
+
+    ``zyx`` is an ``N×3`` float array (voxel centres are integers). :meth:`inside` routes the set to any
+    box — a block, a window, a training crop — in that box's own coordinates, so every box that
+    contains a point sees it at the same place whoever asks.
+    """
+
+    zyx: np.ndarray
+
+    def __post_init__(self) -> None:
+        points = np.asarray(self.zyx, dtype=np.float64).reshape(-1, 3)
+        order = np.lexsort((points[:, 2], points[:, 1], points[:, 0]))
+        object.__setattr__(self, "zyx", points[order])
+
+    def __len__(self) -> int:
+        return len(self.zyx)
+
+    def inside(self, box: Box) -> np.ndarray:
+        """The points whose voxel (rounded coordinate) lies in ``box``, relative to ``box.start``."""
+        lo = np.searchsorted(self.zyx[:, 0], box.start[0] - 0.5, side="left")
+        hi = np.searchsorted(self.zyx[:, 0], box.stop[0] - 0.5, side="left")
+        candidates = self.zyx[lo:hi]
+        voxel = np.rint(candidates)
+        keep = np.all((voxel >= box.start) & (voxel < box.stop), axis=1)
+        return candidates[keep] - np.asarray(box.start, dtype=np.float64)
+
+    def check_inside(self, bounds: Box, source: str) -> None:
+        """Raise :class:`PointsError` naming ``source`` if any point lies outside ``bounds``."""
+        voxel = np.rint(self.zyx)
+        outside = ~np.all((voxel >= bounds.start) & (voxel < bounds.stop), axis=1)
+        if outside.any():
+            first = tuple(float(v) for v in self.zyx[np.argmax(outside)])
+            raise PointsError(
+                f"{source}: {int(outside.sum())} of {len(self)} points lie outside the volume "
+                f"{bounds} (z, y, x), e.g. {first}.",
+                "give points as voxel indices z, y, x of this volume (check the axis order and scale).",
+            )

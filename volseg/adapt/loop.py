@@ -14,8 +14,7 @@ from volseg.adapt.augment import flip_rotate, intensity_jitter
 from volseg.adapt.losses import density_loss, segmentation_loss
 from volseg.adapt.sampler import CropSampler
 from volseg.adapt.targets import density_target
-from volseg.inference.allocator import keep_freed_memory
-from volseg.inference.predictor import normalize
+from volseg.allocator import keep_freed_memory
 from volseg.models import InputContract
 
 #: Called after each step with (step, total steps, loss, steps per second).
@@ -53,7 +52,7 @@ def make_batch(sampler: CropSampler, contract: InputContract, n: int, sigma_vx: 
     raw = raw.reshape(-1, *raw.shape[-2:]) if contract.dims == 2 else raw
     mask = (labels > 0).reshape(raw.shape).astype(np.float32)
     density = density_target(mask.reshape(-1, *mask.shape[-2:]), sigma_vx).reshape(mask.shape)
-    image = normalize(torch.from_numpy(raw), contract).unsqueeze(1)
+    image = contract.normalize(torch.from_numpy(raw)).unsqueeze(1)
     return image, torch.from_numpy(mask).unsqueeze(1), torch.from_numpy(density).unsqueeze(1)
 
 
@@ -79,9 +78,9 @@ def train_supervised(model: nn.Module, contract: InputContract, sampler: CropSam
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.losses.append(float(loss))
+        history.losses.append(loss.item())
         if on_step is not None:
-            on_step(step + 1, settings.steps, float(loss), (step + 1) / (time.perf_counter() - begin))
+            on_step(step + 1, settings.steps, history.losses[-1], (step + 1) / (time.perf_counter() - begin))
     model.eval()
     history.seconds = time.perf_counter() - begin
     return history

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from volseg.errors import ConfigError
-from volseg.geometry import Box, Coord
-from volseg.inference.blockwise import read_source
+from volseg.geometry import Box, Coord, read_box
 
 
 @dataclass
@@ -46,8 +45,8 @@ class CropSampler:
 
     def sample(self) -> tuple[np.ndarray, np.ndarray | None]:
         box = self.box()
-        raw = read_source(self.raw, box)
-        labels = None if self.labels is None else read_source(self.labels, box)
+        raw = read_box(self.raw, box)
+        labels = None if self.labels is None else read_box(self.labels, box)
         return raw, labels
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:

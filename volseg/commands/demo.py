@@ -19,6 +19,7 @@ from volseg.commands.run import RunResult, run
 from volseg.commands.train import train
 from volseg.config import Config, SyntheticConfig
 from volseg.data.synthetic import generate_volume
+from volseg.errors import VolsegError
 from volseg.geometry import Box
 from volseg.io import create_volume, open_volume
 from volseg.metrics import Confusion
@@ -48,7 +49,7 @@ def write_synthetic(cfg: SyntheticConfig) -> None:
 def _already_written(cfg: SyntheticConfig) -> bool:
     try:
         attrs = open_volume(f"{cfg.url}/mito").attributes
-    except Exception:
+    except VolsegError:  # not generated yet (or unreadable: regenerate it)
         return False
     return attrs.get("volseg_synthetic") == cfg.model_dump()
 
@@ -80,7 +81,7 @@ def demo(config: Config, progress: bool = True) -> DemoResult:
         trained = True
     result = run(config, overwrite=True, progress=progress)
     probabilities = open_volume(config.output.probabilities)
-    labels = open_volume(config.eval.labels.url, scale=config.eval.labels.scale)
+    labels = config.eval.labels.open()
     score = score_blockwise(probabilities, labels, result.plan.grid, config.inference.threshold)
     z = probabilities.shape[0] // 2
     plane = Box((z, 0, 0), (z + 1, *probabilities.shape[1:]))

@@ -7,8 +7,7 @@ from typing import Any
 import numpy as np
 
 from volseg.errors import VolumeFormatError
-from volseg.geometry import BlockGrid
-from volseg.inference.blockwise import read_source
+from volseg.geometry import BlockGrid, read_box
 from volseg.metrics import Confusion
 
 
@@ -29,6 +28,6 @@ def score_blockwise(probabilities: Any, labels: Any, grid: BlockGrid, threshold:
     cut = foreground_threshold(np.dtype(probabilities.dtype), threshold)
     counts = Confusion()
     for block in grid:
-        counts = counts + Confusion.of(read_source(probabilities, block.core) > cut,
-                                       read_source(labels, block.core) > 0)
+        counts = counts + Confusion.of(read_box(probabilities, block.core) > cut,
+                                       read_box(labels, block.core) > 0)
     return counts

@@ -14,7 +14,6 @@ from volseg.commands.progress import StepProgress
 from volseg.config import Config
 from volseg.errors import VolumeFormatError
 from volseg.inference.segment import check_input_dtype
-from volseg.io import open_volume
 from volseg.models import build_model, input_contract
 from volseg.models.checkpoint import save_checkpoint
 
@@ -53,8 +52,8 @@ def train(config: Config, progress: bool = True) -> TrainResult:
     config.require("train", command="train")
     cfg = config.train
     assert cfg is not None
-    raw = open_volume(cfg.raw.url, "r", scale=cfg.raw.scale)
-    labels = open_volume(cfg.labels.url, "r", scale=cfg.labels.scale)
+    raw = cfg.raw.open()
+    labels = cfg.labels.open()
     if labels.shape != raw.shape:
         raise VolumeFormatError(
             f"train.labels {cfg.labels.url!r} has shape {labels.shape} but train.raw {cfg.raw.url!r} has "

@@ -13,17 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from volseg.geometry import Box, Coord
+from volseg.geometry import Box, Coord, read_box
 from volseg.inference.blend import window_weights
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
-
-
-def read_source(source: Any, box: Box) -> np.ndarray:
-    """Read ``box`` from a :class:`volseg.io.Volume` (anything with ``read``) or a numpy-like array."""
-    if hasattr(source, "read"):
-        return source.read(box)
-    return np.asarray(source[box.slices])
 
 
 @dataclass(frozen=True)
@@ -54,7 +47,7 @@ def predict_box(
     """
     plan = plan_windows(windows, core)
     if data is None:
-        data = read_source(source, plan.read_box)
+        data = read_box(source, plan.read_box)
     weights = window_weights(windows.window, blend)
     channels = predictor.num_classes + 1
     accumulated = np.zeros((channels, *core.shape), dtype=np.float32)

@@ -18,8 +18,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from volseg.allocator import keep_freed_memory
 from volseg.geometry import Coord
-from volseg.inference.allocator import keep_freed_memory
 from volseg.models import InputContract
 
 
@@ -39,24 +39,13 @@ class Predictor(Protocol):
         """B×Z×Y×X raw windows → B×(C+1)×Z×Y×X float32 predictions."""
 
 
-#: Grey-value dtypes a model can read; integers are scaled by their maximum, floats taken as [0, 1].
+#: Grey-value dtypes a model can read (see :meth:`InputContract.normalize`).
 INPUT_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
-_SCALE = {torch.uint8: 1.0 / 255.0, torch.uint16: 1.0 / 65535.0}
-
-
-def normalize(windows: torch.Tensor, contract: InputContract) -> torch.Tensor:
-    """Raw voxels → model input: integers scaled to [0, 1] by their dtype's maximum (uint8: 255,
-    uint16: 65535), floats taken as already in [0, 1]; then standardised with the contract's mean/std."""
-    scale = _SCALE.get(windows.dtype, 1.0)
-    x = windows.float()
-    if scale != 1.0:
-        x = x * scale
-    return (x - contract.mean) / contract.std
 
 
 class TorchPredictor:
-    """A :class:`Predictor` around a torch module whose forward maps ``B×1×(Z×)Y×X`` input to
-    ``(logits B×C×…, density B×1×…)``.
+    """A :class:`Predictor` around a torch module whose forward maps ``B×1×(Z×)Y×X`` input to a tuple
+    that starts with ``(logits B×C×…, density B×1×…)``.
 
     ``batch_size`` windows go through the model at once; ``amp_dtype`` (e.g. ``torch.bfloat16``)
     turns on autocast on the device.
@@ -100,11 +89,12 @@ class TorchPredictor:
         return out
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        x = normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), self.contract)
+        x = self.contract.normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         # 2D: the Z=1 slices of the windows become the batch; 3D: add the channel axis.
         x = x.reshape(-1, 1, *x.shape[-2:]) if self.contract.dims == 2 else x.unsqueeze(1)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits, density = self.model(x)
+            outputs = self.model(x)
+        logits, density = outputs[0], outputs[1]
         stacked = torch.cat([torch.sigmoid(logits.float()), density.float()], dim=1)
         if self.contract.dims == 2:
             stacked = stacked.unsqueeze(2)  # B×(C+1)×Y×X → B×(C+1)×1×Y×X

@@ -23,7 +23,7 @@ from volseg.geometry import BlockGrid, Box, Coord
 from volseg.inference.job import OutputTarget, SegmentationJob
 from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
-from volseg.io import choose_output_chunks, create_volume, open_volume
+from volseg.io import choose_output_chunks, create_volume
 from volseg.models import input_contract
 from volseg.models.checkpoint import file_sha256, load_checkpoint, read_card
 
@@ -154,7 +154,7 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     config.require("input", "output", command="run")
     assert config.input is not None and config.output is not None
     outputs = _output_specs(config, config.model.num_classes)
-    source = open_volume(config.input.url, "r", scale=config.input.scale)
+    source = config.input.open()
     if source.num_channels is not None:
         raise VolumeFormatError(
             f"Input {config.input.url!r} has {source.num_channels} channels; volseg segments "

@@ -7,9 +7,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from volseg.errors import ConfigError
+
+_INTEGER_SCALE = {torch.uint8: 1.0 / 255.0, torch.uint16: 1.0 / 65535.0}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,15 @@ class InputContract:
     size_multiple: int = 1
     mean: float = 0.5
     std: float = 0.25
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw voxels → model input: integers scaled to [0, 1] by their dtype's maximum (uint8: 255,
+        uint16: 65535), floats taken as already in [0, 1]; then standardised with ``mean``/``std``."""
+        scale = _INTEGER_SCALE.get(raw.dtype, 1.0)
+        x = raw.float()
+        if scale != 1.0:
+            x = x * scale
+        return (x - self.mean) / self.std
 
     def check_window(self, window_zyx: Sequence[int]) -> None:
         """Raise :class:`ConfigError` if the model cannot run on windows of ``window_zyx``."""
@@ -107,4 +119,4 @@ def input_contract(spec: ModelSpec) -> InputContract:
 
 def _load_builtin_models() -> None:
     # Imported lazily so that the registry module stays import-cycle free.
-    from volseg.models import convnet, unet  # noqa: F401
+    from volseg.models import convnet, promptdas, unet  # noqa: F401

@@ -1,0 +1,82 @@
+"""Every registered model builds and maps windows to the right shapes; checkpoints round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from volseg.errors import CheckpointError, ConfigError
+from volseg.models import MODELS, ModelSpec, build_model, input_contract
+from volseg.models.checkpoint import load_checkpoint, read_card, save_checkpoint
+from volseg.models.registry import _load_builtin_models
+
+_load_builtin_models()
+
+
+#: Small options per model, and the dimensionalities each supports.
+TEST_OPTIONS = {
+    "convnet": ({}, (2, 3)),
+    "unet": ({"width": 4}, (2, 3)),
+    "promptdas": ({"decoder_dim": 64, "decoder_heads": 4, "decoder_mlp": 64, "projection_dim": 8}, (2,)),
+}
+
+
+def test_every_registered_model_has_test_options():
+    assert set(TEST_OPTIONS) == set(MODELS)
+
+
+@pytest.mark.parametrize(("name", "dims"), [(n, d) for n, (_, ds) in sorted(TEST_OPTIONS.items()) for d in ds])
+def test_every_registered_model_maps_windows_to_logits_and_density(name, dims):
+    spec = ModelSpec(name, num_classes=2, options={**TEST_OPTIONS[name][0], "dims": dims})
+    model = build_model(spec).eval()
+    contract = input_contract(spec)
+    m = contract.size_multiple
+    shape = (3, 1, 2 * m, 3 * m) if dims == 2 else (3, 1, 2 * m, 2 * m, 3 * m)
+    with torch.no_grad():
+        out = model(torch.randn(shape))
+    logits, density = out[0], out[1]
+    assert logits.shape == (shape[0], 2, *shape[2:])
+    assert density.shape == (shape[0], 1, *shape[2:])
+
+
+def test_unknown_model_and_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="registered"):
+        build_model(ModelSpec("resnet9000"))
+    with pytest.raises(ConfigError, match="options"):
+        build_model(ModelSpec("unet", options={"depth_of_field": 3}))
+
+
+def test_window_contract():
+    contract = input_contract(ModelSpec("unet", options={"levels": 3}))
+    contract.check_window((1, 64, 96))
+    with pytest.raises(ConfigError, match=r"\[1, 64, 64\]"):
+        contract.check_window((4, 64, 64))
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        contract.check_window((1, 62, 64))
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    spec = ModelSpec("unet", options={"width": 4, "levels": 2})
+    torch.manual_seed(3)
+    model = build_model(spec).eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, spec, {"steps": 7, "data": {"raw": "x.zarr"}})
+    loaded = load_checkpoint(path, spec).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        for a, b in zip(model(x), loaded(x), strict=True):
+            assert torch.equal(a, b)
+    card = read_card(path)
+    assert card["steps"] == 7 and card["model"] == spec.to_json() and len(card["weights_sha256"]) == 64
+
+
+def test_checkpoint_refuses_another_spec_and_garbage(tmp_path):
+    spec = ModelSpec("unet", options={"width": 4, "levels": 2})
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model(spec), spec, {})
+    with pytest.raises(CheckpointError, match="trained as model"):
+        load_checkpoint(path, ModelSpec("unet", options={"width": 8, "levels": 2}))
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(garbage, spec)
+    with pytest.raises(CheckpointError, match=r"\.safetensors"):
+        save_checkpoint(tmp_path / "m.pt", build_model(spec), spec, {})

@@ -1,0 +1,131 @@
+"""Image encoders f_E of Prompt-DAS: a grey slice → a ``B×D×(H/8)×(W/8)`` feature map.
+
+``vit_s8`` is the paper's encoder (ViT-S/8: embed 384, depth 12, heads 6, patch 8, no class token, DINO
+weights from a local file). ``vit_tiny8`` (embed 192, depth 4) and ``cnn`` (a ResNet-style CNN of
+stride 8 from timm) train in minutes on a CPU. All take ``B×1×H×W`` grey input in [0, 1]; the grey
+slice is replicated to 3 channels and standardised with ImageNet mean/std inside the encoder, so
+pretrained weights see what they were trained on. Position embeddings are resampled to any token grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from volseg.errors import CheckpointError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STRIDE = 8
+
+
+class GreyToRGB(nn.Module):
+    """``B×1×H×W`` in [0, 1] → ``B×3×H×W`` standardised with ImageNet statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+
+class ViTEncoder(nn.Module):
+    """A plain ViT with patch 8 and no class token; output ``B×D×(H/8)×(W/8)``.
+
+    ``H`` and ``W`` must be multiples of 8; the absolute position embedding (learned for
+    ``pretrain_size``) is resampled bicubically to the input's token grid.
+    """
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, pretrain_size: int = 224) -> None:
+        super().__init__()
+        self.rgb = GreyToRGB()
+        self.vit = VisionTransformer(
+            img_size=pretrain_size, patch_size=STRIDE, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            num_classes=0, global_pool="", class_token=False, dynamic_img_size=True,
+        )
+        self.out_channels = embed_dim
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = image.shape
+        tokens = self.vit.forward_features(self.rgb(image))  # B×(h/8·w/8)×D, or B×h/8×w/8×D
+        return tokens.reshape(b, h // STRIDE, w // STRIDE, -1).permute(0, 3, 1, 2).contiguous()
+
+    def load_pretrained(self, path: str | Path) -> list[str]:
+        """Load DINO/timm ViT weights from a local ``.safetensors`` or ``.pth`` file.
+
+        Class-token entries are dropped (this encoder has none), the position embedding loses its
+        class slot and is resampled to this encoder's grid; heads are ignored. Returns the names of
+        encoder parameters the file did not provide (empty when everything was loaded).
+        """
+        state = _read_state_dict(path)
+        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith(("head", "fc_norm", "cls_token"))}
+        own = self.vit.state_dict()
+        if "pos_embed" in state:
+            pos = state["pos_embed"]
+            prefix = pos.shape[1] - int(pos.shape[1] ** 0.5) ** 2  # a class-token slot, if any
+            side = int(own["pos_embed"].shape[1] ** 0.5)
+            state["pos_embed"] = resample_abs_pos_embed(pos[:, prefix:], [side, side], num_prefix_tokens=0)
+        wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise CheckpointError(
+                f"Pretrained encoder weights {str(path)!r} do not fit this encoder: "
+                + "; ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]),
+                "use weights of the same architecture (ViT-S/8 for vit_s8), or no pretrained weights.",
+            )
+        result = self.vit.load_state_dict(state, strict=False)
+        return list(result.missing_keys)
+
+
+class CNNEncoder(nn.Module):
+    """A timm ResNet trunk cut at stride 8, then a 1×1 projection to ``out_channels``."""
+
+    def __init__(self, backbone: str = "resnet18", out_channels: int = 128) -> None:
+        super().__init__()
+        self.rgb = GreyToRGB()
+        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(2,))
+        self.proj = nn.Conv2d(self.trunk.feature_info.channels()[-1], out_channels, 1)
+        self.out_channels = out_channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.trunk(self.rgb(image))[-1])
+
+    def load_pretrained(self, path: str | Path) -> list[str]:
+        result = self.trunk.load_state_dict(_read_state_dict(path), strict=False)
+        return list(result.missing_keys)
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Pretrained encoder weights {str(path)!r} do not exist.",
+                              "set model.options.encoder_weights to a local .safetensors or .pth file.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no code
+    except Exception as error:  # any unreadable file is the user's to fix, with the reason
+        raise CheckpointError(f"Cannot read pretrained encoder weights {str(path)!r}: {error}.",
+                              "give a .safetensors file or a plain state-dict .pth.") from None
+    for key in ("model", "state_dict", "teacher", "student"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    return state
+
+
+#: name → builder of an encoder (all of stride 8).
+ENCODERS = {
+    "vit_s8": lambda: ViTEncoder(embed_dim=384, depth=12, num_heads=6),
+    "vit_tiny8": lambda: ViTEncoder(embed_dim=192, depth=4, num_heads=3),
+    "cnn": lambda: CNNEncoder("resnet18", out_channels=128),
+}

@@ -1,0 +1,105 @@
+"""Prompt-DAS (Chen, Xiong, Peng, MICCAI 2025): a promptable, multitask 2D organelle segmenter.
+
+One network serves the unprompted (UDA), sparsely prompted (WDA) and interactive settings: it takes an
+image and any number of positive point prompts (zero included) and returns one semantic mask plus a
+centre-density map::
+
+    image B×1×H×W ─ f_E ─ neck ─┐
+    points B×N×2 (+mask) ─ f_P ─┼─ f_D (two-way transformer) ─┬─ f_S: mask token · upscaled map → logits
+    contrastive points B×K×2 ───┘   (contrastive tokens hidden) ├─ f_R: upscaled map → density
+                                                                └─ φ: prompt / contrastive token embeddings
+
+``H`` and ``W`` must be multiples of 8. Points are pixel (y, x) in the image.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from volseg.errors import ConfigError
+from volseg.models.encoders import ENCODERS
+from volseg.models.heads import MLP, DensityHead, LayerNorm2d, SegmentationHead, Upscaler
+from volseg.models.prompt_encoder import PromptEncoder
+from volseg.models.registry import InputContract, ModelSpec, register
+from volseg.models.two_way import TwoWayTransformer
+
+
+class PromptDASOutput(NamedTuple):
+    """``logits`` B×C×H×W, ``density`` B×1×H×W; φ-embeddings of the prompt tokens (B×N×P) and of the
+    contrastive tokens (B×K×P), or None where none were given."""
+
+    logits: torch.Tensor
+    density: torch.Tensor
+    prompt_embeddings: torch.Tensor | None = None
+    contrastive_embeddings: torch.Tensor | None = None
+
+
+class PromptDAS(nn.Module):
+    def __init__(self, num_classes: int = 1, encoder: str = "vit_tiny8", decoder_dim: int = 256,
+                 decoder_depth: int = 2, decoder_heads: int = 8, decoder_mlp: int = 2048,
+                 projection_dim: int = 128, encoder_weights: str | None = None, dims: int = 2) -> None:
+        super().__init__()
+        if dims != 2:
+            raise ConfigError(f"model.options.dims is {dims}, but Prompt-DAS is a 2D model.",
+                              "set dims: 2 (it segments 3D volumes slice by slice).")
+        if encoder not in ENCODERS:
+            raise ConfigError(f"model.options.encoder {encoder!r} is not an encoder of Prompt-DAS.",
+                              f"use one of: {', '.join(sorted(ENCODERS))}.")
+        self.encoder = ENCODERS[encoder]()
+        if encoder_weights:
+            self.encoder.load_pretrained(encoder_weights)
+        d = decoder_dim
+        self.neck = nn.Sequential(
+            nn.Conv2d(self.encoder.out_channels, d, 1, bias=False), LayerNorm2d(d),
+            nn.Conv2d(d, d, 3, padding=1, bias=False), LayerNorm2d(d),
+        )
+        self.prompt_encoder = PromptEncoder(d)
+        self.mask_tokens = nn.Parameter(torch.randn(1, num_classes, d) * 0.02)
+        self.contrastive_embedding = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.decoder = TwoWayTransformer(d, decoder_depth, decoder_heads, decoder_mlp, downsample=2)
+        self.upscaler = Upscaler(d)
+        self.segmentation_head = SegmentationHead(d)
+        self.density_head = DensityHead(d)
+        self.projector = MLP(d, d, projection_dim, 3)
+        self.num_classes = num_classes
+
+    def forward(self, image: torch.Tensor, points: torch.Tensor | None = None,
+                point_mask: torch.Tensor | None = None, contrastive_points: torch.Tensor | None = None
+                ) -> PromptDASOutput:
+        """``image`` B×1×H×W in [0, 1]; ``points`` B×N×2 pixel (y, x) with ``point_mask`` B×N bool
+        (all valid if omitted); ``contrastive_points`` B×K×2 (training only)."""
+        b, _, h, w = image.shape
+        features = self.neck(self.encoder(image))
+        image_pe = self.prompt_encoder.dense(tuple(features.shape[-2:]), image.device)
+        tokens = [self.mask_tokens.expand(b, -1, -1)]
+        visible = [torch.ones(b, self.num_classes, dtype=torch.bool, device=image.device)]
+        n_points = 0 if points is None else points.shape[1]
+        if n_points:
+            tokens.append(self.prompt_encoder.encode_points(points, (h, w)))
+            mask = torch.ones(points.shape[:2], dtype=torch.bool, device=image.device)
+            visible.append(mask if point_mask is None else point_mask.bool())
+        n_contrastive = 0 if contrastive_points is None else contrastive_points.shape[1]
+        if n_contrastive:
+            tokens.append(self.prompt_encoder.encode_points(contrastive_points, (h, w)) + self.contrastive_embedding)
+            visible.append(torch.zeros(contrastive_points.shape[:2], dtype=torch.bool, device=image.device))
+        tokens_out, image_out = self.decoder(features, image_pe, torch.cat(tokens, 1), torch.cat(visible, 1))
+        image_out = image_out.transpose(1, 2).reshape(features.shape)
+        upscaled = self.upscaler(image_out)
+        logits = torch.cat([self.segmentation_head(tokens_out[:, c], upscaled) for c in range(self.num_classes)], 1)
+        density = self.density_head(upscaled)
+        c = self.num_classes
+        prompt_embeddings = self.projector(tokens_out[:, c : c + n_points]) if n_points else None
+        contrastive_embeddings = self.projector(tokens_out[:, c + n_points :]) if n_contrastive else None
+        return PromptDASOutput(logits, density, prompt_embeddings, contrastive_embeddings)
+
+
+def _contract(spec: ModelSpec) -> InputContract:
+    # Grey input in [0, 1]; the encoder replicates it to RGB and applies ImageNet statistics itself.
+    return InputContract(dims=2, size_multiple=8, mean=0.0, std=1.0)
+
+
+register("promptdas", PromptDAS, _contract,
+         "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn)")
