@@ -14,6 +14,8 @@ from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import save_checkpoint
 
 SMALL_UNET = ModelSpec("unet", options={"dims": 2, "width": 4, "levels": 2})
+TINY_PROMPTDAS = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decoder_dim": 32, "decoder_heads": 2,
+                                                  "decoder_mlp": 32, "projection_dim": 8})
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +28,14 @@ def small_dataset(tmp_path_factory) -> Path:
                             voxel_size_nm=data.voxel_size_nm, chunk_shape=(4, 32, 32))
         vol.write(vol.bounds, array)
     return root
+
+
+@pytest.fixture(scope="session")
+def promptdas_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised (seeded) tiny Prompt-DAS checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "promptdas.safetensors"
+    return save_checkpoint(path, build_model(TINY_PROMPTDAS), TINY_PROMPTDAS, {"mode": "test"})
 
 
 @pytest.fixture(scope="session")

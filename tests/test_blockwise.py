@@ -84,3 +84,24 @@ def test_blend_weights_are_smooth_and_positive():
     # separable and symmetric
     np.testing.assert_allclose(w[0], w[0].T)
     np.testing.assert_allclose(w[0, ::-1], w[0])
+
+
+def test_blockwise_equals_whole_volume_with_global_prompts():
+    from volseg.geometry import PointSet
+
+    spec = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decoder_dim": 32, "decoder_heads": 2,
+                                           "decoder_mlp": 32, "projection_dim": 8})
+    shape, window, stride = (3, 44, 52), (1, 24, 24), (1, 16, 12)
+    rng = np.random.default_rng(2)
+    volume = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    points = PointSet(np.array([[0, 10, 12], [0, 20, 30], [1, 5, 40], [2, 40, 3], [2, 22, 22]]))
+    predictor = make_predictor(spec, window)
+    windows = WindowGrid(shape, window, stride)
+    whole = predict_box(volume, predictor, windows, Box.from_shape(shape), points=points)
+    unprompted = predict_box(volume, predictor, windows, Box.from_shape(shape))
+    grid = BlockGrid(Box.from_shape(shape), (2, 13, 21), 0, Box.from_shape(shape))
+    blocks = np.full_like(whole, np.nan)
+    for block in grid:
+        blocks[(slice(None), *block.core.slices)] = predict_box(volume, predictor, windows, block.core, points=points)
+    assert np.abs(blocks - whole).max() <= 1e-5
+    assert np.abs(whole - unprompted).max() > 1e-4  # the prompts do change the prediction

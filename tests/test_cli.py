@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import SMALL_UNET, write_config
+from tests.conftest import SMALL_UNET, TINY_PROMPTDAS, write_config
 from volseg.cli import main
+from volseg.geometry import Box
 from volseg.inference.blockwise import predict_box
 from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
@@ -234,4 +235,45 @@ def test_roi_outside_the_volume(tmp_path, run_config, capsys):
     config = write_config(tmp_path / "run.yaml", run_config(roi={"start": [0, 0, 0], "stop": [10, 80, 80]}))
     code, err = run_cli(["run", str(config)], capsys)
     assert_user_error(code, err, "roi")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def promptdas_config(run_config, checkpoint):
+    model = {"name": TINY_PROMPTDAS.name, "options": dict(TINY_PROMPTDAS.options), "checkpoint": str(checkpoint)}
+    return run_config(model=model)
+
+
+def test_run_with_point_prompts(tmp_path, run_config, promptdas_checkpoint, capsys):
+    (tmp_path / "clicks.csv").write_text("z,y,x\n2,30,40\n5,10,70\n")
+    config = write_config(tmp_path / "run.yaml", promptdas_config(run_config, promptdas_checkpoint))
+    code, err = run_cli(["run", str(config), "--no-progress", "--points", str(tmp_path / "clicks.csv")], capsys)
+    assert code == 0, err
+    prompted = open_volume(str(tmp_path / "out.zarr/prob")).read(Box.from_shape((10, 72, 80)))
+    # another prompt set is another result: refused on the same output, accepted elsewhere
+    (tmp_path / "other.csv").write_text("z,y,x\n2,31,40\n")
+    code, err = run_cli(["run", str(config), "--no-progress", "--points", str(tmp_path / "other.csv")], capsys)
+    assert_user_error(code, err, "another volseg run")
+    cfg = promptdas_config(run_config, promptdas_checkpoint)
+    cfg["output"] = {"probabilities": str(tmp_path / "plain.zarr/prob"), "chunk": [2, 16, 16]}
+    code, err = run_cli(["run", str(write_config(tmp_path / "plain.yaml", cfg)), "--no-progress"], capsys)
+    assert code == 0, err
+    plain = open_volume(str(tmp_path / "plain.zarr/prob")).read(Box.from_shape((10, 72, 80)))
+    changed = np.abs(prompted - plain) > 1e-4
+    assert changed[2].any() and changed[5].any()  # slices with a click change
+    assert not changed[0].any() and not changed[9].any()  # slices without one do not
+
+
+def test_points_outside_the_volume(tmp_path, run_config, promptdas_checkpoint, capsys):
+    (tmp_path / "clicks.csv").write_text("z,y,x\n2,30,40\n12,10,70\n")
+    config = write_config(tmp_path / "run.yaml", promptdas_config(run_config, promptdas_checkpoint))
+    code, err = run_cli(["run", str(config), "--points", str(tmp_path / "clicks.csv")], capsys)
+    assert_user_error(code, err, "clicks.csv", "outside the volume")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_points_for_a_model_without_prompts(tmp_path, run_config, capsys):
+    (tmp_path / "clicks.csv").write_text("z,y,x\n2,30,40\n")
+    config = write_config(tmp_path / "run.yaml", run_config())
+    code, err = run_cli(["run", str(config), "--points", str(tmp_path / "clicks.csv")], capsys)
+    assert_user_error(code, err, "takes no prompts", "promptdas")
     assert not (tmp_path / "out.zarr").exists()

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="write into outputs left by a different run (their data is replaced)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--points", metavar="FILE",
+                     help="point prompts (CSV z,y,x or Neuroglancer annotation JSON); overrides prompts.points")
 
     validate = commands.add_parser("validate", help="check a config, its volumes and model; write nothing")
     validate.add_argument("config")
@@ -46,9 +48,12 @@ def _print(lines: Sequence[str]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from volseg.commands.run import run
-    from volseg.config import load_config
+    from volseg.config import PromptsConfig, load_config
 
-    result = run(load_config(args.config), overwrite=args.overwrite, progress=not args.no_progress)
+    config = load_config(args.config)
+    if args.points:
+        config = config.model_copy(update={"prompts": PromptsConfig(points=args.points)})
+    result = run(config, overwrite=args.overwrite, progress=not args.no_progress)
     _print(result.summary_lines())
     return 0
 

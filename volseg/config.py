@@ -118,6 +118,14 @@ class ExecutionConfig(Section):
     prefetch: int = Field(default=2, ge=0, le=16)
 
 
+class PromptsConfig(Section):
+    """One global set of point prompts for `run`: a CSV (z,y,x voxel indices) or a Neuroglancer
+    annotation JSON (``layer`` picks one annotation layer of a viewer state)."""
+
+    points: str = Field(min_length=1)
+    layer: str | None = None
+
+
 class TrainConfig(Section):
     """Supervised training on labelled volumes (source domain)."""
 
@@ -156,6 +164,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
     output: OutputConfig | None = None
+    prompts: PromptsConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
     train: TrainConfig | None = None
     eval: EvalConfig | None = None

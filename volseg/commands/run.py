@@ -24,6 +24,8 @@ class RunResult:
             f"wall time {stats.seconds:.1f} s, {stats.voxels_per_second / 1e6:.2f} Mvoxels/s "
             f"on {plan.predictor.device}",
         ]
+        if plan.points is not None:
+            lines.append(f"prompts: {len(plan.points)} points from {plan.config.prompts.points}")
         lines += [f"{spec.name}: {spec.url}" for spec in plan.outputs]
         lines.append(f"run signature {plan.signature[:16]}")
         return lines

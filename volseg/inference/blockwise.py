@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from volseg.geometry import Box, Coord, read_box
+from volseg.geometry import Box, Coord, PointSet, read_box
 from volseg.inference.blend import window_weights
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
@@ -39,22 +39,30 @@ def predict_box(
     blend: str = "cosine",
     data: np.ndarray | None = None,
     batch_windows: int = 16,
+    points: PointSet | None = None,
 ) -> np.ndarray:
     """Blended predictions of all windows over ``core``: ``(C+1) × core.shape`` float32.
 
     ``data``, when given, is ``source`` already read over ``plan_windows(windows, core).read_box``
     (the prefetching executor passes it). Windows are evaluated ``batch_windows`` at a time.
+    ``points`` is the one global prompt set (volume coordinates): every window receives exactly the
+    points inside it, in its own coordinates, so a window sees the same prompts in every block.
     """
     plan = plan_windows(windows, core)
     if data is None:
         data = read_box(source, plan.read_box)
+    local = None if points is None else PointSet(points.inside(plan.read_box) + np.asarray(plan.read_box.start))
     weights = window_weights(windows.window, blend)
     channels = predictor.num_classes + 1
     accumulated = np.zeros((channels, *core.shape), dtype=np.float32)
     weight_sum = np.zeros(core.shape, dtype=np.float32)
     for batch in _batches(plan.origins, batch_windows):
         inputs = np.stack([window_input(data, plan.read_box, windows, o) for o in batch])
-        predictions = predictor.predict(inputs)
+        if local is None:
+            predictions = predictor.predict(inputs)
+        else:
+            prompts = [local.inside(Box.from_shape(windows.window, o)) for o in batch]
+            predictions = predictor.predict(inputs, prompts)
         for origin, prediction in zip(batch, predictions, strict=True):
             _accumulate(accumulated, weight_sum, core, Box.from_shape(windows.window, origin),
                         prediction, weights)

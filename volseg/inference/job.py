@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from volseg.geometry import Block
+from volseg.geometry import Block, PointSet
 from volseg.inference.blockwise import plan_windows, predict_box
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
@@ -43,7 +43,9 @@ def to_storage(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 class SegmentationJob:
-    """Read core + context from ``source``, predict and blend, write the core into ``outputs``."""
+    """Read core + context from ``source``, predict and blend, write the core into ``outputs``.
+
+    ``points`` (volume coordinates) are routed as prompts to every window that contains them."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class SegmentationJob:
         windows: WindowGrid,
         blend: str = "cosine",
         batch_windows: int = 16,
+        points: PointSet | None = None,
     ) -> None:
         self.source = source
         self.outputs = tuple(outputs)
@@ -60,6 +63,7 @@ class SegmentationJob:
         self.windows = windows
         self.blend = blend
         self.batch_windows = batch_windows
+        self.points = points
 
     def read(self, block: Block) -> Pending:
         """Start reading everything ``block``'s windows need; ``.result()`` gives the array."""
@@ -68,7 +72,7 @@ class SegmentationJob:
     def compute(self, block: Block, data: np.ndarray) -> np.ndarray:
         """``(C+1) × core`` blended predictions of the block."""
         return predict_box(self.source, self.predictor, self.windows, block.core, self.blend, data,
-                           self.batch_windows)
+                           self.batch_windows, self.points)
 
     def write(self, block: Block, blended: np.ndarray) -> list[Pending]:
         """Start writing the block's core into every output; each future resolves once durable."""

@@ -13,12 +13,14 @@ device placement and autocast happen here, never in ``volseg.models``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from volseg.allocator import keep_freed_memory
+from volseg.errors import ConfigError
 from volseg.geometry import Coord
 from volseg.models import InputContract
 
@@ -35,8 +37,11 @@ class Predictor(Protocol):
     def num_classes(self) -> int:
         """Number of probability channels ``C`` (the density channel comes after them)."""
 
-    def predict(self, windows: np.ndarray) -> np.ndarray:
-        """B×Z×Y×X raw windows → B×(C+1)×Z×Y×X float32 predictions."""
+    def predict(self, windows: np.ndarray, prompts: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """B×Z×Y×X raw windows → B×(C+1)×Z×Y×X float32 predictions.
+
+        ``prompts``, when given, holds for each window an ``n×3`` array of point prompts (z, y, x) in
+        that window's coordinates (``n`` may be 0)."""
 
 
 #: Grey-value dtypes a model can read (see :meth:`InputContract.normalize`).
@@ -81,19 +86,38 @@ class TorchPredictor:
         return self._num_classes
 
     @torch.inference_mode()
-    def predict(self, windows: np.ndarray) -> np.ndarray:
+    def predict(self, windows: np.ndarray, prompts: Sequence[np.ndarray] | None = None) -> np.ndarray:
         out = np.empty((len(windows), self._num_classes + 1, *windows.shape[1:]), dtype=np.float32)
         for begin in range(0, len(windows), self.batch_size):
             batch = windows[begin : begin + self.batch_size]
-            out[begin : begin + len(batch)] = self._predict_batch(batch)
+            batch_prompts = None if prompts is None else prompts[begin : begin + self.batch_size]
+            out[begin : begin + len(batch)] = self._predict_batch(batch, batch_prompts)
         return out
 
-    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+    def _prompt_tensors(self, prompts: Sequence[np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-window (z, y, x) prompts → padded ``B×N×2`` (y, x) points and a ``B×N`` validity mask."""
+        if prompts is None or not any(len(p) for p in prompts):
+            return None
+        if not getattr(self.model, "promptable", False) or self.contract.dims != 2:
+            raise ConfigError(
+                f"Point prompts were given, but the model {type(self.model).__name__} takes none.",
+                "use a promptable model (model.name: promptdas) or remove the points.",
+            )
+        n = max(len(p) for p in prompts)
+        points = torch.zeros(len(prompts), n, 2)
+        mask = torch.zeros(len(prompts), n, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            points[i, : len(p)] = torch.from_numpy(np.asarray(p, dtype=np.float32).reshape(-1, 3)[:, 1:])
+            mask[i, : len(p)] = True
+        return points.to(self.device), mask.to(self.device)
+
+    def _predict_batch(self, batch: np.ndarray, prompts: Sequence[np.ndarray] | None) -> np.ndarray:
         x = self.contract.normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         # 2D: the Z=1 slices of the windows become the batch; 3D: add the channel axis.
         x = x.reshape(-1, 1, *x.shape[-2:]) if self.contract.dims == 2 else x.unsqueeze(1)
+        prompt_tensors = self._prompt_tensors(prompts)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.model(x)
+            outputs = self.model(x) if prompt_tensors is None else self.model(x, *prompt_tensors)
         logits, density = outputs[0], outputs[1]
         stacked = torch.cat([torch.sigmoid(logits.float()), density.float()], dim=1)
         if self.contract.dims == 2:

@@ -19,11 +19,12 @@ import torch
 import volseg
 from volseg.config import Config
 from volseg.errors import ConfigError, OutputExistsError, VolumeFormatError
-from volseg.geometry import BlockGrid, Box, Coord
+from volseg.geometry import BlockGrid, Box, Coord, PointSet
 from volseg.inference.job import OutputTarget, SegmentationJob
 from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.io import choose_output_chunks, create_volume
+from volseg.io.points import read_points
 from volseg.models import input_contract
 from volseg.models.checkpoint import file_sha256, load_checkpoint, read_card
 
@@ -54,6 +55,7 @@ class SegmentationPlan:
     outputs: tuple[OutputSpec, ...]
     signature: str
     checkpoint_card: dict[str, Any]
+    points: PointSet | None = None
 
 
 def check_input_dtype(dtype: np.dtype, url: str, field: str) -> None:
@@ -137,10 +139,12 @@ def _output_specs(config: Config, num_classes: int) -> tuple[OutputSpec, ...]:
     return tuple(specs)
 
 
-def run_signature(weights: str, config: Config, grid: BlockGrid, windows: WindowGrid) -> str:
-    """Hash of everything that determines the bytes a run writes."""
+def run_signature(weights: str, config: Config, grid: BlockGrid, windows: WindowGrid,
+                  points: PointSet | None = None) -> str:
+    """Hash of everything that determines the bytes a run writes (prompts by their coordinates)."""
     payload = {
         "weights_sha256": weights,
+        "points_sha256": None if points is None else hashlib.sha256(points.zyx.tobytes()).hexdigest(),
         "config": config.output_fingerprint(),
         "grid": {"roi": grid.roi.to_json(), "core": list(grid.core_shape)},
         "windows": {"window": list(windows.window), "stride": list(windows.stride)},
@@ -167,10 +171,17 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     write_chunk = config.output.shard or chunk
     core = config.execution.block or default_block(write_chunk, windows.window, source.shape)
     grid = BlockGrid.aligned(_roi(config, source.bounds), core, 0, source.bounds, write_chunk)
-    signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows)
+    points = None
+    if config.prompts is not None:
+        points = read_points(config.prompts.points, source.voxel_size_nm, source.voxel_offset, source.bounds,
+                             config.prompts.layer)
+        if len(points) and not getattr(predictor.model, "promptable", False):
+            raise ConfigError(f"prompts.points gives {len(points)} points, but model {config.model.name!r} "
+                              "takes no prompts.", "use model.name: promptdas, or remove the prompts section.")
+    signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows, points)
     plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
                             None if config.output.shard is None else tuple(config.output.shard),
-                            outputs, signature, card)
+                            outputs, signature, card, points)
     for spec in plan.outputs:
         existing = create_volume(**_creation_arguments(plan, spec), dry_run=True)
         if existing is not None:
@@ -222,4 +233,4 @@ def open_outputs(plan: SegmentationPlan) -> list[OutputTarget]:
 def make_job(plan: SegmentationPlan, targets: Sequence[OutputTarget]) -> SegmentationJob:
     inference = plan.config.inference
     return SegmentationJob(plan.source, targets, plan.predictor, plan.windows, inference.blend,
-                           batch_windows=inference.batch_size)
+                           batch_windows=inference.batch_size, points=plan.points)

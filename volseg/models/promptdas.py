@@ -38,6 +38,9 @@ class PromptDASOutput(NamedTuple):
 
 
 class PromptDAS(nn.Module):
+    #: Takes point prompts (``forward(image, points, point_mask)``); predictors route prompts to it.
+    promptable = True
+
     def __init__(self, num_classes: int = 1, encoder: str = "vit_tiny8", decoder_dim: int = 256,
                  decoder_depth: int = 2, decoder_heads: int = 8, decoder_mlp: int = 2048,
                  projection_dim: int = 128, encoder_weights: str | None = None, dims: int = 2) -> None:
