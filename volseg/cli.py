@@ -1,4 +1,4 @@
-"""The command line: `volseg run | train | validate | demo`.
+"""The command line: `volseg run | validate | train | adapt | eval | demo`.
 
 Every user error (a :class:`~volseg.errors.VolsegError`) is printed as one line on stderr and exits
 with code 2; nothing else is caught, so a bug keeps its traceback.
@@ -34,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on a labelled volume (config: train:)")
     train.add_argument("config")
     train.add_argument("--no-progress", action="store_true")
+
+    adapt = commands.add_parser("adapt", help="adapt a source-trained model to a target volume (config: adapt:)")
+    adapt.add_argument("config")
+    adapt.add_argument("--no-progress", action="store_true")
+
+    evaluate = commands.add_parser("eval", help="score a prediction against labels (config: eval:)")
+    evaluate.add_argument("config")
+    evaluate.add_argument("--no-progress", action="store_true")
 
     demo = commands.add_parser("demo", help="generate data, train, segment and score, end to end")
     demo.add_argument("config", nargs="?", default=DEMO_CONFIG, help=f"default: {DEMO_CONFIG}")
@@ -101,7 +109,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "train": _train, "demo": _demo}
+def _adapt(args: argparse.Namespace) -> int:
+    from volseg.commands.adapt import adapt
+    from volseg.config import load_config
+
+    result = adapt(load_config(args.config), progress=not args.no_progress)
+    _print([f"checkpoint {result.checkpoint} ({len(result.history.losses)} steps, "
+            f"{result.history.seconds:.1f} s, final loss {result.history.losses[-1]:.4f})",
+            f"loss curve {result.curve}"])
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from volseg.commands.evaluate import evaluate
+    from volseg.config import load_config
+
+    report = evaluate(load_config(args.config), progress=not args.no_progress)
+    _print(report.table_lines())
+    return 0
+
+
+COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt, "eval": _eval, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,9 +141,67 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    """Ground truth to score the semantic output against."""
+    """Scoring a semantic output against ground truth (`volseg eval`, and the demo's summary).
+
+    ``prediction`` defaults to ``output.probabilities``; foreground is ``prediction > threshold``
+    (probabilities stored as uint8 are scaled back to [0, 1] first). ``report`` is where the JSON
+    report goes (default: beside the prediction)."""
 
     labels: VolumeRef
+    prediction: VolumeRef | None = None
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_size_vx: int = Field(default=0, ge=0)
+    report: str | None = None
+
+
+class LabelledVolume(Section):
+    """A raw volume and its labels (labels > 0 = organelle), e.g. the source domain."""
+
+    raw: VolumeRef
+    labels: VolumeRef
+
+
+class TargetConfig(Section):
+    """The target domain: its raw volume, sparse point annotations (WDA) and, for the oracle mode
+    ``supervised-target`` only, its labels."""
+
+    raw: VolumeRef
+    points: str | None = None
+    labels: VolumeRef | None = None
+
+
+class AdaptConfig(Section):
+    """Mean-teacher domain adaptation of a source-trained Prompt-DAS checkpoint (`volseg adapt`).
+
+    Values the paper leaves open (METHOD.md, *choose*) are fields here with the defaults volseg uses."""
+
+    mode: Literal["uda", "wda", "supervised-target"] = "uda"
+    source: LabelledVolume | None = None
+    target: TargetConfig
+    init: str | None = Field(default=None, description="source-trained checkpoint to start from")
+    steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    crop: PositiveTriple = (1, 128, 128)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    ema_alpha: float = Field(default=0.99, gt=0.0, lt=1.0)
+    delta_f: float = Field(default=0.8, gt=0.0, lt=1.0)
+    delta_b: float = Field(default=0.2, gt=0.0, lt=1.0)
+    pcl_weight: float = Field(default=0.1, ge=0.0)
+    pcl_temperature: float = Field(default=0.5, gt=0.0)
+    peak_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
+    density_sigma_nm: float = Field(default=40.0, gt=0)
+    seed: int = 0
+    checkpoint: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> AdaptConfig:
+        if self.delta_b >= self.delta_f:
+            raise ValueError(f"delta_b {self.delta_b} must be below delta_f {self.delta_f}")
+        if self.mode == "wda" and self.target.points is None:
+            raise ValueError("mode wda needs target.points (the sparse point annotations)")
+        if self.mode == "supervised-target" and self.target.labels is None:
+            raise ValueError("mode supervised-target needs target.labels")
+        return self
 
 
 class SyntheticConfig(Section):
@@ -167,6 +225,7 @@ class Config(Section):
     prompts: PromptsConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
     train: TrainConfig | None = None
+    adapt: AdaptConfig | None = None
     eval: EvalConfig | None = None
     synthetic: list[SyntheticConfig] | None = None
     source_path: str | None = Field(default=None, exclude=True)
