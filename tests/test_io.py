@@ -708,3 +708,13 @@ def test_async_reads_and_writes(tmp_path: Path) -> None:
 def test_errors_are_volseg_errors() -> None:
     for cls in (VolumeNotFoundError, VolumeFormatError, GeometryMismatchError, UnsupportedURLError):
         assert issubclass(cls, VolsegError)
+
+
+def test_plain_array_inherits_the_voxel_size_of_its_group(tmp_path):
+    group = zarr.open_group(str(tmp_path / "ds.zarr"), mode="w", zarr_format=3)
+    group.attrs["voxel_size_nm_zyx"] = [50.0, 4.6, 4.6]
+    group.create_array("raw", shape=(2, 8, 8), dtype="uint8", chunks=(1, 8, 8))
+    own = group.create_array("own", shape=(2, 8, 8), dtype="uint8", chunks=(1, 8, 8))
+    own.attrs["resolution"] = [40, 4, 4]
+    assert open_volume(str(tmp_path / "ds.zarr/raw")).voxel_size_nm == (50.0, 4.6, 4.6)
+    assert open_volume(str(tmp_path / "ds.zarr/own")).voxel_size_nm == (40.0, 4.0, 4.0)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from volseg.errors import VolumeFormatError
+from volseg.errors import VolsegError, VolumeFormatError
 from volseg.geometry import Box
 from volseg.io import ome_zarr
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
@@ -30,7 +30,11 @@ from volseg.io.units import nm_per_unit
 from volseg.io.urls import VolumeURL
 from volseg.io.volume import OpenedArray, ResultFuture, VolumeGeometry, as_zyx
 
-ZARR_PLACEMENT_KEYS = frozenset({"resolution", "voxel_size", "offset", "voxel_offset"})
+ZARR_PLACEMENT_KEYS = frozenset({"resolution", "voxel_size", "voxel_size_nm", "voxel_size_nm_zyx", "offset",
+                                 "voxel_offset"})
+#: Attribute names that give a plain zarr array's voxel size in nm, z, y, x (on the array, or on the
+#: group that contains it).
+VOXEL_SIZE_KEYS = ("voxel_size", "resolution", "voxel_size_nm", "voxel_size_nm_zyx")
 """Attributes of a plain (non-OME) zarr array that give its placement, all (z, y, x):
 ``voxel_size`` or ``resolution`` in nm; ``voxel_offset`` in voxels, or ``offset`` in nm (funlib)."""
 
@@ -160,7 +164,7 @@ def _open_zarr(url: VolumeURL, fmt: str, mode: str, scale: int | None) -> Opened
             )
         size, offset = ome.voxel_size_nm, ome.voxel_offset
     else:
-        size, offset = _zarr_placement(node.attributes, where)
+        size, offset = _zarr_placement(_with_inherited_voxel_size(url, fmt, node.attributes), where)
     key, member = (".zattrs", None) if fmt == "zarr2" else ("zarr.json", "attributes")
     return OpenedArray(
         format=fmt,
@@ -200,8 +204,25 @@ def _check_labels(store: ts.TensorStore, where: str) -> None:
         )
 
 
+def _with_inherited_voxel_size(url: VolumeURL, fmt: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    """A plain array's attributes, plus the voxel size of its parent group when it has none itself
+    (datasets often store ``voxel_size_nm_zyx`` or ``resolution`` once, on the group)."""
+    if any(k in attributes for k in VOXEL_SIZE_KEYS):
+        return attributes
+    parent = url.parent()
+    if parent is None:
+        return attributes
+    try:
+        inherited = _zarr_node(parent, fmt).attributes
+    except VolsegError:  # no readable group above: keep the array's own attributes
+        return attributes
+    found = next((k for k in VOXEL_SIZE_KEYS if k in inherited), None)
+    return attributes if found is None else {**attributes, found: inherited[found]}
+
+
 def _zarr_placement(attributes: dict[str, Any], where: str) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    raw_size = attributes.get("voxel_size", attributes.get("resolution", (1.0, 1.0, 1.0)))
+    key = next((k for k in VOXEL_SIZE_KEYS if k in attributes), None)
+    raw_size = attributes[key] if key is not None else (1.0, 1.0, 1.0)
     size = as_zyx(raw_size, f"the voxel_size/resolution attribute of {where}", float)
     if any(s <= 0 for s in size):
         raise VolumeFormatError(f"{where} has a non-positive voxel size {size}.", "fix its attributes.")

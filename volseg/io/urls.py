@@ -107,6 +107,14 @@ class VolumeURL:
         suffix = "".join(p + "/" for p in parts)
         return replace(self, url=f"{self.url.rstrip('/')}/{'/'.join(parts)}", path=self.path + suffix)
 
+    def parent(self) -> VolumeURL | None:
+        """The directory containing this one, or None at the root of its store."""
+        parts = [p for p in self.path.split("/") if p]
+        if not parts or (self.scheme == "file" and len(parts) == 1):
+            return None
+        cut = len(parts[-1]) + 1
+        return replace(self, url=self.url.rstrip("/").rsplit("/", 1)[0], path=self.path[: len(self.path) - cut])
+
     def with_format(self, fmt: str | None) -> VolumeURL:
         """The same location with another format (``None``: probe)."""
         return replace(self, format=fmt)
