@@ -1,4 +1,7 @@
-"""The supervised training loop (one process): crops → augment → model → losses → AdamW + poly LR."""
+"""Training loops (one process): shared bookkeeping, and the supervised loop of non-promptable models.
+
+The Prompt-DAS loop (source training and mean-teacher adaptation) is in :mod:`volseg.adapt.trainer`.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +37,17 @@ class SupervisedSettings:
 
 @dataclass
 class TrainHistory:
+    """Per-step total ``losses``, per-step loss ``components`` by name (e.g. ``source_seg``, ``pcl``)
+    and batch statistics, and the wall-clock ``seconds`` of the whole run."""
+
     losses: list[float] = field(default_factory=list)
+    components: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def record(self, loss: float, components: dict[str, float] | None = None) -> None:
+        self.losses.append(loss)
+        for name, value in (components or {}).items():
+            self.components.setdefault(name, []).append(value)
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -58,7 +70,8 @@ def make_batch(sampler: CropSampler, contract: InputContract, n: int, sigma_vx: 
 
 def train_supervised(model: nn.Module, contract: InputContract, sampler: CropSampler,
                      settings: SupervisedSettings, on_step: StepCallback | None = None) -> TrainHistory:
-    """Train ``model`` in place on labelled crops; returns the loss of every step."""
+    """Train a non-promptable ``model`` (``model(image) → (logits, density)``) in place on labelled
+    crops; returns the loss of every step."""
     keep_freed_memory()
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -74,11 +87,13 @@ def train_supervised(model: nn.Module, contract: InputContract, sampler: CropSam
         image, mask, density = flip_rotate(generator, image, mask, density)
         image = intensity_jitter(generator, image)
         logits, predicted_density = model(image)
-        loss = segmentation_loss(logits, mask) + density_loss(predicted_density, density)
+        seg = segmentation_loss(logits, mask)
+        det = density_loss(predicted_density, density)
+        loss = seg + det
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.losses.append(loss.item())
+        history.record(loss.item(), {"seg": seg.item(), "det": det.item()})
         if on_step is not None:
             on_step(step + 1, settings.steps, history.losses[-1], (step + 1) / (time.perf_counter() - begin))
     model.eval()

@@ -1,4 +1,4 @@
-"""Random crops read straight from storage, for training."""
+"""Random crops read straight from storage, with the point prompts that fall inside them."""
 
 from __future__ import annotations
 
@@ -8,21 +8,43 @@ from typing import Any
 import numpy as np
 
 from volseg.errors import ConfigError
-from volseg.geometry import Box, Coord, read_box
+from volseg.geometry import Box, Coord, PointSet, read_box
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One training crop.
+
+    ``raw`` ``Z×Y×X`` as stored; ``labels`` likewise (instance ids or a mask) or None; ``points_zyx``
+    ``N×3`` float, the points of the sampler's :class:`PointSet` inside ``box``, in crop coordinates
+    (``N = 0`` when there are none or the sampler has no points); ``box`` where the crop was read.
+    """
+
+    raw: np.ndarray
+    labels: np.ndarray | None
+    points_zyx: np.ndarray
+    box: Box
+
+    def points_in_slice(self, z: int) -> np.ndarray:
+        """The ``M×2`` (y, x) points of crop slice ``z`` (points whose rounded z is ``z``)."""
+        on = np.rint(self.points_zyx[:, 0]) == z
+        return self.points_zyx[on, 1:]
 
 
 @dataclass
 class CropSampler:
     """Draws crops of ``crop`` voxels (z, y, x) at uniformly random positions of ``raw``.
 
-    ``labels``, when given, is read over the same box. Each sampler owns its random stream (``seed``),
-    so parallel workers with different seeds draw different crops reproducibly.
+    ``labels``, when given, is read over the same box; ``points`` (a global :class:`PointSet` of the
+    volume, e.g. WDA's sparse annotations) is routed to each crop. Each sampler owns its random stream
+    (``seed``), so parallel workers with different seeds draw different crops reproducibly.
     """
 
     raw: Any
     labels: Any | None
     crop: Coord
     seed: int = 0
+    points: PointSet | None = None
 
     def __post_init__(self) -> None:
         self.crop = tuple(int(c) for c in self.crop)
@@ -43,11 +65,20 @@ class CropSampler:
         start = [int(self.rng.integers(0, s - c + 1)) for s, c in zip(self.shape, self.crop, strict=True)]
         return Box.from_shape(self.crop, start)
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray | None]:
-        box = self.box()
+    def crop_at(self, box: Box) -> Crop:
+        """The crop of ``box`` (raw, labels, points in box coordinates)."""
         raw = read_box(self.raw, box)
         labels = None if self.labels is None else read_box(self.labels, box)
-        return raw, labels
+        points = np.zeros((0, 3)) if self.points is None else self.points.inside(box)
+        return Crop(raw, labels, points, box)
+
+    def crops(self, n: int) -> list[Crop]:
+        """``n`` crops at random positions."""
+        return [self.crop_at(self.box()) for _ in range(n)]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray | None]:
+        crop = self.crop_at(self.box())
+        return crop.raw, crop.labels
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         """``n`` crops stacked: raw ``n×Z×Y×X`` and labels likewise (or None)."""

@@ -1,20 +1,28 @@
-"""`volseg train CONFIG`: supervised training on a labelled volume, saved as a checkpoint + card."""
+"""`volseg train CONFIG`: supervised (source) training on a labelled volume → checkpoint + card + curve.
+
+Prompt-DAS trains in the paper's source mode (each crop prompted by a random subset, 0 … all, of its
+instance centres); other models train with the plain supervised loop.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from volseg.adapt.loop import SupervisedSettings, TrainHistory, train_supervised
 from volseg.adapt.sampler import CropSampler
+from volseg.adapt.settings import AdaptSettings
+from volseg.adapt.trainer import DomainData, train_promptdas
 from volseg.commands.progress import StepProgress
 from volseg.config import Config
 from volseg.errors import VolumeFormatError
 from volseg.inference.segment import check_input_dtype
-from volseg.models import build_model, input_contract
+from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.checkpoint import save_checkpoint
 
 
@@ -48,38 +56,55 @@ def save_loss_curve(losses: list[float], path: Path, title: str) -> Path:
     return path
 
 
+def save_trained(path: str, model: nn.Module, spec: ModelSpec, card: dict[str, Any], history: TrainHistory,
+                 title: str) -> TrainResult:
+    """Write the checkpoint with its card (final loss and time added) and the loss curve beside it."""
+    card = {**card, "steps": len(history.losses),
+            "metrics": {**card.get("metrics", {}), "final_loss": float(np.mean(history.losses[-20:])),
+                        "seconds": history.seconds}}
+    checkpoint = save_checkpoint(path, model, spec, card)
+    curve = save_loss_curve(history.losses, checkpoint.with_name(checkpoint.stem + "_loss.png"), title)
+    return TrainResult(checkpoint, history, curve)
+
+
+def open_labelled(raw_ref: Any, labels_ref: Any, field: str) -> tuple[Any, Any]:
+    """Open a raw volume and its labels, checking dtype and that they cover the same voxels."""
+    raw, labels = raw_ref.open(), labels_ref.open()
+    check_input_dtype(raw.dtype, raw_ref.url, f"{field}.raw.url")
+    if labels.shape != raw.shape:
+        raise VolumeFormatError(
+            f"{field}.labels {labels_ref.url!r} has shape {labels.shape} but {field}.raw {raw_ref.url!r} has "
+            f"{raw.shape}.", "point both at arrays of the same dataset and scale.")
+    return raw, labels
+
+
 def train(config: Config, progress: bool = True) -> TrainResult:
     config.require("train", command="train")
     cfg = config.train
     assert cfg is not None
-    raw = cfg.raw.open()
-    labels = cfg.labels.open()
-    if labels.shape != raw.shape:
-        raise VolumeFormatError(
-            f"train.labels {cfg.labels.url!r} has shape {labels.shape} but train.raw {cfg.raw.url!r} has "
-            f"{raw.shape}.", "point both at arrays of the same dataset and scale.")
-    check_input_dtype(raw.dtype, cfg.raw.url, "train.raw.url")
+    raw, labels = open_labelled(cfg.raw, cfg.labels, "train")
     spec = config.model.spec
     contract = input_contract(spec)
     contract.check_window(cfg.crop)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
     sigma_vx = cfg.density_sigma_nm / float(raw.voxel_size_nm[2])
-    settings = SupervisedSettings(cfg.steps, cfg.batch_size, cfg.learning_rate, sigma_vx, cfg.seed)
     bar = StepProgress(cfg.steps, "training", progress)
     try:
-        history = train_supervised(model, contract, CropSampler(raw, labels, cfg.crop, cfg.seed),
-                                   settings, on_step=bar)
+        if getattr(model, "promptable", False):
+            settings = AdaptSettings(mode="source", steps=cfg.steps, batch_size=cfg.batch_size, crop=cfg.crop,
+                                     learning_rate=cfg.learning_rate, density_sigma=sigma_vx, seed=cfg.seed)
+            result = train_promptdas(model, settings, source=DomainData(raw, labels), on_step=bar)
+            model, history = result.model, result.history
+        else:
+            settings = SupervisedSettings(cfg.steps, cfg.batch_size, cfg.learning_rate, sigma_vx, cfg.seed)
+            history = train_supervised(model, contract, CropSampler(raw, labels, cfg.crop, cfg.seed), settings,
+                                       on_step=bar)
     finally:
         bar.close()
     card = {
         "mode": "source",
         "data": {"raw": cfg.raw.url, "labels": cfg.labels.url, "voxel_size_nm": list(raw.voxel_size_nm)},
         "training": cfg.model_dump(),
-        "steps": cfg.steps,
-        "metrics": {"final_loss": float(np.mean(history.losses[-20:])), "seconds": history.seconds},
     }
-    checkpoint = save_checkpoint(cfg.checkpoint, model, spec, card)
-    curve = save_loss_curve(history.losses, checkpoint.with_name(checkpoint.stem + "_loss.png"),
-                            f"{spec.name} source training")
-    return TrainResult(checkpoint, history, curve)
+    return save_trained(cfg.checkpoint, model, spec, card, history, f"{spec.name} source training")

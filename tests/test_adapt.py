@@ -1,0 +1,402 @@
+"""Prompt-DAS training and adaptation: EMA teacher, pseudo-labels, PCL, aligned augmentation, prompts,
+and a seeded end-to-end source → UDA run on synthetic data."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from volseg.adapt.augment import AugmentSettings, GeometricTransform
+from volseg.adapt.batches import Slices, concat_batches, labelled_batch, pseudo_labelled_batch
+from volseg.adapt.contrastive import (
+    BACKGROUND,
+    FOREGROUND,
+    UNUSED,
+    prompt_contrastive_loss,
+    sample_contrastive_points,
+)
+from volseg.adapt.prompts import merge_points, pad_points, random_subset
+from volseg.adapt.pseudo_labels import (
+    density_peaks,
+    keep_components_with_centres,
+    nms_radius,
+    segmentation_pseudo_labels,
+)
+from volseg.adapt.sampler import CropSampler
+from volseg.adapt.settings import AdaptSettings
+from volseg.adapt.targets import gaussian_density, instance_centres_2d
+from volseg.adapt.teacher import EMATeacher, ema_decay
+from volseg.adapt.trainer import DomainData, PromptDASTrainer, train_promptdas
+from volseg.data.synthetic import generate_volume
+from volseg.errors import ConfigError
+from volseg.geometry import PointSet
+from volseg.metrics import dice
+from volseg.models import ModelSpec, build_model
+from volseg.models.promptdas import PromptDASOutput
+
+NO_INTENSITY = AugmentSettings(weak_intensity=0.0, brightness=0.0, contrast=0.0, gamma=1.0, noise_sigma=0.0,
+                               blur_sigma_vx=0.0, elastic_alpha_vx=2.0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one CPU thread: deterministic, and faster than two threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def disks_image(size: int, centres: list[tuple[int, int]], radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dark disks (0.1) of instance ids 1… on a bright (0.9) ``size×size`` image → (image, labels)."""
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i, (y, x) in enumerate(centres, start=1):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = i
+    return np.where(labels > 0, 0.1, 0.9).astype(np.float32), labels
+
+
+# --- EMA teacher -------------------------------------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+        self.register_buffer("running", torch.zeros(1))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+
+
+def test_ema_decay_schedule():
+    assert [ema_decay(s, 0.9) for s in range(4)] == [0.0, 0.5, pytest.approx(2 / 3), pytest.approx(0.75)]
+    assert ema_decay(1000, 0.9) == 0.9
+
+
+def test_ema_teacher_arithmetic_and_no_gradients():
+    student = Tiny()
+    teacher = EMATeacher(student, alpha=0.6)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    history = []
+    for weight, running, count in ((3.0, 1.0, 7), (5.0, 3.0, 8), (10.0, 0.0, 9)):
+        with torch.no_grad():
+            student.weight.fill_(weight)
+        student.running.fill_(running)
+        student.count.fill_(count)
+        decay = teacher.update(student)
+        history.append((decay, teacher.model.weight.item(), teacher.model.running.item(), teacher.model.count.item()))
+    # decays 0, 0.5, min(2/3, 0.6) = 0.6: weights 3 → 0.5·3 + 0.5·5 = 4 → 0.6·4 + 0.4·10 = 6.4
+    assert history[0] == (0.0, 3.0, 1.0, 7)
+    assert history[1] == (0.5, 4.0, 2.0, 8)
+    assert history[2][0] == 0.6
+    assert history[2][1] == pytest.approx(6.4) and history[2][2] == pytest.approx(1.2) and history[2][3] == 9
+    loss = (student.weight * 2).sum()
+    loss.backward()
+    assert teacher.model.weight.grad is None and student.weight.grad is not None
+
+
+# --- pseudo-labels -----------------------------------------------------------------------------------
+
+
+def test_segmentation_pseudo_labels_thresholds():
+    probability = torch.tensor([[0.95, 0.8, 0.79, 0.5], [0.21, 0.2, 0.05, 0.0]]).view(1, 1, 2, 4)
+    target, valid = segmentation_pseudo_labels(probability, delta_f=0.8, delta_b=0.2)
+    assert target.view(2, 4).tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]
+    assert valid.view(2, 4).tolist() == [[1, 1, 0, 0], [0, 1, 1, 1]]
+
+
+def test_density_peaks_keep_one_peak_per_blob():
+    sigma = 3.0
+    density = np.maximum.reduce([
+        gaussian_density((64, 64), np.array([[12, 12]]), sigma),
+        0.95 * gaussian_density((64, 64), np.array([[12, 17]]), sigma),  # a second maximum on the same blob
+        0.5 * gaussian_density((64, 64), np.array([[45, 40]]), sigma),
+        0.2 * gaussian_density((64, 64), np.array([[45, 10]]), sigma),  # below the threshold
+    ])
+    flat = np.zeros((64, 64), np.float32)
+    flat[30:33, 5:9] = 0.7  # a plateau: many equal maxima
+    batch = torch.from_numpy(np.stack([density, flat])).unsqueeze(1)
+    peaks = density_peaks(batch, threshold=0.3, radius_vx=nms_radius(sigma))
+    assert peaks[0].tolist() == [[12, 12], [45, 40]]
+    assert len(peaks[1]) == 1 and 30 <= peaks[1][0, 0] <= 32 and 5 <= peaks[1][0, 1] <= 8
+
+
+def test_unconfirmed_foreground_components_become_ignored():
+    _, labels = disks_image(32, [(8, 8), (24, 24)], 4)
+    target = torch.from_numpy((labels > 0).astype(np.float32)).view(1, 1, 32, 32)
+    valid = torch.ones_like(target)
+    kept, kept_valid = keep_components_with_centres(target, valid, [np.array([[8.0, 9.0]])])
+    assert kept[0, 0, 8, 8] == 1 and kept_valid[0, 0, 8, 8] == 1
+    assert kept[0, 0, 24, 24] == 0 and kept_valid[0, 0, 24, 24] == 0
+    assert kept_valid[0, 0, 0, 0] == 1 and kept.sum() == (labels == 1).sum()
+
+
+# --- PCL ---------------------------------------------------------------------------------------------
+
+
+def _pcl_inputs(separable: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    prompts = (direction + 0.05 * torch.randn(1, 3, 4, generator=generator)).requires_grad_()
+    if separable:
+        queries = direction + 0.05 * torch.randn(6, 4, generator=generator)
+        negatives = -direction + 0.05 * torch.randn(6, 4, generator=generator)
+    else:
+        queries = torch.randn(6, 4, generator=generator)
+        negatives = torch.randn(6, 4, generator=generator)
+    contrastive = torch.cat([queries, negatives])[None].requires_grad_()
+    labels = torch.tensor([[FOREGROUND] * 6 + [BACKGROUND] * 6])
+    return prompts, torch.ones(1, 3, dtype=torch.bool), contrastive, labels
+
+
+def test_pcl_is_lower_for_separable_embeddings_and_only_queries_get_gradients():
+    separable = prompt_contrastive_loss(*_pcl_inputs(True), temperature=0.5)
+    prompts, mask, contrastive, labels = _pcl_inputs(False)
+    mixed = prompt_contrastive_loss(prompts, mask, contrastive, labels, temperature=0.5)
+    assert separable < mixed - 0.5
+    mixed.backward()
+    assert prompts.grad is None  # the prototype is detached
+    assert contrastive.grad[0, :6].abs().sum(-1).min() > 0  # every query gets a gradient
+    assert contrastive.grad[0, 6:].abs().sum() == 0  # negatives get none
+
+
+def test_pcl_crops_without_prompts_or_samples_contribute_zero():
+    prompts, mask, contrastive, labels = _pcl_inputs(False)
+    single = prompt_contrastive_loss(prompts, mask, contrastive, labels, 0.5)
+    prompts2 = torch.cat([prompts, prompts, prompts])
+    mask2 = torch.tensor([[True] * 3, [False] * 3, [True] * 3])
+    labels2 = torch.cat([labels, labels, torch.where(labels == BACKGROUND, UNUSED, labels)])
+    batch = prompt_contrastive_loss(prompts2, mask2, contrastive.repeat(3, 1, 1), labels2, 0.5)
+    assert batch.item() == pytest.approx(single.item() / 3, rel=1e-5)
+    assert prompt_contrastive_loss(None, torch.zeros(3, 0, dtype=torch.bool), contrastive, labels, 0.5) == 0
+
+
+def test_contrastive_points_are_balanced_and_on_their_class():
+    _, labels = disks_image(32, [(16, 16)], 5)
+    foreground = labels > 0
+    points, kinds = sample_contrastive_points(foreground, ~foreground, 10, np.random.default_rng(0))
+    assert (kinds == FOREGROUND).sum() == 5 and (kinds == BACKGROUND).sum() == 5
+    on = foreground[points[:, 0].astype(int), points[:, 1].astype(int)]
+    assert on[kinds == FOREGROUND].all() and not on[kinds == BACKGROUND].any()
+    _, kinds = sample_contrastive_points(np.zeros((8, 8), bool), np.ones((8, 8), bool), 4, np.random.default_rng(0))
+    assert kinds.tolist() == [UNUSED, UNUSED, BACKGROUND, BACKGROUND]
+
+
+# --- augmentation alignment ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rotations", range(4))
+@pytest.mark.parametrize("flip", [False, True])
+def test_rotation_and_flip_move_points_with_the_pixels(rotations, flip):
+    image = torch.zeros(1, 12, 20)
+    points = np.array([[3.0, 15.0], [0.0, 0.0], [11.0, 19.0]])
+    transform = GeometricTransform(rotations, flip)
+    for y, x in points.astype(int):
+        image.zero_()
+        image[0, y, x] = 1
+        moved = transform.apply(image)[0]
+        (py, px), = transform.points(np.array([[y, x]]), (12, 20))
+        assert moved[int(py), int(px)] == 1
+
+
+def test_a_point_on_an_object_stays_on_it_after_the_strong_geometric_transform():
+    generator = torch.Generator().manual_seed(0)
+    centres = [(12, 14), (40, 20), (30, 50), (52, 52)]
+    _, labels = disks_image(64, centres, 6)
+    density = torch.from_numpy(gaussian_density((64, 64), np.array(centres), 2.0))[None]
+    # points 2 px inside the edge (radius 6), where a misplaced point would fall off
+    edge_points = np.array([[y + 4, x] for y, x in centres] + [[y, x - 4] for y, x in centres], float)
+    for _ in range(20):
+        transform = GeometricTransform.random(generator, (64, 64), elastic_alpha_vx=3.0)
+        moved_labels = transform.apply(torch.from_numpy(labels)[None].float(), "nearest")[0]
+        for y, x in transform.points(edge_points, (64, 64)):
+            assert moved_labels[round(y), round(x)] > 0
+        moved_density = transform.apply(density)[0]
+        for y, x in transform.points(np.array(centres, float), (64, 64)):
+            window = moved_density[max(0, int(y) - 4): int(y) + 5, max(0, int(x) - 4): int(x) + 5]
+            peak = np.unravel_index(int(window.argmax()), tuple(window.shape))
+            assert abs(peak[0] + max(0, int(y) - 4) - y) <= 1 and abs(peak[1] + max(0, int(x) - 4) - x) <= 1
+
+
+class FakeTeacher(nn.Module):
+    """Dark pixels are foreground; the density peaks at the centre of dark disks (a blurred mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image, points=None, point_mask=None, contrastive_points=None) -> PromptDASOutput:
+        mask = (image < 0.5).float()
+        kernel = torch.ones(1, 1, 9, 9) / 81
+        density = torch.nn.functional.conv2d(mask, kernel, padding=4)
+        return PromptDASOutput(20 * (0.5 - image), density)
+
+
+def test_pseudo_labelled_batch_keeps_labels_prompts_and_contrastive_points_aligned():
+    images, sparse = [], []
+    for i in range(4):
+        image, _ = disks_image(48, [(12 + i, 14), (34, 30 - i)], 7)
+        images.append(image)
+        sparse.append(np.array([[34.0, 30 - i]]) if i % 2 else np.zeros((0, 2)))
+    slices = Slices(torch.from_numpy(np.stack(images)).unsqueeze(1), None, sparse)
+    settings = AdaptSettings(mode="wda", density_sigma=3.0, peak_threshold=0.5, augment=NO_INTENSITY,
+                             contrastive_points=12, student_prompts="all")
+    batch = pseudo_labelled_batch(FakeTeacher(), slices, settings, np.random.default_rng(0),
+                                  torch.Generator().manual_seed(1))
+    valid = batch.valid > 0
+    agree = (batch.target > 0) == (batch.image < 0.5)
+    assert agree[valid].float().mean() > 0.98
+    for b in range(4):
+        prompts = batch.points[b][batch.point_mask[b]].round().long()
+        assert len(prompts) == 2  # one per disk; the sparse point replaced the peak it duplicates
+        assert (batch.target[b, 0, prompts[:, 0], prompts[:, 1]] == 1).all()
+        assert (batch.density[b, 0, prompts[:, 0], prompts[:, 1]] > 0.9).all()
+        points = batch.contrastive_points[b].long()
+        kinds = batch.contrastive_labels[b]
+        assert (batch.target[b, 0, points[:, 0], points[:, 1]][kinds == FOREGROUND] == 1).all()
+        assert (batch.target[b, 0, points[:, 0], points[:, 1]][kinds == BACKGROUND] == 0).all()
+        assert (batch.valid[b, 0, points[:, 0], points[:, 1]][kinds != UNUSED] == 1).all()
+
+
+# --- prompts and sampling ------------------------------------------------------------------------------
+
+
+def test_random_prompt_subsets_cover_none_to_all():
+    points = np.arange(8, dtype=float).reshape(4, 2)
+    rng = np.random.default_rng(0)
+    subsets = [random_subset(points, rng) for _ in range(200)]
+    assert {len(s) for s in subsets} == {0, 1, 2, 3, 4}
+    assert all(set(map(tuple, s)) <= set(map(tuple, points)) for s in subsets)
+
+
+def test_source_batches_prompt_subsets_of_instance_centres_including_none_and_all():
+    image, labels = disks_image(48, [(12, 12), (12, 36), (36, 24)], 6)
+    slices = Slices(torch.from_numpy(np.stack([image] * 30)).unsqueeze(1), np.stack([labels] * 30), [])
+    batch = labelled_batch(slices, 3.0, np.random.default_rng(0), torch.Generator().manual_seed(0), NO_INTENSITY)
+    counts = batch.point_mask.sum(1).tolist()
+    assert min(counts) == 0 and max(counts) == 3
+    for b in range(30):
+        prompts = batch.points[b][batch.point_mask[b]].round().long()
+        assert (batch.target[b, 0, prompts[:, 0], prompts[:, 1]] == 1).all()
+    assert batch.valid.min() == 1
+
+
+def test_concatenated_batches_pad_prompts_and_contrastive_points():
+    image, labels = disks_image(32, [(16, 16)], 5)
+    slices = Slices(torch.from_numpy(np.stack([image] * 2)).unsqueeze(1), np.stack([labels] * 2), [])
+    source = labelled_batch(slices, 3.0, np.random.default_rng(1), torch.Generator().manual_seed(0), NO_INTENSITY)
+    settings = AdaptSettings(density_sigma=3.0, peak_threshold=0.5, contrastive_points=6, augment=NO_INTENSITY)
+    pseudo = pseudo_labelled_batch(FakeTeacher(), Slices(slices.images, None, [np.zeros((0, 2))] * 2), settings,
+                                   np.random.default_rng(0), torch.Generator().manual_seed(0))
+    joint = concat_batches([source, pseudo])
+    assert joint.image.shape == (4, 1, 32, 32) and torch.equal(joint.target[2:], pseudo.target)
+    n = max(source.points.shape[1], pseudo.points.shape[1])
+    assert joint.points.shape == (4, n, 2)
+    assert joint.point_mask.sum() == source.point_mask.sum() + pseudo.point_mask.sum()
+    assert joint.contrastive_points.shape == (4, 6, 2)
+    assert (joint.contrastive_labels[:2] == UNUSED).all() and torch.equal(joint.contrastive_labels[2:],
+                                                                          pseudo.contrastive_labels)
+
+
+def test_merge_and_pad_points():
+    merged = merge_points(np.array([[10.0, 10.0]]), np.array([[12.0, 11.0], [30.0, 30.0]]), radius_vx=4)
+    assert merged.tolist() == [[10, 10], [30, 30]]
+    points, valid = pad_points([np.zeros((0, 2)), merged])
+    assert points.shape == (2, 2, 2) and valid.tolist() == [[False, False], [True, True]]
+    assert pad_points([np.zeros((0, 2))])[0].shape == (1, 0, 2)
+
+
+def test_touching_instances_get_a_centre_each():
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 5:20] = 1
+    labels[5:15, 20:35] = 2
+    assert len(instance_centres_2d(labels)) == 2
+    assert len(instance_centres_2d(labels > 0)) == 1
+
+
+def test_sampler_routes_points_to_crops_in_crop_coordinates():
+    raw = np.arange(4 * 30 * 30, dtype=np.uint16).reshape(4, 30, 30)
+    points = PointSet(np.array([[1, 5, 7], [2, 20, 21], [3, 29, 0]], float))
+    sampler = CropSampler(raw, None, (2, 16, 16), seed=3, points=points)
+    seen = 0
+    for crop in sampler.crops(40):
+        for z, y, x in crop.points_zyx.astype(int):
+            global_zyx = np.add((z, y, x), crop.box.start)
+            assert crop.raw[z, y, x] == raw[tuple(global_zyx)]
+            seen += 1
+        assert crop.labels is None
+    assert seen > 0
+
+
+# --- the trainer ---------------------------------------------------------------------------------------
+
+SMALL = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decoder_dim": 64, "decoder_heads": 4,
+                                         "decoder_mlp": 128, "projection_dim": 32})
+
+
+def test_modes_refuse_missing_data():
+    model = build_model(SMALL)
+    raw = np.zeros((2, 32, 32), np.uint8)
+    with pytest.raises(ConfigError, match="source raw and labels"):
+        PromptDASTrainer(model, AdaptSettings(mode="source"), DomainData(raw))
+    with pytest.raises(ConfigError, match="sparse points"):
+        PromptDASTrainer(model, AdaptSettings(mode="wda"), None, DomainData(raw))
+    with pytest.raises(ConfigError, match="delta_b"):
+        AdaptSettings(delta_f=0.3, delta_b=0.4)
+
+
+def test_training_reports_every_step_and_its_components(one_thread):
+    data = generate_volume((2, 64, 64), "tem", seed=0)
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    calls = []
+    settings = AdaptSettings(mode="uda", steps=3, batch_size=2, crop=(1, 32, 32), density_sigma=3.0)
+    result = train_promptdas(model, settings, DomainData(data.raw, data.labels), DomainData(data.raw),
+                             on_step=lambda *args: calls.append(args))
+    assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)]
+    assert [c[2] for c in calls] == result.history.losses
+    for name in ("source_seg", "source_det", "pseudo_seg", "pseudo_det", "pseudo_pcl", "pseudo_valid"):
+        assert len(result.history.components[name]) == 3
+    assert result.model is not model and not result.model.training  # the EMA teacher
+
+
+def test_settings_pickle_and_come_from_the_adapt_config():
+    from volseg.config import AdaptConfig, TargetConfig, VolumeRef
+
+    config = AdaptConfig(target=TargetConfig(raw=VolumeRef(url="t")), checkpoint="out.safetensors",
+                         density_sigma_nm=40.0, delta_f=0.7, steps=12)
+    settings = AdaptSettings.from_config(config, target_voxel_nm=8.0, source_voxel_nm=4.0, seed=3)
+    assert (settings.mode, settings.steps, settings.delta_f, settings.seed) == ("uda", 12, 0.7, 3)
+    assert settings.density_sigma == 5.0 and settings.sigma_source == 10.0
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+
+def test_uda_from_tem_to_fibsem_beats_the_source_only_model(one_thread):
+    """Source training on "tem", then UDA to "fibsem": the EMA teacher segments a held-out fibsem volume
+    (no prompts, whole slices) better than the source-only model. ~45 s on one core."""
+    source = generate_volume((8, 256, 256), "tem", seed=1)
+    target = generate_volume((16, 192, 192), "fibsem", seed=2)
+    held_out = generate_volume((32, 160, 160), "fibsem", seed=3)
+
+    def held_out_dice(model: nn.Module) -> float:
+        image = torch.from_numpy(held_out.raw[::4, None] / np.float32(255))  # 8 slices, 32 voxels apart
+        with torch.no_grad():
+            probability = torch.sigmoid(model.eval()(image).logits[:, 0]).numpy()
+        return dice(probability > 0.5, held_out.mito[::4])
+
+    common = {"batch_size": 4, "crop": (1, 64, 64), "density_sigma": 5.0, "source_density_sigma": 10.0, "seed": 0}
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    train_promptdas(model, AdaptSettings(mode="source", steps=200, learning_rate=2e-3, **common),
+                    source=DomainData(source.raw, source.labels))
+    source_only = held_out_dice(model)
+    uda = AdaptSettings(mode="uda", steps=100, learning_rate=5e-4, ema_alpha=0.98, peak_threshold=0.15, **common)
+    result = train_promptdas(model, uda, DomainData(source.raw, source.labels), DomainData(target.raw))
+    adapted = held_out_dice(result.model)
+    assert adapted > source_only + 0.2 and adapted > 0.55, (source_only, adapted)

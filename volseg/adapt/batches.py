@@ -1,0 +1,255 @@
+"""Training batches of Prompt-DAS: labelled crops with random prompt subsets, and pseudo-labelled target
+crops (teacher on the weak view → pseudo-labels and prompts → student's strong view, all aligned).
+
+Every crop slice is one 2D sample. All maps are ``B×1×Y×X`` float tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from volseg.adapt.augment import AugmentSettings, GeometricTransform, strong_intensity, weak_view
+from volseg.adapt.contrastive import UNUSED, sample_contrastive_points
+from volseg.adapt.prompts import merge_points, pad_points, random_subset
+from volseg.adapt.pseudo_labels import (
+    density_peaks,
+    keep_components_with_centres,
+    nms_radius,
+    segmentation_pseudo_labels,
+)
+from volseg.adapt.sampler import Crop
+from volseg.adapt.settings import AdaptSettings
+from volseg.adapt.targets import gaussian_density, instance_centres_2d, point_disks
+from volseg.models import InputContract
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """What the student sees and is scored against.
+
+    ``image`` ``B×1×Y×X`` (model input); ``target``, ``valid`` {0, 1} and ``density`` ``B×1×Y×X``;
+    ``points`` ``B×N×2`` (y, x) with ``point_mask`` ``B×N``; ``contrastive_points`` ``B×K×2`` with
+    ``contrastive_labels`` ``B×K`` (see :mod:`volseg.adapt.contrastive`), or None; ``stats``: numbers
+    worth logging (e.g. prompts per crop, the valid fraction of pseudo-labels).
+    """
+
+    image: torch.Tensor
+    target: torch.Tensor
+    valid: torch.Tensor
+    density: torch.Tensor
+    points: torch.Tensor
+    point_mask: torch.Tensor
+    contrastive_points: torch.Tensor | None = None
+    contrastive_labels: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, image=self.image.to(device), target=self.target.to(device),
+                       valid=self.valid.to(device), density=self.density.to(device), points=self.points.to(device),
+                       point_mask=self.point_mask.to(device), contrastive_points=move(self.contrastive_points),
+                       contrastive_labels=move(self.contrastive_labels))
+
+
+def _pad_tokens(tokens: torch.Tensor, n: int, fill: float | bool) -> torch.Tensor:
+    """``B×M×…`` → ``B×n×…`` (``n ≥ M``), the new rows set to ``fill``."""
+    extra = tokens.new_full((tokens.shape[0], n - tokens.shape[1], *tokens.shape[2:]), fill)
+    return torch.cat([tokens, extra], dim=1)
+
+
+def concat_batches(batches: Sequence[PromptBatch]) -> PromptBatch:
+    """One batch of all samples, in order, so that the student runs one forward pass per step (as
+    ``DistributedDataParallel`` expects). Prompts are padded (invalid) to the largest count, contrastive
+    points to the largest K (UNUSED; a batch without any gets only UNUSED rows); stats are dropped."""
+    n = max(b.points.shape[1] for b in batches)
+    k = max(0 if b.contrastive_points is None else b.contrastive_points.shape[1] for b in batches)
+    contrastive_points = contrastive_labels = None
+    if k:
+        empty = [(b.image.new_zeros(b.image.shape[0], 0, 2), torch.zeros(b.image.shape[0], 0, dtype=torch.long,
+                                                                         device=b.image.device)) for b in batches]
+        contrastive_points = torch.cat([_pad_tokens(b.contrastive_points if b.contrastive_points is not None
+                                                    else e[0], k, 0.0) for b, e in zip(batches, empty, strict=True)])
+        contrastive_labels = torch.cat([_pad_tokens(b.contrastive_labels if b.contrastive_labels is not None
+                                                    else e[1], k, UNUSED) for b, e in zip(batches, empty, strict=True)])
+    return PromptBatch(
+        torch.cat([b.image for b in batches]), torch.cat([b.target for b in batches]),
+        torch.cat([b.valid for b in batches]), torch.cat([b.density for b in batches]),
+        torch.cat([_pad_tokens(b.points, n, 0.0) for b in batches]),
+        torch.cat([_pad_tokens(b.point_mask, n, False) for b in batches]), contrastive_points, contrastive_labels)
+
+
+@dataclass(frozen=True)
+class Slices:
+    """The 2D samples of a list of crops: ``images`` ``B×1×Y×X`` model input, ``labels`` ``B×Y×X`` (or
+    None), ``points`` one ``M×2`` (y, x) array per sample (the crop's sparse points in that slice)."""
+
+    images: torch.Tensor
+    labels: np.ndarray | None
+    points: list[np.ndarray]
+
+
+def crop_slices(crops: Sequence[Crop], contract: InputContract) -> Slices:
+    """Cut crops (``Z×Y×X`` each) into their ``z`` slices, in order."""
+    raw = np.concatenate([c.raw for c in crops])
+    images = contract.normalize(torch.from_numpy(np.ascontiguousarray(raw))).unsqueeze(1)
+    labels = None if any(c.labels is None for c in crops) else np.concatenate([c.labels for c in crops])
+    points = [c.points_in_slice(z) for c in crops for z in range(c.raw.shape[0])]
+    return Slices(images, labels, points)
+
+
+def _student_views(images: torch.Tensor, maps: dict[str, tuple[torch.Tensor, str, str]],
+                   point_lists: Sequence[Sequence[np.ndarray]], generator: torch.Generator,
+                   augment: AugmentSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[list[np.ndarray]]]:
+    """One random geometric transform per sample applied to the image, to each ``name → (maps, mode,
+    padding)`` and to each list of points; then the strong intensity changes on the image."""
+    shape = tuple(images.shape[-2:])
+    out_images, out_maps = [], {name: [] for name in maps}
+    out_points: list[list[np.ndarray]] = [[] for _ in point_lists]
+    for i in range(images.shape[0]):
+        transform = GeometricTransform.random(generator, shape, augment.elastic_alpha_vx, augment.elastic_grid)
+        out_images.append(transform.apply(images[i], "bilinear", "border"))
+        for name, (tensor, mode, padding) in maps.items():
+            out_maps[name].append(transform.apply(tensor[i], mode, padding))
+        for j, points in enumerate(point_lists):
+            out_points[j].append(transform.points(points[i], shape))
+    image = strong_intensity(generator, torch.stack(out_images), augment)
+    return image, {name: torch.stack(t) for name, t in out_maps.items()}, out_points
+
+
+def labelled_batch(slices: Slices, sigma_vx: float, rng: np.random.Generator, generator: torch.Generator,
+                   augment: AugmentSettings) -> PromptBatch:
+    """A supervised batch: mask = labels > 0, density = Gaussians at the 2D instance centres, and as
+    prompts a uniformly random subset (size 0 … all) of each sample's centres; strongly augmented."""
+    if slices.labels is None:
+        raise ValueError("a labelled batch needs crops with labels")
+    centres = [instance_centres_2d(labels).astype(np.float64) for labels in slices.labels]
+    mask = torch.from_numpy((slices.labels > 0).astype(np.float32)).unsqueeze(1)
+    density = torch.from_numpy(np.stack([gaussian_density(slices.labels.shape[1:], c, sigma_vx)
+                                         for c in centres])).unsqueeze(1)
+    prompts = [random_subset(c, rng) for c in centres]
+    image, maps, (prompts,) = _student_views(
+        slices.images, {"target": (mask, "nearest", "border"), "density": (density, "bilinear", "border")},
+        [prompts], generator, augment)
+    points, point_mask = pad_points(prompts)
+    stats = {"prompts": float(point_mask.sum()) / len(prompts)}
+    return PromptBatch(image, maps["target"], torch.ones_like(maps["target"]), maps["density"], points, point_mask,
+                       stats=stats)
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    """The teacher's verdict on a weak view: ``target``/``valid``/``density`` ``B×1×Y×X``, and per sample
+    the ``sparse`` points and the ``detected`` peaks not already within the NMS radius of a sparse point
+    (``M×2`` arrays); the teacher's prompts were both together."""
+
+    target: torch.Tensor
+    valid: torch.Tensor
+    density: torch.Tensor
+    sparse: list[np.ndarray]
+    detected: list[np.ndarray]
+
+    @property
+    def prompts(self) -> list[np.ndarray]:
+        return [np.concatenate([s, d]) for s, d in zip(self.sparse, self.detected, strict=True)]
+
+
+def _as_points(points_yx: np.ndarray) -> np.ndarray:
+    return np.asarray(points_yx, dtype=np.float64).reshape(-1, 2)
+
+
+@torch.no_grad()
+def detect_centres(teacher: nn.Module, weak: torch.Tensor, sparse: Sequence[np.ndarray], settings: AdaptSettings
+                   ) -> list[np.ndarray]:
+    """The teacher's first pass on a weak view ``B×1×Y×X``, prompted with the sparse points only (none in
+    UDA): its density peaks (``peak_threshold``, NMS radius :func:`nms_radius` of ``density_sigma``)
+    that are farther than that radius from every sparse point; one ``M×2`` (y, x) array per sample."""
+    device = next(teacher.parameters()).device
+    radius = nms_radius(settings.density_sigma)
+    points, mask = pad_points(sparse, device)
+    density = teacher(weak.to(device), points, mask).density.cpu()
+    peaks = density_peaks(density, settings.peak_threshold, radius)
+    return [merge_points(s, p, radius)[len(s) :] for s, p in zip(sparse, peaks, strict=True)]
+
+
+def mark_sparse_points(target: torch.Tensor, valid: torch.Tensor, sparse: Sequence[np.ndarray], radius_vx: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse points are ground-truth centres: a disk of ``radius_vx`` around each becomes foreground and
+    valid in the ``B×1×Y×X`` maps (changed in place and returned)."""
+    shape = tuple(target.shape[-2:])
+    for b, points_yx in enumerate(sparse):
+        if len(points_yx):
+            disks = torch.from_numpy(point_disks(shape, points_yx, radius_vx))
+            target[b, 0][disks] = 1
+            valid[b, 0][disks] = 1
+    return target, valid
+
+
+@torch.no_grad()
+def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points: Sequence[np.ndarray],
+                          settings: AdaptSettings) -> PseudoLabels:
+    """Pseudo-labels of a weak view ``B×1×Y×X`` in two teacher passes.
+
+    1. :func:`detect_centres` (prompted with the sparse points).
+    2. Prompted with the sparse points and the detected centres: probability → foreground ≥ ``delta_f``,
+       background ≤ ``delta_b``, else ignored; with ``require_centre``, foreground components without a
+       prompt are ignored too; then :func:`mark_sparse_points` with ``disk_radius``.
+    The density target (``density_pseudo_target``) is a Gaussian (``density_sigma``) at every prompt
+    (detected or sparse), or the teacher's second-pass density.
+    """
+    sparse = [_as_points(s) for s in sparse_points]
+    detected = detect_centres(teacher, weak, sparse, settings)
+    prompts = [np.concatenate([s, d]) for s, d in zip(sparse, detected, strict=True)]
+    device = next(teacher.parameters()).device
+    second = teacher(weak.to(device), *pad_points(prompts, device))
+    probability = torch.sigmoid(second.logits[:, :1].float()).cpu()
+    target, valid = segmentation_pseudo_labels(probability, settings.delta_f, settings.delta_b)
+    if settings.require_centre:
+        target, valid = keep_components_with_centres(target, valid, prompts)
+    target, valid = mark_sparse_points(target, valid, sparse, settings.disk_radius)
+    if settings.density_pseudo_target == "teacher":
+        density = second.density.float().cpu()
+    else:
+        shape = tuple(weak.shape[-2:])
+        density = torch.from_numpy(np.stack([gaussian_density(shape, p, settings.density_sigma)
+                                             for p in prompts])).unsqueeze(1)
+    return PseudoLabels(target, valid, density, sparse, detected)
+
+
+def pseudo_labelled_batch(teacher: nn.Module, slices: Slices, settings: AdaptSettings, rng: np.random.Generator,
+                          generator: torch.Generator) -> PromptBatch:
+    """A target batch: the teacher labels the weak view (:func:`teacher_pseudo_labels`); the student gets
+    a strong view with the pseudo-labels, prompts and contrastive points transformed alike. The
+    student's prompts are the teacher's, or (``student_prompts="subset"``) the sparse points plus a
+    random subset of the detected peaks.
+
+    Contrastive points are sampled in the student's view, ``contrastive_points`` per sample, balanced
+    between valid pseudo-foreground and valid pseudo-background (pixels the warp read from outside the
+    crop are invalid).
+    """
+    weak = weak_view(generator, slices.images, settings.augment.weak_intensity)
+    pseudo = teacher_pseudo_labels(teacher, weak, slices.points, settings)
+    prompts = pseudo.prompts
+    if settings.student_prompts == "subset":
+        prompts = [np.concatenate([s, random_subset(d, rng)]) for s, d in zip(pseudo.sparse, pseudo.detected,
+                                                                             strict=True)]
+    image, maps, (prompts,) = _student_views(
+        slices.images,
+        {"target": (pseudo.target, "nearest", "zeros"), "valid": (pseudo.valid, "nearest", "zeros"),
+         "density": (pseudo.density, "bilinear", "zeros")},
+        [prompts], generator, settings.augment)
+    target, valid = maps["target"], maps["valid"]
+    sampled = [sample_contrastive_points((t[0] * v[0]).numpy() > 0, ((1 - t[0]) * v[0]).numpy() > 0,
+                                         settings.contrastive_points, rng) for t, v in zip(target, valid, strict=True)]
+    points, point_mask = pad_points(prompts)
+    stats = {"prompts": float(sum(map(len, pseudo.prompts))) / len(prompts), "valid": float(valid.mean()),
+             "foreground": float((target * valid).sum() / valid.sum().clamp_min(1))}
+    return PromptBatch(image, target, valid, maps["density"], points, point_mask,
+                       torch.from_numpy(np.stack([s[0] for s in sampled])).float(),
+                       torch.from_numpy(np.stack([s[1] for s in sampled])), stats)

@@ -1,0 +1,77 @@
+"""Pseudo-labels from the teacher: density peaks (detection) and confident masks (segmentation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+def nms_radius(sigma_vx: float) -> int:
+    """The peak-suppression radius for densities of Gaussians of ``sigma_vx``: ``ceil(2·sigma)``.
+
+    Two centres closer than about 2σ merge into one bump anyway, and a radius of 2σ stops an
+    elongated object's density ridge from giving several peaks.
+    """
+    return max(1, int(np.ceil(2 * sigma_vx)))
+
+
+def density_peaks(density: torch.Tensor, threshold: float, radius_vx: int) -> list[np.ndarray]:
+    """Peaks of a ``B×1×Y×X`` density: one ``M_b×2`` (y, x) array per sample.
+
+    A peak is a pixel ``≥ threshold`` that is the maximum of its ``(2r+1)²`` window; candidates are
+    then suppressed greedily, highest first, within ``radius_vx`` of a kept one (so a plateau or two
+    equal maxima give one peak).
+    """
+    d = density.detach().float()
+    pooled = F.max_pool2d(d, 2 * radius_vx + 1, stride=1, padding=radius_vx)
+    candidates = (d >= threshold) & (d >= pooled)
+    peaks = []
+    for sample, mask in zip(d[:, 0], candidates[:, 0], strict=True):
+        yx = torch.nonzero(mask).numpy().astype(np.float64)
+        values = sample[mask].numpy()
+        peaks.append(_suppress(yx[np.argsort(-values, kind="stable")], radius_vx))
+    return peaks
+
+
+def _suppress(sorted_yx: np.ndarray, radius_vx: float) -> np.ndarray:
+    kept: list[np.ndarray] = []
+    for p in sorted_yx:
+        if all(np.hypot(*(p - k)) > radius_vx for k in kept):
+            kept.append(p)
+    return np.asarray(kept, dtype=np.float64).reshape(-1, 2)
+
+
+def segmentation_pseudo_labels(probability: torch.Tensor, delta_f: float, delta_b: float
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, valid) float {0, 1} maps of the shape of ``probability``.
+
+    Foreground where ``p ≥ delta_f``, background where ``p ≤ delta_b``; in between the voxel is
+    uncertain: ``valid`` is 0 there (and target 0), so the loss ignores it.
+    """
+    foreground = probability >= delta_f
+    valid = foreground | (probability <= delta_b)
+    return foreground.float(), valid.float()
+
+
+def keep_components_with_centres(target: torch.Tensor, valid: torch.Tensor, centres: Sequence[np.ndarray]
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-foreground 2D components that contain no centre become uncertain (target 0, valid 0).
+
+    ``target``/``valid`` ``B×1×Y×X``; ``centres`` one ``M_b×2`` (y, x) array per sample. A component
+    that the detection branch did not confirm is not trusted as foreground, nor turned into background.
+    """
+    target, valid = target.clone(), valid.clone()
+    for b, points in enumerate(centres):
+        labels, n = ndimage.label(target[b, 0].numpy() > 0)
+        if n == 0:
+            continue
+        yx = np.rint(np.asarray(points).reshape(-1, 2)).astype(int)
+        confirmed = np.unique(labels[yx[:, 0], yx[:, 1]]) if len(yx) else np.zeros(0, int)
+        drop = torch.from_numpy(np.isin(labels, confirmed[confirmed > 0], invert=True) & (labels > 0))
+        target[b, 0][drop] = 0
+        valid[b, 0][drop] = 0
+    return target, valid

@@ -1,0 +1,115 @@
+"""Settings of Prompt-DAS training and adaptation (one immutable object per run)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from volseg.adapt.augment import WIDE, AugmentSettings
+from volseg.config import AdaptConfig
+from volseg.errors import ConfigError
+
+Mode = Literal["source", "supervised-target", "uda", "wda"]
+MODES: tuple[str, ...] = ("source", "supervised-target", "uda", "wda")
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """How to train Prompt-DAS; the first block mirrors :class:`volseg.config.AdaptConfig`.
+
+    mode: ``source`` (labelled source crops), ``supervised-target`` (labelled target crops, the oracle),
+        ``uda`` (source crops + pseudo-labelled target crops, mean teacher), ``wda`` (as uda, plus the
+        target's sparse point annotations).
+    steps, batch_size (crops per domain per step), crop (z, y, x; each z slice is one 2D sample),
+        learning_rate (AdamW, poly decay), seed (crops, prompts, augmentation; not the model's init).
+    ema_alpha: the teacher's maximal EMA decay. delta_f / delta_b: teacher probability at or above which a
+        pixel is pseudo-foreground / at or below which it is pseudo-background (between: ignored).
+    pcl_weight (λ), pcl_temperature (τ): the prompt-guided contrastive loss.
+    peak_threshold: the least teacher density that counts as a detected centre.
+    density_sigma: σ in voxels of the Gaussians of the target domain's density targets.
+
+    Beyond the config:
+    source_density_sigma: σ in voxels on the source domain (differs when the voxel sizes do; None: same).
+    contrastive_points: K, contrastive tokens per target crop (half on pseudo-foreground, half on
+        pseudo-background).
+    student_prompts: ``all``: the student gets every prompt the teacher got; ``subset``: a uniformly random
+        subset (size 0 … all) of the detected peaks, plus every sparse point, as on the source. The teacher
+        always uses all: prompted, it labels the target far better than unprompted, and ``subset``
+        distils that into the unprompted student (UDA is evaluated without prompts).
+    density_pseudo_target: the student's target density: ``peaks``, a Gaussian at every prompt (sharp,
+        like the source targets), or ``teacher``, the teacher's density map itself (keeps sub-threshold
+        evidence alive).
+    require_centre: keep a pseudo-foreground component only if it contains a detected centre (else ignored).
+    point_disk_radius: WDA: pixels within this radius (voxels) of a sparse point are foreground
+        (None: ``density_sigma``).
+    target_weight: weight of the target terms against the source terms.
+    balance_pseudo_labels: the pseudo-label BCE weighs foreground and background equally (see
+        :func:`volseg.adapt.losses.segmentation_loss`); keeps self-training from drifting to background.
+    density_weight: weight of L_det. The MSE of sparse peak-1 Gaussians is ~100× smaller than L_seg; at
+        weight 1 the density head stays flat (no peak above 0.1 after 200 steps), at 30 it learns peaks.
+    augment: the weak and strong views of target crops (and of source crops unless source_augment).
+    source_augment: augmentation of labelled crops (None: ``augment``); by default the wider
+        :data:`volseg.adapt.augment.WIDE`, to widen what the source model has seen, while the student's
+        target view must stay recognisable.
+    """
+
+    mode: Mode = "uda"
+    steps: int = 300
+    batch_size: int = 4
+    crop: tuple[int, int, int] = (1, 128, 128)
+    learning_rate: float = 5e-4
+    ema_alpha: float = 0.99
+    delta_f: float = 0.8
+    delta_b: float = 0.2
+    pcl_weight: float = 0.1
+    pcl_temperature: float = 0.5
+    peak_threshold: float = 0.3
+    density_sigma: float = 5.0
+    seed: int = 0
+    source_density_sigma: float | None = None
+    contrastive_points: int = 16
+    require_centre: bool = False
+    student_prompts: Literal["all", "subset"] = "subset"
+    density_pseudo_target: Literal["peaks", "teacher"] = "peaks"
+    point_disk_radius: float | None = None
+    target_weight: float = 1.0
+    balance_pseudo_labels: bool = True
+    density_weight: float = 30.0
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    augment: AugmentSettings = dataclasses.field(default_factory=AugmentSettings)
+    source_augment: AugmentSettings | None = WIDE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"adapt mode {self.mode!r} is not a training mode.", f"use one of: {', '.join(MODES)}.")
+        if not 0 < self.delta_b < self.delta_f < 1:
+            raise ConfigError(f"delta_b {self.delta_b} and delta_f {self.delta_f} must satisfy 0 < delta_b < "
+                              "delta_f < 1.", "e.g. delta_b 0.2, delta_f 0.8.")
+        if self.steps < 1 or self.batch_size < 1 or self.density_sigma <= 0:
+            raise ConfigError(f"steps {self.steps}, batch_size {self.batch_size} and density_sigma "
+                              f"{self.density_sigma} must be positive.", "give positive values.")
+
+    @property
+    def sigma_source(self) -> float:
+        return self.density_sigma if self.source_density_sigma is None else self.source_density_sigma
+
+    @property
+    def labelled_augment(self) -> AugmentSettings:
+        return self.augment if self.source_augment is None else self.source_augment
+
+    @property
+    def disk_radius(self) -> float:
+        return self.density_sigma if self.point_disk_radius is None else self.point_disk_radius
+
+    @classmethod
+    def from_config(cls, config: AdaptConfig, target_voxel_nm: float, source_voxel_nm: float | None = None,
+                    **overrides: object) -> AdaptSettings:
+        """Settings of an ``adapt:`` config section; σ converted from nm with the in-plane voxel sizes."""
+        fields = {f.name for f in dataclasses.fields(cls)} & set(type(config).model_fields)
+        values = {name: getattr(config, name) for name in fields}
+        values["density_sigma"] = config.density_sigma_nm / target_voxel_nm
+        if source_voxel_nm is not None:
+            values["source_density_sigma"] = config.density_sigma_nm / source_voxel_nm
+        return cls(**{**values, **overrides})

@@ -1,0 +1,220 @@
+"""Prompt-DAS training in one process: source training, the target oracle, and mean-teacher UDA / WDA.
+
+:class:`PromptDASTrainer` holds the student, the optimizer and (for uda / wda) the EMA teacher; its
+:meth:`~PromptDASTrainer.step` makes this step's batches, runs the student once over all of them,
+steps the optimizer and updates the teacher. Per step::
+
+    source crops ─ random prompt subsets (0 … all centres) ─ strong view ──────────────┐
+    target crops ─ weak view ─ teacher ×2 ─ peaks → prompts; pseudo-labels, valid mask  │
+                 └ strong view (same transform: labels, prompts, contrastive points) ──┤
+                                                             student (one forward) ◀───┘
+    L = L_seg + w_det·L_det  (source)  +  w_t·(L_seg(valid) + w_det·L_det + λ·L_pcl)  (target)
+    AdamW step (poly LR)  →  teacher ← EMA(student)
+
+Nothing is global: every random stream is spawned from ``settings.seed``. For data-parallel training
+each worker builds its own trainer with ``seed + rank`` around a ``DistributedDataParallel`` student
+(``find_unused_parameters=True``: the projector φ is idle in steps without prompts); the teacher is built
+from the unwrapped module and stays identical across ranks, since the students do.
+:func:`train_promptdas` is the thin loop around the trainer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from volseg.adapt.batches import (
+    PromptBatch,
+    concat_batches,
+    crop_slices,
+    labelled_batch,
+    pseudo_labelled_batch,
+)
+from volseg.adapt.contrastive import prompt_contrastive_loss
+from volseg.adapt.loop import StepCallback, TrainHistory, poly_lr
+from volseg.adapt.losses import density_loss, segmentation_loss
+from volseg.adapt.sampler import CropSampler
+from volseg.adapt.settings import AdaptSettings
+from volseg.adapt.teacher import EMATeacher, unwrap
+from volseg.errors import ConfigError
+from volseg.geometry import PointSet
+from volseg.models import InputContract, ModelSpec, input_contract
+
+#: Prompt-DAS's input contract: grey input in [0, 1] (its encoder standardises internally).
+PROMPTDAS_INPUT = input_contract(ModelSpec("promptdas"))
+
+
+@dataclass(frozen=True)
+class DomainData:
+    """A domain's volumes: ``raw`` (an object with ``.shape`` and ``read(box)``, or a numpy array),
+    ``labels`` of the same shape (instance ids or a mask; None when unlabelled) and ``points``, sparse
+    centre annotations (WDA)."""
+
+    raw: Any
+    labels: Any | None = None
+    points: PointSet | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: the total ``loss`` and its named ``components`` (plus batch statistics)."""
+
+    loss: float
+    components: dict[str, float]
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    """The model to use for inference (eval mode) and the training history."""
+
+    model: nn.Module
+    history: TrainHistory
+
+
+class PromptDASTrainer:
+    """Trains ``model`` (a Prompt-DAS, possibly DDP-wrapped) in place according to ``settings.mode``.
+
+    ``source``/``target`` are the domains a mode uses: ``source`` needs labels (modes source, uda, wda;
+    optional in uda / wda, which then train on the target alone); ``target`` needs labels in
+    supervised-target, and points in wda. Crops, prompt subsets, contrastive points and augmentation
+    draw from streams spawned from ``settings.seed``.
+    """
+
+    def __init__(self, model: nn.Module, settings: AdaptSettings, source: DomainData | None = None,
+                 target: DomainData | None = None, contract: InputContract = PROMPTDAS_INPUT) -> None:
+        _check_domains(settings, source, target)
+        self.model = model
+        self.settings = settings
+        self.contract = contract
+        streams = np.random.SeedSequence(settings.seed).spawn(4)
+        uses_source, uses_target = settings.mode != "supervised-target", settings.mode != "source"
+        self.source = _sampler(source if uses_source else None, settings, streams[0], labelled=True)
+        self.target = _sampler(target if uses_target else None, settings, streams[1],
+                               labelled=settings.mode == "supervised-target")
+        self.rng = np.random.default_rng(streams[2])
+        self.generator = torch.Generator().manual_seed(int(streams[3].generate_state(1)[0]))
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                           weight_decay=settings.weight_decay)
+        self.teacher = EMATeacher(model, settings.ema_alpha) if settings.mode in ("uda", "wda") else None
+        self.step_index = 0
+        self.device = next(model.parameters()).device
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """The EMA teacher for uda / wda (averaged weights, steadier than the last student), else the
+        student itself."""
+        return self.teacher.model if self.teacher is not None else unwrap(self.model)
+
+    def make_batches(self) -> dict[str, PromptBatch]:
+        """This step's batches: ``source`` (labelled source crops), ``target`` (labelled target crops, the
+        oracle) and/or ``pseudo`` (pseudo-labelled target crops, from the current teacher)."""
+        s = self.settings
+        batches = {}
+        if self.source is not None:
+            slices = crop_slices(self.source.crops(s.batch_size), self.contract)
+            batches["source"] = labelled_batch(slices, s.sigma_source, self.rng, self.generator,
+                                                s.labelled_augment)
+        if self.target is not None:
+            slices = crop_slices(self.target.crops(s.batch_size), self.contract)
+            if self.teacher is None:
+                batches["target"] = labelled_batch(slices, s.density_sigma, self.rng, self.generator,
+                                                   s.labelled_augment)
+            else:
+                batches["pseudo"] = pseudo_labelled_batch(self.teacher.model, slices, s, self.rng, self.generator)
+        return {name: batch.to(self.device) for name, batch in batches.items()}
+
+    def losses(self, batches: dict[str, PromptBatch]) -> dict[str, torch.Tensor]:
+        """One student forward pass over all batches (concatenated) → named, already weighted loss terms
+        (their sum is the loss): ``{name}_seg``, ``{name}_det`` and, for batches with contrastive points,
+        ``{name}_pcl``."""
+        s = self.settings
+        joint = concat_batches(list(batches.values()))
+        out = self.model(joint.image, joint.points, joint.point_mask, joint.contrastive_points)
+        terms: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, batch in batches.items():
+            rows = slice(start, start + batch.image.shape[0])
+            start = rows.stop
+            weight = s.target_weight if name == "pseudo" else 1.0
+            balanced = name == "pseudo" and s.balance_pseudo_labels
+            terms[f"{name}_seg"] = weight * segmentation_loss(out.logits[rows, :1], batch.target, batch.valid,
+                                                              balanced=balanced)
+            terms[f"{name}_det"] = weight * s.density_weight * density_loss(out.density[rows], batch.density)
+            if batch.contrastive_labels is not None and s.pcl_weight > 0:
+                prompts = None if out.prompt_embeddings is None else out.prompt_embeddings[rows]
+                contrastive = None if out.contrastive_embeddings is None else out.contrastive_embeddings[rows]
+                pcl = prompt_contrastive_loss(prompts, joint.point_mask[rows], contrastive,
+                                              joint.contrastive_labels[rows], s.pcl_temperature)
+                terms[f"{name}_pcl"] = weight * s.pcl_weight * pcl
+        return terms
+
+    def step(self) -> StepResult:
+        """One optimizer step (poly LR), then the teacher's EMA update."""
+        s = self.settings
+        for group in self.optimizer.param_groups:
+            group["lr"] = poly_lr(s.learning_rate, self.step_index, s.steps, s.poly_power)
+        self.model.train()
+        batches = self.make_batches()
+        terms = self.losses(batches)
+        loss = torch.stack(list(terms.values())).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.teacher is not None:
+            self.teacher.update(self.model)
+        self.step_index += 1
+        components = {name: float(t.detach()) for name, t in terms.items()}
+        for name, batch in batches.items():
+            components.update({f"{name}_{key}": value for key, value in batch.stats.items()})
+        return StepResult(float(loss.detach()), components)
+
+
+def train_promptdas(model: nn.Module, settings: AdaptSettings, source: DomainData | None = None,
+                    target: DomainData | None = None, on_step: StepCallback | None = None,
+                    contract: InputContract = PROMPTDAS_INPUT) -> AdaptResult:
+    """Train Prompt-DAS for ``settings.steps`` steps (see :class:`PromptDASTrainer`).
+
+    ``model`` is trained in place (start uda / wda from a source-trained model). Returns the model for
+    inference, in eval mode: the EMA teacher for uda / wda, the trained model otherwise.
+    """
+    trainer = PromptDASTrainer(model, settings, source, target, contract)
+    history = TrainHistory()
+    begin = time.perf_counter()
+    for step in range(settings.steps):
+        result = trainer.step()
+        history.record(result.loss, result.components)
+        if on_step is not None:
+            on_step(step + 1, settings.steps, result.loss, (step + 1) / (time.perf_counter() - begin))
+    history.seconds = time.perf_counter() - begin
+    model.eval()
+    inference = trainer.inference_model
+    inference.eval()
+    return AdaptResult(inference, history)
+
+
+def _check_domains(settings: AdaptSettings, source: DomainData | None, target: DomainData | None) -> None:
+    mode = settings.mode
+    needs = {
+        "source": (source is not None and source.labels is not None, "source raw and labels"),
+        "supervised-target": (target is not None and target.labels is not None, "target raw and labels"),
+        "uda": (target is not None and (source is None or source.labels is not None),
+                "a target raw volume (and, if a source is given, its labels)"),
+        "wda": (target is not None and target.points is not None and (source is None or source.labels is not None),
+                "a target raw volume with sparse points (and, if a source is given, its labels)"),
+    }
+    ok, what = needs[mode]
+    if not ok:
+        raise ConfigError(f"adapt mode {mode!r} needs {what}.", f"give {what}, or choose another mode.")
+
+
+def _sampler(domain: DomainData | None, settings: AdaptSettings, seed: np.random.SeedSequence,
+             labelled: bool) -> CropSampler | None:
+    if domain is None:
+        return None
+    labels = domain.labels if labelled else None
+    return CropSampler(domain.raw, labels, settings.crop, int(seed.generate_state(1)[0]), domain.points)

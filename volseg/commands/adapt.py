@@ -1,0 +1,67 @@
+"""`volseg adapt CONFIG`: mean-teacher adaptation (UDA / WDA) or the target oracle, one process.
+
+Starts from ``adapt.init`` (a source-trained checkpoint), trains on crops sampled straight from the
+volumes, and writes a checkpoint whose card records the mode, the data (source, target, points), the
+starting checkpoint and the settings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from volseg.adapt.settings import AdaptSettings
+from volseg.adapt.trainer import DomainData, train_promptdas
+from volseg.commands.progress import StepProgress
+from volseg.commands.train import TrainResult, open_labelled, save_trained
+from volseg.config import Config
+from volseg.errors import ConfigError
+from volseg.inference.segment import check_input_dtype
+from volseg.io.points import read_points
+from volseg.models import build_model
+from volseg.models.checkpoint import load_checkpoint, read_card
+
+
+def adapt(config: Config, progress: bool = True) -> TrainResult:
+    config.require("adapt", command="adapt")
+    cfg = config.adapt
+    assert cfg is not None
+    spec = config.model.spec
+    if spec.name != "promptdas":
+        raise ConfigError(f"`volseg adapt` adapts Prompt-DAS, but model.name is {spec.name!r}.",
+                          "set model.name: promptdas (and model.options as the source checkpoint's card says).")
+    target_raw = cfg.target.raw.open()
+    check_input_dtype(target_raw.dtype, cfg.target.raw.url, "adapt.target.raw.url")
+    points = None
+    if cfg.target.points is not None:
+        points = read_points(cfg.target.points, target_raw.voxel_size_nm, target_raw.voxel_offset, target_raw.bounds)
+    target_labels = None
+    if cfg.target.labels is not None:
+        target_raw, target_labels = open_labelled(cfg.target.raw, cfg.target.labels, "adapt.target")
+    source = None
+    if cfg.source is not None:
+        source = DomainData(*open_labelled(cfg.source.raw, cfg.source.labels, "adapt.source"))
+    if cfg.init is not None:
+        model = load_checkpoint(cfg.init, spec)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_model(spec)
+    settings = AdaptSettings.from_config(cfg, target_voxel_nm=float(target_raw.voxel_size_nm[2]),
+                                         source_voxel_nm=None if source is None else float(source.raw.voxel_size_nm[2]))
+    bar = StepProgress(cfg.steps, f"adapting ({cfg.mode})", progress)
+    try:
+        result = train_promptdas(model, settings, source, DomainData(target_raw, target_labels, points), on_step=bar)
+    finally:
+        bar.close()
+    card = {
+        "mode": cfg.mode,
+        "data": {
+            "source": None if cfg.source is None else {"raw": cfg.source.raw.url, "labels": cfg.source.labels.url},
+            "target": cfg.target.raw.url,
+            "target_points": cfg.target.points,
+            "target_points_count": None if points is None else len(points),
+            "target_labels": None if cfg.target.labels is None else cfg.target.labels.url,
+        },
+        "init": {"checkpoint": cfg.init, "card": read_card(cfg.init) if cfg.init else None},
+        "adaptation": cfg.model_dump(),
+    }
+    return save_trained(cfg.checkpoint, result.model, spec, card, result.history, f"Prompt-DAS {cfg.mode}")
