@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from volseg.allocator import keep_freed_memory
 from volseg.errors import USER_ERROR_EXIT_CODE, VolsegError
@@ -89,11 +90,15 @@ def _train(args: argparse.Namespace) -> int:
     from volseg.commands.train import train
     from volseg.config import load_config
 
-    result = train(load_config(args.config), progress=not args.no_progress)
-    _print([f"checkpoint {result.checkpoint} ({len(result.history.losses)} steps, "
-            f"{result.history.seconds:.1f} s, final loss {result.history.losses[-1]:.4f})",
-            f"loss curve {result.curve}"])
+    _print(_trained_lines(train(load_config(args.config), progress=not args.no_progress)))
     return 0
+
+
+def _trained_lines(result: Any) -> list[str]:
+    """Summary of a `train` or `adapt` result: checkpoint, steps, time, final loss, curve."""
+    history = result.history
+    return [f"checkpoint {result.checkpoint} ({len(history.losses)} steps, {history.seconds:.1f} s, "
+            f"final loss {history.losses[-1]:.4f})", f"loss curve {result.curve}"]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -101,10 +106,14 @@ def _demo(args: argparse.Namespace) -> int:
     from volseg.config import load_config
 
     result = demo(load_config(args.config), progress=not args.no_progress)
-    lines = ["", "volseg demo summary", *result.run.summary_lines(),
-             f"Dice {result.score.dice:.3f}, IoU {result.score.iou:.3f} against the synthetic labels",
-             f"montage (raw | probability | labels): {result.montage}",
-             f"total {result.seconds:.1f} s{' (including training)' if result.trained else ''}"]
+    before, after = result.before.score, result.after.score
+    lines = ["", "volseg demo summary (Prompt-DAS, source domain tem → target domain fibsem)",
+             *result.after.run.summary_lines(),
+             "held-out target Dice / IoU against the synthetic labels:",
+             f"  source-only model       Dice {before.dice:.3f}  IoU {before.iou:.3f}",
+             f"  adapted ({result.mode:<14}) Dice {after.dice:.3f}  IoU {after.iou:.3f}",
+             f"montage (raw | source-only | adapted | labels): {result.montage}",
+             f"total {result.seconds:.1f} s" + (f" (trained: {', '.join(result.trained)})" if result.trained else "")]
     _print(lines)
     return 0
 
@@ -113,10 +122,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from volseg.commands.adapt import adapt
     from volseg.config import load_config
 
-    result = adapt(load_config(args.config), progress=not args.no_progress)
-    _print([f"checkpoint {result.checkpoint} ({len(result.history.losses)} steps, "
-            f"{result.history.seconds:.1f} s, final loss {result.history.losses[-1]:.4f})",
-            f"loss curve {result.curve}"])
+    _print(_trained_lines(adapt(load_config(args.config), progress=not args.no_progress)))
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from volseg.geometry import Box, Coord, PointSet, read_box
 from volseg.inference.blend import window_weights
@@ -98,6 +99,8 @@ def _accumulate(
         return
     in_core = overlap.relative_to(core)
     in_window = overlap.relative_to(window_box)
-    w = weights[in_window]
-    accumulated[(slice(None), *in_core)] += prediction[(slice(None), *in_window)] * w
-    weight_sum[in_core] += w
+    w = torch.from_numpy(weights[in_window])
+    # In place and multi-threaded (torch shares the numpy buffers): no temporaries per window.
+    torch.from_numpy(accumulated[(slice(None), *in_core)]).addcmul_(
+        torch.from_numpy(prediction[(slice(None), *in_window)]), w)
+    torch.from_numpy(weight_sum[in_core]).add_(w)

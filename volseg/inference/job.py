@@ -26,10 +26,15 @@ class Pending(Protocol):
 
 @dataclass(frozen=True)
 class OutputTarget:
-    """An output volume and the prediction channels it stores (``channels`` index the C+1 stack)."""
+    """An output volume and the prediction channels it stores (``channels``: consecutive indices into
+    the C+1 stack)."""
 
     volume: Any
     channels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if list(self.channels) != list(range(self.channels[0], self.channels[0] + len(self.channels))):
+            raise ValueError(f"output channels {self.channels} are not consecutive")
 
 
 def to_storage(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -78,7 +83,8 @@ class SegmentationJob:
         """Start writing the block's core into every output; each future resolves once durable."""
         pending = []
         for target in self.outputs:
-            values = blended[list(target.channels)]
+            first, last = target.channels[0], target.channels[-1]
+            values = blended[first : last + 1]  # a view: an output's channels are contiguous
             if target.volume.num_channels is None:
                 values = values[0]
             pending.append(target.volume.write_async(block.core, to_storage(values, target.volume.dtype)))
