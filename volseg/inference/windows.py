@@ -18,7 +18,7 @@ such an axis every block reads the whole axis, so the padding is the same in eve
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,32 +72,26 @@ class WindowGrid:
         box = Box.from_shape(self.window, origin)
         return box.intersect(Box.from_shape(self.volume_shape))
 
+    def axis_overlapping(self, axis: int, box: Box) -> np.ndarray:
+        """Sorted origins on ``axis`` of the windows that cover at least one voxel of ``box`` there."""
+        o = self.origins(axis)
+        covered_stop = np.minimum(o + self.window[axis], self.volume_shape[axis])
+        return o[(o < box.stop[axis]) & (covered_stop > box.start[axis])]
+
     def overlapping(self, box: Box) -> list[Coord]:
         """Origins of all windows that cover at least one voxel of ``box``, in C order."""
-        per_axis = []
-        for ax in range(len(self.window)):
-            o = self.origins(ax)
-            covered_stop = np.minimum(o + self.window[ax], self.volume_shape[ax])
-            keep = (o < box.stop[ax]) & (covered_stop > box.start[ax])
-            per_axis.append(o[keep].tolist())
+        per_axis = [self.axis_overlapping(ax, box).tolist() for ax in range(len(self.window))]
         return [tuple(c) for c in itertools.product(*per_axis)]
 
     def read_box(self, box: Box) -> Box:
-        """The voxels a block must read to evaluate every window overlapping ``box``."""
-        read = Box((0,) * len(self.window), (0,) * len(self.window))
-        for origin in self._corner_origins(box):
-            read = read.union(self.window_box(origin))
-        return read
-
-    def _corner_origins(self, box: Box) -> Iterator[Coord]:
-        # The union of the overlapping windows is spanned by the first and last window on each axis.
-        per_axis = []
+        """The voxels a block must read to evaluate every window overlapping ``box``: from the first
+        window's origin to the last window's end on each axis (clipped to the volume)."""
+        start, stop = [], []
         for ax in range(len(self.window)):
-            o = self.origins(ax)
-            covered_stop = np.minimum(o + self.window[ax], self.volume_shape[ax])
-            keep = o[(o < box.stop[ax]) & (covered_stop > box.start[ax])]
-            per_axis.append(sorted({int(keep[0]), int(keep[-1])}))
-        return (tuple(c) for c in itertools.product(*per_axis))
+            o = self.axis_overlapping(ax, box)
+            start.append(int(o[0]))
+            stop.append(min(int(o[-1]) + self.window[ax], self.volume_shape[ax]))
+        return Box(tuple(start), tuple(stop))
 
     def count(self) -> int:
         n = 1
