@@ -46,6 +46,25 @@ def small_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(path, build_model(SMALL_UNET), SMALL_UNET, {"mode": "test"})
 
 
+def pytest_collection_modifyitems(config, items):
+    """`ray` tests run last, so the session's Ray cluster exists only after every other test ran (code
+    that picks Ray when a cluster is connected then sees none in the other tests)."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every `ray`-marked test of the session (4 logical CPUs on 2 cores, so
+    two actors or two training workers fit beside the driver). Tests that need their own cluster
+    (`ray start --head`, `ray job submit`) start it as a separate process instead."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield ray
+    ray.shutdown()
+
+
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -111,19 +111,69 @@ class OutputConfig(Section):
 
 class ExecutionConfig(Section):
     """How blocks are cut and run. ``block`` is the core each block writes; it must be a whole
-    number of output chunks (or shards); default: the output chunk grown to about 16 M voxels."""
+    number of output chunks (or shards); default: the output chunk grown to about 16 M voxels.
+
+    ``executor: ray`` (the default) runs blocks on predictor actors of the Ray cluster named by
+    ``cluster.address`` (or ``RAY_ADDRESS``), starting a local Ray instance when there is none;
+    ``serial`` runs them in this process. ``actors`` defaults to one per GPU, or on a CPU-only
+    cluster to its CPUs divided by ``cpus_per_actor``. Each actor holds ``in_flight`` blocks at a
+    time (one computing while the others read or write); a block is tried ``max_attempts`` times."""
 
     block: PositiveTriple | None = None
-    executor: Literal["serial"] = "serial"
+    executor: Literal["ray", "serial"] = "ray"
     prefetch: int = Field(default=2, ge=0, le=16)
+    actors: int | None = Field(default=None, ge=1)
+    cpus_per_actor: float | None = Field(default=None, gt=0)
+    gpus_per_actor: float | None = Field(default=None, ge=0)
+    in_flight: int = Field(default=2, ge=1, le=16)
+    max_attempts: int = Field(default=3, ge=1, le=100)
 
 
 class PromptsConfig(Section):
     """One global set of point prompts for `run`: a CSV (z,y,x voxel indices) or a Neuroglancer
-    annotation JSON (``layer`` picks one annotation layer of a viewer state)."""
+    annotation JSON (``layer`` picks one annotation layer of a viewer state); or ``auto: true``: a
+    first pass writes the density map, its peaks (above ``peak_threshold``, at least
+    ``min_distance_nm`` apart, found across block borders) become the prompts of a second pass."""
 
-    points: str = Field(min_length=1)
+    points: str | None = Field(default=None, min_length=1)
     layer: str | None = None
+    auto: bool = False
+    peak_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
+    min_distance_nm: float = Field(default=100.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptsConfig:
+        if (self.points is None) == (not self.auto):
+            raise ValueError("give either points (a file of point prompts) or auto: true, not both and not neither")
+        return self
+
+
+class InstancesConfig(Section):
+    """Instance segmentation of the semantic output, written to ``url`` as uint64 labels (zarr,
+    OME-Zarr, N5, or ``precomputed://`` segmentation). Foreground is probability > ``threshold``
+    (default ``inference.threshold``); ``watershed`` splits it from density peaks above
+    ``seed_threshold`` at least ``min_distance_nm`` apart (needs ``output.density``);
+    ``connected_components`` labels touching foreground. Objects under ``min_size_vx`` are dropped."""
+
+    url: str = Field(min_length=1)
+    method: Literal["watershed", "connected_components"] = "watershed"
+    threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    seed_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
+    min_distance_nm: float = Field(default=100.0, gt=0.0)
+    min_size_vx: int = Field(default=0, ge=0)
+
+
+class ClusterConfig(Section):
+    """The Ray cluster. ``address`` (default: ``RAY_ADDRESS``, else a local instance started for the
+    command). ``workers`` > 1 runs `train`/`adapt` under Ray Train (DDP, one worker per GPU, or CPU
+    workers with gloo); 0 or 1 runs the plain single-process loop."""
+
+    address: str | None = None
+    workers: int = Field(default=0, ge=0)
+    use_gpu: bool | None = None
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=100, ge=1)
+    max_failures: int = Field(default=2, ge=0)
 
 
 class TrainConfig(Section):
@@ -223,7 +273,9 @@ class Config(Section):
     inference: InferenceConfig = InferenceConfig()
     output: OutputConfig | None = None
     prompts: PromptsConfig | None = None
+    instances: InstancesConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
+    cluster: ClusterConfig = ClusterConfig()
     train: TrainConfig | None = None
     adapt: AdaptConfig | None = None
     eval: EvalConfig | None = None
@@ -248,6 +300,8 @@ class Config(Section):
             "model": self.model.model_dump(exclude={"checkpoint"}),
             "inference": self.inference.model_dump(exclude={"device", "batch_size"}),
             "output": {"dtype": self.output.dtype} if self.output else None,
+            "prompts": self.prompts.model_dump(exclude={"points", "layer"}) if self.prompts else None,
+            "instances": self.instances.model_dump(exclude={"url"}) if self.instances else None,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
 

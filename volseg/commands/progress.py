@@ -16,7 +16,7 @@ class BlockProgress:
         self.total_voxels = total_voxels
         self.voxels = 0
 
-    def __call__(self, block: Block, seconds: float) -> None:
+    def __call__(self, block: Block, seconds: float, worker: str = "") -> None:
         self.voxels += block.core.size
         elapsed = self.bar.format_dict["elapsed"] or 1e-9
         self.bar.set_postfix_str(f"{self.voxels / elapsed / 1e6:.2f} Mvox/s", refresh=False)

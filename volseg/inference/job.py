@@ -1,9 +1,10 @@
-"""One segmentation job: what every block does, independent of who runs it.
+"""Block stages: what every block of one pass does, independent of who runs it.
 
-A :class:`SegmentationJob` holds the input volume, the output volumes and the predictor, and splits a
-block's work into three steps an executor can overlap: ``read`` (async), ``compute`` and ``write``
-(async). Executors (:mod:`volseg.inference.executor` here, :mod:`volseg.actors` on Ray) only decide
-which block runs where and when.
+A :class:`BlockStage` splits a block's work into steps an executor can overlap: ``read`` (async),
+``compute``, ``write`` (async) and ``outcome`` (a small JSON value the executor returns and the done-mark
+keeps). Executors (:mod:`volseg.inference.executor` here, :mod:`volseg.actors` on Ray) only decide which
+block runs where and when. A stage pickles small (volumes as their specs, the model as its weights),
+so Ray ships it to each actor once. :class:`SegmentationJob` is the stage that segments.
 """
 
 from __future__ import annotations
@@ -22,6 +23,31 @@ from volseg.inference.windows import WindowGrid
 
 class Pending(Protocol):
     def result(self) -> Any: ...
+
+
+class BlockStage(Protocol):
+    """One pass over blocks. ``name`` keys its done-marks; ``compute`` may use the torch device an
+    executor assigns with ``to(device)`` (stages without a model ignore it)."""
+
+    name: str
+
+    def read(self, block: Block) -> Pending: ...
+
+    def compute(self, block: Block, data: Any) -> Any: ...
+
+    def write(self, block: Block, computed: Any) -> Sequence[Pending]: ...
+
+    def outcome(self, block: Block, computed: Any) -> Any: ...
+
+    def to(self, device: str) -> None: ...
+
+
+def run_block(stage: BlockStage, block: Block) -> Any:
+    """All of a block's steps, synchronously; returns its outcome once its writes are durable."""
+    computed = stage.compute(block, stage.read(block).result())
+    for pending in stage.write(block, computed):
+        pending.result()
+    return stage.outcome(block, computed)
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,8 @@ class SegmentationJob:
     """Read core + context from ``source``, predict and blend, write the core into ``outputs``.
 
     ``points`` (volume coordinates) are routed as prompts to every window that contains them."""
+
+    name = "segment"
 
     def __init__(
         self,
@@ -90,8 +118,8 @@ class SegmentationJob:
             pending.append(target.volume.write_async(block.core, to_storage(values, target.volume.dtype)))
         return pending
 
-    def run_block(self, block: Block) -> None:
-        """All three steps, synchronously (for executors that do not overlap them)."""
-        blended = self.compute(block, self.read(block).result())
-        for pending in self.write(block, blended):
-            pending.result()
+    def outcome(self, block: Block, computed: np.ndarray) -> None:
+        return None
+
+    def to(self, device: str) -> None:
+        self.predictor.to(device)

@@ -13,8 +13,9 @@ device placement and autocast happen here, never in ``volseg.models``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -76,6 +77,20 @@ class TorchPredictor:
         self.batch_size = int(batch_size)
         self.amp_dtype = amp_dtype
         contract.check_window(self._window)
+
+    def to(self, device: str | torch.device) -> None:
+        """Move the model to ``device`` (an executor's actor does this once, on its own GPU)."""
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.model = self.model.to(self.device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles with its weights on the CPU, so a GPU-less process can unpickle it."""
+        state = dict(self.__dict__)
+        state["model"] = copy.deepcopy(self.model).to("cpu") if self.device.type != "cpu" else self.model
+        state["device"] = torch.device("cpu")
+        return state
 
     @property
     def window(self) -> Coord:

@@ -1,0 +1,70 @@
+"""Done-marks: which blocks of a run are durably written, so a rerun resumes instead of recomputing.
+
+A :class:`BlockLedger` lives beside a run's primary output, in the same storage (local disk, a
+bucket): one small object per finished block at ``<output>/.volseg/<signature>/<stage>/<block id>``.
+A mark is written only after every write of its block has completed, so a mark always means "this
+block's data is there". It holds the block's *outcome* (a small JSON value a stage returns, e.g. the
+merge pairs of an instance block), so a resumed run has every block's outcome without recomputing it.
+Marks of a different run signature are never read; ``--overwrite`` clears them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tensorstore as ts
+
+from volseg.io.urls import parse_url
+
+LEDGER_DIRECTORY = ".volseg"
+
+
+class BlockLedger:
+    """Done-marks of the run with ``signature``, in the key-value store ``kvstore`` (a tensorstore spec)."""
+
+    def __init__(self, kvstore: dict[str, Any], signature: str) -> None:
+        self.kvstore = dict(kvstore)
+        self.signature = signature
+        self._store: ts.KvStore | None = None
+
+    @classmethod
+    def beside(cls, url: str, signature: str) -> BlockLedger:
+        """The ledger kept inside the output volume at ``url``."""
+        spec = parse_url(url).child(LEDGER_DIRECTORY).kvstore()
+        return cls(spec, signature)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"kvstore": self.kvstore, "signature": self.signature}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["kvstore"], state["signature"])
+
+    @property
+    def store(self) -> ts.KvStore:
+        if self._store is None:
+            self._store = ts.KvStore.open(self.kvstore).result()
+        return self._store
+
+    def _prefix(self, stage: str) -> str:
+        return f"{self.signature[:32]}/{stage}/"
+
+    def mark(self, stage: str, block_id: int, outcome: Any = None) -> None:
+        """Record that ``block_id`` of ``stage`` is durably written (call only after its writes finished)."""
+        self.store.write(self._prefix(stage) + str(block_id), json.dumps(outcome).encode()).result()
+
+    def done(self, stage: str) -> dict[int, Any]:
+        """Block id → outcome of every block of ``stage`` marked done under this signature."""
+        prefix = self._prefix(stage)
+        keys = self.store.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
+        names = [key.decode() for key in keys]
+        reads = [self.store.read(name) for name in names]
+        done = {}
+        for name, pending in zip(names, reads, strict=True):
+            value = pending.result().value
+            done[int(name[len(prefix):])] = json.loads(value) if value else None
+        return done
+
+    def clear(self) -> None:
+        """Forget every mark, of this and of any other signature (a fresh start under --overwrite)."""
+        self.store.delete_range(ts.KvStore.KeyRange()).result()
