@@ -82,7 +82,7 @@ def run_config(tmp_path, small_dataset, small_checkpoint):
             "inference": {"window": [1, 32, 32], "stride": [1, 20, 24], "batch_size": 4, "device": "cpu"},
             "output": {"probabilities": str(tmp_path / "out.zarr/prob"),
                        "density": str(tmp_path / "out.zarr/density"), "chunk": [2, 16, 16]},
-            "execution": {"block": [4, 32, 48]},
+            "execution": {"block": [4, 32, 48], "executor": "serial"},
         }
         for key, value in overrides.items():
             config[key] = value

@@ -15,6 +15,8 @@ from volseg.allocator import keep_freed_memory
 from volseg.errors import USER_ERROR_EXIT_CODE, VolsegError
 
 DEMO_CONFIG = "configs/demo.yaml"
+#: Exit code of a run whose blocks did not all succeed (the rest are written; a rerun resumes).
+BLOCKS_FAILED_EXIT_CODE = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +66,9 @@ def _run(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"prompts": PromptsConfig(points=args.points)})
     result = run(config, overwrite=args.overwrite, progress=not args.no_progress)
     _print(result.summary_lines())
+    if result.failed:
+        print(f"volseg run: error: {result.failure_message()}", file=sys.stderr)
+        return BLOCKS_FAILED_EXIT_CODE
     return 0
 
 

@@ -8,18 +8,24 @@ from volseg.geometry import Block
 
 
 class BlockProgress:
-    """Blocks done / total with voxels per second and ETA."""
+    """Blocks done / total, ETA, voxels per second in total and per worker (actor)."""
 
-    def __init__(self, total_blocks: int, total_voxels: int, enabled: bool = True) -> None:
-        self.bar = tqdm(total=total_blocks, unit="block", disable=not enabled, dynamic_ncols=True,
-                        desc="segmenting")
+    def __init__(self, total_blocks: int, total_voxels: int, enabled: bool = True, desc: str = "segmenting") -> None:
+        self.bar = tqdm(total=total_blocks, unit="block", disable=not enabled, dynamic_ncols=True, desc=desc)
         self.total_voxels = total_voxels
         self.voxels = 0
+        self.per_worker: dict[str, tuple[int, float]] = {}
 
     def __call__(self, block: Block, seconds: float, worker: str = "") -> None:
         self.voxels += block.core.size
+        voxels, busy = self.per_worker.get(worker, (0, 0.0))
+        self.per_worker[worker] = (voxels + block.core.size, busy + seconds)
         elapsed = self.bar.format_dict["elapsed"] or 1e-9
-        self.bar.set_postfix_str(f"{self.voxels / elapsed / 1e6:.2f} Mvox/s", refresh=False)
+        rates = ""
+        if len(self.per_worker) > 1:
+            rates = " (" + ", ".join(f"{w} {v / max(t, 1e-9) / 1e6:.2f}" for w, (v, t) in
+                                     sorted(self.per_worker.items())) + ")"
+        self.bar.set_postfix_str(f"{self.voxels / elapsed / 1e6:.2f} Mvox/s{rates}", refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

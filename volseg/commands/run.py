@@ -1,43 +1,170 @@
-"""`volseg run CONFIG`: segment a volume blockwise and write the outputs."""
+"""`volseg run CONFIG`: segment a volume blockwise and write the outputs, resuming where a run stopped.
+
+Passes, each a block stage run by the configured executor (serial, or Ray actors) with done-marks in
+the output's ledger: ``segment`` (probabilities and density); or, with ``prompts.auto``, ``density``
+(prompt-free density map), ``peaks`` (global density peaks) and ``segment`` prompted by those peaks.
+Blocks marked done under the same run signature are skipped; a block that fails every attempt is
+reported by id, the other blocks still finish, and the next run retries only what is missing.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 from volseg.commands.progress import BlockProgress
 from volseg.config import Config
+from volseg.geometry import BlockGrid, PointSet
 from volseg.inference.executor import RunStats, SerialExecutor
+from volseg.inference.job import BlockStage, OutputTarget
+from volseg.inference.ledger import BlockLedger
+from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
 from volseg.inference.segment import SegmentationPlan, make_job, open_outputs, plan_segmentation
 
 
-@dataclass(frozen=True)
+@dataclass
+class PassResult:
+    """One pass: its stats, and how many blocks a previous run had already finished."""
+
+    name: str
+    stats: RunStats
+    resumed: int
+
+
+@dataclass
 class RunResult:
     plan: SegmentationPlan
-    stats: RunStats
+    passes: list[PassResult] = field(default_factory=list)
+    executor: str = "serial"
+    seconds: float = 0.0
+    prompts: PointSet | None = None
+
+    @property
+    def stats(self) -> RunStats:
+        """The segmenting pass (the last one run)."""
+        return self.passes[-1].stats
+
+    @property
+    def failed(self) -> dict[int, str]:
+        return {k: v for p in self.passes for k, v in p.stats.failed.items()}
+
+    def failure_message(self) -> str:
+        failed = self.failed
+        ids = sorted(failed)
+        shown = ", ".join(str(i) for i in ids[:20]) + (", ..." if len(ids) > 20 else "")
+        first = failed[ids[0]]
+        return (f"{len(ids)} of {self.plan.grid.num_blocks} blocks failed after "
+                f"{self.plan.config.execution.max_attempts} attempts: block ids {shown} (block {ids[0]}: {first}). "
+                "Every other block is written and marked done; run the same command again to retry only "
+                "the missing blocks.")
 
     def summary_lines(self) -> list[str]:
-        plan, stats = self.plan, self.stats
+        plan = self.plan
+        voxels = plan.grid.roi.size
+        done = sum(p.stats.blocks_done for p in self.passes)
+        resumed = sum(p.resumed for p in self.passes)
+        retried = sum(p.stats.retried for p in self.passes)
         lines = [
-            f"segmented {stats.voxels:,} voxels in {stats.blocks_done} blocks "
-            f"(block core {plan.grid.core_shape}, window {plan.windows.window}, "
-            f"stride {plan.windows.stride})",
-            f"wall time {stats.seconds:.1f} s, {stats.voxels_per_second / 1e6:.2f} Mvoxels/s "
-            f"on {plan.predictor.device}",
+            f"segmented {voxels:,} voxels in {plan.grid.num_blocks} blocks "
+            f"(block core {plan.grid.core_shape}, window {plan.windows.window}, stride {plan.windows.stride})",
+            f"wall time {self.seconds:.1f} s, {voxels / max(self.seconds, 1e-9) / 1e6:.2f} Mvoxels/s on "
+            f"{self.executor}; {done} block runs, {resumed} resumed from an earlier run, {retried} retried",
         ]
-        if plan.points is not None:
-            lines.append(f"prompts: {len(plan.points)} points from {plan.config.prompts.points}")
+        if len(self.passes) > 1:
+            lines.append("passes: " + ", ".join(f"{p.name} {p.stats.seconds:.1f} s" for p in self.passes))
+        if self.prompts is not None:
+            config = plan.config.prompts
+            origin = "density peaks (prompts.auto)" if config is not None and config.auto else config.points
+            lines.append(f"prompts: {len(self.prompts)} points from {origin}")
+        lines.append(f"model {plan.config.model.name} from {plan.config.model.checkpoint}"
+                     + _adapted_on(plan.checkpoint_card))
         lines += [f"{spec.name}: {spec.url}" for spec in plan.outputs]
         lines.append(f"run signature {plan.signature[:16]}")
         return lines
 
 
-def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Plan (validating everything), create outputs, and run every block serially."""
-    plan = plan_segmentation(config, overwrite)
-    job = make_job(plan, open_outputs(plan))
-    bar = BlockProgress(plan.grid.num_blocks, plan.grid.roi.size, progress)
+def _adapted_on(card: dict[str, Any]) -> str:
+    """' (mode on data …)' from a checkpoint card, when it says what the model was trained on."""
+    training = card.get("training") or card.get("config") or {}
+    data = card.get("data") or {}
+    mode = card.get("mode") or (training.get("mode") if isinstance(training, dict) else None)
+    urls = [str(v) for v in data.values()] if isinstance(data, dict) else [str(d) for d in data]
+    if not mode and not urls:
+        return ""
+    return f" ({mode or 'trained'}{' on ' + ', '.join(urls) if urls else ''})"
+
+
+@contextmanager
+def open_executor(config: Config) -> Iterator[Any]:
+    """The configured executor: serial, or Ray actors on the cluster (joined or started locally)."""
+    execution = config.execution
+    if execution.executor == "serial":
+        yield SerialExecutor(execution.prefetch)
+        return
+    from volseg.actors.cluster import check_fits, connected
+    from volseg.actors.executor import RayExecutor, plan_actors
+
+    with connected(config.cluster.address) as cluster:
+        actors, cpus, gpus = plan_actors(execution.actors, execution.cpus_per_actor, execution.gpus_per_actor,
+                                         cluster.cpus, cluster.gpus)
+        check_fits(cluster, actors, cpus, gpus)
+        with RayExecutor(actors, cpus, gpus, execution.in_flight, execution.max_attempts) as executor:
+            executor.description = (f"Ray, {actors} actor{'s' * (actors > 1)} × "
+                                    f"{f'{gpus:g} GPU' if gpus else f'{cpus:g} CPU'}")
+            yield executor
+
+
+def run_pass(executor: Any, stage: BlockStage, grid: BlockGrid, ledger: BlockLedger, progress: bool,
+             desc: str) -> PassResult:
+    """Run ``stage`` on the blocks of ``grid`` not yet marked done; outcomes include the done ones."""
+    done = ledger.done(stage.name)
+    todo = [block for block in grid if block.id not in done]
+    bar = BlockProgress(len(todo), sum(b.core.size for b in todo), progress, desc)
     try:
-        stats = SerialExecutor(config.execution.prefetch).run(job, plan.grid, on_done=bar)
+        stats = executor.run(stage, todo, on_done=bar, ledger=ledger)
     finally:
         bar.close()
-    return RunResult(plan, stats)
+    stats.outcomes = {**done, **stats.outcomes}
+    return PassResult(stage.name, stats, len(done))
+
+
+def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunResult:
+    """Plan (validating everything; nothing is written before this succeeds), create the outputs, and
+    run every pass; see the module docstring."""
+    import time
+
+    begin = time.perf_counter()
+    plan = plan_segmentation(config, overwrite)
+    with open_executor(config) as executor:
+        targets = open_outputs(plan)
+        ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature)
+        if overwrite:
+            ledger.clear()
+        result = RunResult(plan, executor=getattr(executor, "description", "this process (serial)"))
+        result.prompts = plan.points
+        prompts = config.prompts
+        if prompts is not None and prompts.auto:
+            density = _named(plan, targets, "density")
+            result.passes.append(run_pass(executor, make_job(plan, [density]), plan.grid, ledger, progress,
+                                          "density (1/3)"))
+            if not result.failed:
+                radius = peak_radius(prompts.min_distance_nm, plan.source.voxel_size_nm, plan.windows.window)
+                peaks = PeakStage(density.volume, prompts.peak_threshold, radius)
+                found = run_pass(executor, peaks, plan.grid, ledger, progress, "peaks (2/3)")
+                result.passes.append(found)
+            if not result.failed:
+                result.prompts = gather_peaks(found.stats.outcomes)
+                job = make_job(plan, [_named(plan, targets, "probabilities")], result.prompts)
+                job.name = "segment-prompted"
+                result.passes.append(run_pass(executor, job, plan.grid, ledger, progress, "segment (3/3)"))
+        else:
+            result.passes.append(run_pass(executor, make_job(plan, targets), plan.grid, ledger, progress,
+                                          "segmenting"))
+    result.seconds = time.perf_counter() - begin
+    return result
+
+
+def _named(plan: SegmentationPlan, targets: list[OutputTarget], name: str) -> OutputTarget:
+    return next(t for spec, t in zip(plan.outputs, targets, strict=True) if spec.name == name)

@@ -157,6 +157,7 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     """Validate everything a run needs and decide its geometry; writes nothing."""
     config.require("input", "output", command="run")
     assert config.input is not None and config.output is not None
+    check_executor_outputs(config)
     outputs = _output_specs(config, config.model.num_classes)
     source = config.input.open()
     if source.num_channels is not None:
@@ -172,7 +173,9 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     core = config.execution.block or default_block(write_chunk, windows.window, source.shape)
     grid = BlockGrid.aligned(_roi(config, source.bounds), core, 0, source.bounds, write_chunk)
     points = None
-    if config.prompts is not None:
+    if config.prompts is not None and config.prompts.auto:
+        _check_auto_prompts(config, predictor)
+    elif config.prompts is not None and config.prompts.points is not None:
         points = read_points(config.prompts.points, source.voxel_size_nm, source.voxel_offset, source.bounds,
                              config.prompts.layer)
         if len(points) and not getattr(predictor.model, "promptable", False):
@@ -187,6 +190,27 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
         if existing is not None:
             _check_signature(existing, spec, signature, overwrite)
     return plan
+
+
+def _check_auto_prompts(config: Config, predictor: TorchPredictor) -> None:
+    if not getattr(predictor.model, "promptable", False):
+        raise ConfigError(f"prompts.auto needs a promptable model; model {config.model.name!r} takes no prompts.",
+                          "use model.name: promptdas, or remove the prompts section.")
+    if config.output is None or config.output.density is None:
+        raise ConfigError("prompts.auto finds its prompts in the density map, but output.density is not set.",
+                          "set output.density to a path for the density map.")
+
+
+def check_executor_outputs(config: Config) -> None:
+    """Outputs in ``memory://`` live in one process; actors in other processes cannot write them."""
+    out = config.output
+    urls = [u for u in (out.probabilities, out.density) if u] if out else []
+    if config.instances is not None:
+        urls.append(config.instances.url)
+    for url in urls:
+        if config.execution.executor == "ray" and url.startswith("memory://"):
+            raise ConfigError(f"output {url!r} is an in-process memory store, which Ray actors cannot write.",
+                              "use a path or bucket URL, or set execution.executor: serial.")
 
 
 def _creation_arguments(plan: SegmentationPlan, spec: OutputSpec) -> dict[str, Any]:
@@ -230,7 +254,9 @@ def open_outputs(plan: SegmentationPlan) -> list[OutputTarget]:
     return targets
 
 
-def make_job(plan: SegmentationPlan, targets: Sequence[OutputTarget]) -> SegmentationJob:
+def make_job(plan: SegmentationPlan, targets: Sequence[OutputTarget], points: PointSet | None = None
+             ) -> SegmentationJob:
+    """The segmentation stage writing ``targets``, prompted by ``points`` (default: the plan's)."""
     inference = plan.config.inference
     return SegmentationJob(plan.source, targets, plan.predictor, plan.windows, inference.blend,
-                           batch_windows=inference.batch_size, points=plan.points)
+                           batch_windows=inference.batch_size, points=plan.points if points is None else points)
