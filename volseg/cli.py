@@ -1,4 +1,4 @@
-"""The command line: `volseg run | validate | train | adapt | eval | demo`.
+"""The command line: `volseg run | validate | train | adapt | eval | view | demo`.
 
 Every user error (a :class:`~volseg.errors.VolsegError`) is printed as one line on stderr and exits
 with code 2; nothing else is caught, so a bug keeps its traceback.
@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score a prediction against labels (config: eval:)")
     evaluate.add_argument("config")
     evaluate.add_argument("--no-progress", action="store_true")
+
+    view = commands.add_parser("view", help="serve a run's local volumes and print a Neuroglancer link")
+    view.add_argument("config")
+    view.add_argument("--port", type=int, default=9015, help="HTTP port on 127.0.0.1 (default 9015)")
 
     demo = commands.add_parser("demo", help="generate data, train, segment and score, end to end")
     demo.add_argument("config", nargs="?", default=DEMO_CONFIG, help=f"default: {DEMO_CONFIG}")
@@ -140,7 +144,33 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt, "eval": _eval, "demo": _demo}
+def _view(args: argparse.Namespace) -> int:
+    from volseg.commands.view import layer_urls, link, make_server, neuroglancer_state, served_root
+    from volseg.config import load_config
+
+    config = load_config(args.config)
+    state = neuroglancer_state(config, port=args.port)
+    if not state["layers"]:
+        from volseg.errors import VolumeNotFoundError
+
+        raise VolumeNotFoundError(f"{args.config}: none of its volumes exists yet.", f"run `volseg run {args.config}`.")
+    root = served_root([url for _, _, url in layer_urls(config)])
+    print(f"Neuroglancer: {link(state)}")
+    if root is None:
+        return 0
+    server = make_server(root, args.port)
+    print(f"serving {root} on http://127.0.0.1:{args.port} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt, "eval": _eval, "demo": _demo,
+            "view": _view}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

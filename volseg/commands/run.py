@@ -82,7 +82,18 @@ class RunResult:
                      + _adapted_on(plan.checkpoint_card))
         lines += [f"{spec.name}: {spec.url}" for spec in plan.outputs]
         lines.append(f"run signature {plan.signature[:16]}")
+        lines.append(self.viewer_line())
         return lines
+
+    def viewer_line(self) -> str:
+        """Where to look at the result: a Neuroglancer link, or for local volumes `volseg view`."""
+        from volseg.commands.view import link, needs_server, neuroglancer_state
+
+        config = self.plan.config
+        if needs_server(config):
+            return (f"view in Neuroglancer: volseg view {config.source_path or 'CONFIG'} "
+                    "(serves the local volumes and prints the link)")
+        return f"Neuroglancer: {link(neuroglancer_state(config, self.prompts))}"
 
 
 def _adapted_on(card: dict[str, Any]) -> str:
@@ -147,8 +158,9 @@ def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunRe
         prompts = config.prompts
         if prompts is not None and prompts.auto:
             density = _named(plan, targets, "density")
-            result.passes.append(run_pass(executor, make_job(plan, [density]), plan.grid, ledger, progress,
-                                          "density (1/3)"))
+            first = make_job(plan, [density])
+            first.name = "density"
+            result.passes.append(run_pass(executor, first, plan.grid, ledger, progress, "density (1/3)"))
             if not result.failed:
                 radius = peak_radius(prompts.min_distance_nm, plan.source.voxel_size_nm, plan.windows.window)
                 peaks = PeakStage(density.volume, prompts.peak_threshold, radius)
