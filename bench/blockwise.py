@@ -88,7 +88,7 @@ def child_volseg(url: str, checkpoint: str, out: str, block: list[int]) -> dict:
         "model": {"name": MODEL.name, "options": dict(MODEL.options), "checkpoint": checkpoint},
         "inference": {"window": list(WINDOW), "stride": list(STRIDE), "batch_size": BATCH, "device": "cpu"},
         "output": {"probabilities": f"{out}/prob", "density": f"{out}/density", "chunk": list(CHUNK)},
-        "execution": {"block": block},
+        "execution": {"block": block, "executor": "serial"},
     }, "bench")
     t = time.perf_counter()
     result = run(config, overwrite=True, progress=False)
