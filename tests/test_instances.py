@@ -406,3 +406,29 @@ def test_overlap_pairs_need_a_majority_both_ways_and_both_blocks() -> None:
     written = np.array([b] * 4 + [c] * 3 + [0] * 3, np.uint64)  # no majority of mine
     assert overlap_pairs(mine, written, owners).shape == (0, 2)
     np.testing.assert_array_equal(agreed_pairs(np.array([[a, b], [b, a], [a, c]], np.uint64)), [[a, b]])
+
+
+def test_volseg_run_writes_instances_of_its_own_probabilities(run_config, tmp_path) -> None:
+    """`volseg run` with an instances section: the stitched labels equal whole-volume connected components
+    of its thresholded probability output, and a rerun resumes every pass without writing anything."""
+    import cc3d
+
+    from volseg.commands.run import run
+    from volseg.config import parse_config
+
+    config = run_config(instances={"url": str(tmp_path / "out.zarr/instances"), "method": "connected_components"},
+                        inference={"window": [1, 32, 32], "stride": [1, 20, 24], "batch_size": 4, "device": "cpu",
+                                   "threshold": 0.5})
+    result = run(parse_config(config), progress=False)
+    assert [p.name for p in result.passes] == ["segment", "instances"] and result.instances.complete
+    probabilities = open_volume(config["output"]["probabilities"])
+    foreground = probabilities.read(probabilities.bounds) > 0.5
+    labels = open_volume(config["instances"]["url"]).read(probabilities.bounds)
+    reference = cc3d.connected_components(foreground, connectivity=6)
+    assert 0 < result.instances.instances == int(reference.max()) and labels.max() == reference.max()
+    assert np.array_equal(labels > 0, foreground)
+    pairs = np.unique(np.stack([labels[foreground], reference[foreground]]), axis=1)
+    assert pairs.shape[1] == reference.max()                   # a bijection between the two labellings
+    again = run(parse_config(config), progress=False)
+    assert again.passes[0].resumed == again.plan.grid.num_blocks and again.passes[0].stats.blocks_done == 0
+    assert np.array_equal(open_volume(config["instances"]["url"]).read(probabilities.bounds), labels)

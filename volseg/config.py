@@ -153,7 +153,9 @@ class InstancesConfig(Section):
     OME-Zarr, N5, or ``precomputed://`` segmentation). Foreground is probability > ``threshold``
     (default ``inference.threshold``); ``watershed`` splits it from density peaks above
     ``seed_threshold`` at least ``min_distance_nm`` apart (needs ``output.density``);
-    ``connected_components`` labels touching foreground. Objects under ``min_size_vx`` are dropped."""
+    ``connected_components`` labels touching foreground (``connectivity`` 6, 18 or 26). Objects under
+    ``min_size_vx`` are dropped. ``halo_nm``: context each watershed block sees around its core (default
+    4 × ``min_distance_nm``); it should exceed the largest object's radius."""
 
     url: str = Field(min_length=1)
     method: Literal["watershed", "connected_components"] = "watershed"
@@ -161,12 +163,18 @@ class InstancesConfig(Section):
     seed_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
     min_distance_nm: float = Field(default=100.0, gt=0.0)
     min_size_vx: int = Field(default=0, ge=0)
+    connectivity: Literal[6, 18, 26] = 6
+    halo_nm: float | None = Field(default=None, gt=0.0)
 
 
 class ClusterConfig(Section):
     """The Ray cluster. ``address`` (default: ``RAY_ADDRESS``, else a local instance started for the
     command). ``workers`` > 1 runs `train`/`adapt` under Ray Train (DDP, one worker per GPU, or CPU
-    workers with gloo); 0 or 1 runs the plain single-process loop."""
+    workers with gloo); 0 or 1 runs the plain single-process loop. The global batch (``batch_size``) is
+    split evenly among the workers. ``use_gpu`` defaults to whether the cluster has GPUs. Every
+    ``checkpoint_every`` steps a checkpoint goes to ``storage`` (default: ``<checkpoint stem>.ray/``
+    beside the output checkpoint; on a multi-node cluster, storage every node reaches: NFS, ``s3://``,
+    ``gs://``); a dead worker restarts the workers from it, at most ``max_failures`` times."""
 
     address: str | None = None
     workers: int = Field(default=0, ge=0)
@@ -174,6 +182,7 @@ class ClusterConfig(Section):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=100, ge=1)
     max_failures: int = Field(default=2, ge=0)
+    storage: str | None = Field(default=None, min_length=1)
 
 
 class TrainConfig(Section):

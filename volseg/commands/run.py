@@ -18,6 +18,7 @@ from volseg.commands.progress import BlockProgress
 from volseg.config import Config
 from volseg.geometry import BlockGrid, PointSet
 from volseg.inference.executor import RunStats, SerialExecutor
+from volseg.inference.instances import InstanceResult, run_instances
 from volseg.inference.job import BlockStage, OutputTarget
 from volseg.inference.ledger import BlockLedger
 from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
@@ -40,11 +41,12 @@ class RunResult:
     executor: str = "serial"
     seconds: float = 0.0
     prompts: PointSet | None = None
+    instances: InstanceResult | None = None
 
     @property
     def stats(self) -> RunStats:
-        """The segmenting pass (the last one run)."""
-        return self.passes[-1].stats
+        """The segmenting pass."""
+        return next((p.stats for p in reversed(self.passes) if p.name.startswith("segment")), self.passes[-1].stats)
 
     @property
     def failed(self) -> dict[int, str]:
@@ -81,6 +83,8 @@ class RunResult:
         lines.append(f"model {plan.config.model.name} from {plan.config.model.checkpoint}"
                      + _adapted_on(plan.checkpoint_card))
         lines += [f"{spec.name}: {spec.url}" for spec in plan.outputs]
+        if self.instances is not None:
+            lines += self.instances.summary_lines()
         lines.append(f"run signature {plan.signature[:16]}")
         lines.append(self.viewer_line())
         return lines
@@ -174,6 +178,14 @@ def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunRe
         else:
             result.passes.append(run_pass(executor, make_job(plan, targets), plan.grid, ledger, progress,
                                           "segmenting"))
+        if plan.instances is not None and not result.failed:
+            blocks = plan.instances.grid.num_blocks
+            bar = BlockProgress(3 * blocks, 3 * plan.instances.grid.roi.size, progress, "instances")
+            try:
+                result.instances = run_instances(plan.instances, executor, ledger, on_done=bar)
+            finally:
+                bar.close()
+            result.passes.append(PassResult("instances", result.instances.stats, 0))
     result.seconds = time.perf_counter() - begin
     return result
 

@@ -54,8 +54,7 @@ from volseg.errors import ConfigError, GeometryMismatchError, OutputExistsError
 from volseg.geometry import Block, BlockGrid, Box, Coord
 from volseg.inference.executor import BlockDone, RunStats
 from volseg.inference.job import BlockStage, Pending
-from volseg.inference.ledger import BlockLedger
-from volseg.inference.segment import SIGNATURE_KEY
+from volseg.inference.ledger import SIGNATURE_KEY, BlockLedger
 from volseg.inference.stitching import (
     RelabelTable,
     contact_pairs,

@@ -18,6 +18,8 @@ import tensorstore as ts
 from volseg.io.urls import parse_url
 
 LEDGER_DIRECTORY = ".volseg"
+#: Key of the output attributes holding the run signature (and what wrote the output).
+SIGNATURE_KEY = "volseg"
 
 
 class BlockLedger:

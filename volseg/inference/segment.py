@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,17 +20,19 @@ import volseg
 from volseg.config import Config
 from volseg.errors import ConfigError, OutputExistsError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, Coord, PointSet
+from volseg.inference.instances import InstancePlan, plan_instances
 from volseg.inference.job import OutputTarget, SegmentationJob
+from volseg.inference.ledger import SIGNATURE_KEY
 from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.io import choose_output_chunks, create_volume
 from volseg.io.points import read_points
+from volseg.io.volume import VolumeGeometry
 from volseg.models import input_contract
 from volseg.models.checkpoint import file_sha256, load_checkpoint, read_card
 
 #: Default block core size, in voxels, when the config gives none.
 DEFAULT_BLOCK_VOXELS = 1 << 24
-SIGNATURE_KEY = "volseg"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class SegmentationPlan:
     signature: str
     checkpoint_card: dict[str, Any]
     points: PointSet | None = None
+    instances: InstancePlan | None = None
 
 
 def check_input_dtype(dtype: np.dtype, url: str, field: str) -> None:
@@ -189,7 +192,27 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
         existing = create_volume(**_creation_arguments(plan, spec), dry_run=True)
         if existing is not None:
             _check_signature(existing, spec, signature, overwrite)
+    if config.instances is not None:
+        plan = replace(plan, instances=_plan_instances(plan, overwrite))
     return plan
+
+
+def _plan_instances(plan: SegmentationPlan, overwrite: bool) -> InstancePlan:
+    config, source = plan.config, plan.source
+    settings = config.instances
+    assert settings is not None and config.output is not None
+    geometry = VolumeGeometry(shape=source.shape, dtype=np.dtype(config.output.dtype),
+                              voxel_size_nm=source.voxel_size_nm, voxel_offset=source.voxel_offset,
+                              chunk_shape=plan.chunk, shard_shape=plan.shard)
+    halo = None
+    if settings.halo_nm is not None:
+        halo = tuple(int(np.ceil(settings.halo_nm / v)) for v in source.voxel_size_nm)
+    if config.input is not None and settings.url == config.input.url:
+        raise ConfigError(f"instances.url is the input volume {settings.url!r}; a run never writes into its input.",
+                          "choose an instances.url different from input.url.")
+    return plan_instances(settings, plan.grid, geometry, config.output.probabilities, config.output.density,
+                          default_threshold=config.inference.threshold, signature=plan.signature,
+                          overwrite=overwrite, halo_vx=halo, connectivity=settings.connectivity)
 
 
 def _check_auto_prompts(config: Config, predictor: TorchPredictor) -> None:
