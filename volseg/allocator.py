@@ -25,6 +25,14 @@ THRESHOLD_BYTES = 1 << 30
 
 _applied = False
 
+#: The same settings as environment variables glibc reads at process start: for worker processes
+#: (Ray actors) that have threads running before volseg's code could call mallopt.
+MALLOC_ENVIRONMENT = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(THRESHOLD_BYTES),
+    "MALLOC_TRIM_THRESHOLD_": str(THRESHOLD_BYTES),
+}
+
 
 def keep_freed_memory() -> bool:
     """Tune glibc malloc for this process (once; see the module docstring). False where not glibc."""

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from volseg.allocator import MALLOC_ENVIRONMENT
 from volseg.geometry import Block
 from volseg.inference.executor import BlockDone, RunStats
 from volseg.inference.job import BlockStage
@@ -98,10 +99,12 @@ class RayExecutor:
 
     # -- actors --------------------------------------------------------------------------------------
     def _start_actor(self) -> Any:
+        threads = max(1, int(self.cpus_per_actor))
+        environment = {**MALLOC_ENVIRONMENT, "OMP_NUM_THREADS": str(threads)}
         remote = ray.remote(BlockWorker).options(
             num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor, max_concurrency=self.in_flight + 1,
-            max_restarts=0)
-        handle = remote.remote(max(1, int(self.cpus_per_actor)))
+            max_restarts=0, runtime_env={"env_vars": environment})
+        handle = remote.remote(threads)
         ray.get([handle.set_stage.remote(key, ref) for key, ref in self.stages.items()])
         return handle
 
@@ -143,7 +146,7 @@ class RayExecutor:
         else:
             self.slots = [_Slot(self._start_actor()) for _ in range(self.num_actors)]
 
-        stats = RunStats(workers=len(self.slots))
+        stats = RunStats(workers=len(self.slots), startup_seconds=time.perf_counter() - begin)
         queue: deque[Block] = deque(blocks)
         attempts: Counter[int] = Counter()
         running: dict[Any, tuple[_Slot, int, Block]] = {}

@@ -34,6 +34,7 @@ class RunStats:
     retried: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     workers: int = 1
+    startup_seconds: float = 0.0  # of ``seconds``: starting workers and shipping them the stage
 
     @property
     def voxels_per_second(self) -> float:
@@ -44,7 +45,7 @@ class RunStats:
         return RunStats(self.blocks_done + other.blocks_done, self.voxels + other.voxels,
                         self.seconds + other.seconds, {**self.outcomes, **other.outcomes},
                         self.retried + other.retried, {**self.failed, **other.failed},
-                        max(self.workers, other.workers))
+                        max(self.workers, other.workers), self.startup_seconds + other.startup_seconds)
 
 
 class SerialExecutor:
