@@ -10,7 +10,11 @@
 - :mod:`~volseg.adapt.losses`: BCE + Dice (with an ignore mask) and density MSE.
 - :mod:`~volseg.adapt.batches`: labelled and pseudo-labelled Prompt-DAS batches.
 - :mod:`~volseg.adapt.settings`, :mod:`~volseg.adapt.trainer`: Prompt-DAS training (source, oracle,
-  UDA, WDA); :mod:`~volseg.adapt.loop`: the supervised loop of non-promptable models.
+  UDA, WDA), one loop for one process and for data-parallel workers; :mod:`~volseg.adapt.loop`: the
+  supervised loop of non-promptable models.
+- :mod:`~volseg.adapt.replicas`: data parallelism in the loop (shards of the global batch, per-crop random
+  streams, loss statistics summed over replicas); :mod:`~volseg.adapt.resume`: the state a run resumes from.
 
-Nothing here imports ray, zarr or tensorstore directly: volumes come in as objects with ``read(box)``.
+Nothing here imports ray, zarr or tensorstore directly: volumes come in as objects with ``read(box)``;
+Ray Train runs the loop from :mod:`volseg.actors.training`.
 """

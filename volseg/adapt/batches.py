@@ -1,7 +1,9 @@
 """Training batches of Prompt-DAS: labelled crops with random prompt subsets, and pseudo-labelled target
 crops (teacher on the weak view → pseudo-labels and prompts → student's strong view, all aligned).
 
-Every crop slice is one 2D sample. All maps are ``B×1×Y×X`` float tensors on the CPU.
+Every crop slice is one 2D sample, with its own random streams (a :class:`SampleRandom` each, see
+:mod:`volseg.adapt.replicas`), so a sample's views and prompts do not depend on which other samples share
+its batch. All maps are ``B×1×Y×X`` float tensors on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from volseg.adapt.pseudo_labels import (
     nms_radius,
     segmentation_pseudo_labels,
 )
+from volseg.adapt.replicas import SampleRandom
 from volseg.adapt.sampler import Crop
 from volseg.adapt.settings import AdaptSettings
 from volseg.adapt.targets import gaussian_density, instance_centres_2d, point_disks
@@ -105,38 +108,46 @@ def crop_slices(crops: Sequence[Crop], contract: InputContract) -> Slices:
 
 
 def _student_views(images: torch.Tensor, maps: dict[str, tuple[torch.Tensor, str, str]],
-                   point_lists: Sequence[Sequence[np.ndarray]], generator: torch.Generator,
+                   point_lists: Sequence[Sequence[np.ndarray]], randoms: Sequence[SampleRandom],
                    augment: AugmentSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[list[np.ndarray]]]:
-    """One random geometric transform per sample applied to the image, to each ``name → (maps, mode,
-    padding)`` and to each list of points; then the strong intensity changes on the image."""
+    """Per sample, a random geometric transform applied to the image, to each ``name → (maps, mode,
+    padding)`` and to each list of points, then the strong intensity changes on the image."""
     shape = tuple(images.shape[-2:])
     out_images, out_maps = [], {name: [] for name in maps}
     out_points: list[list[np.ndarray]] = [[] for _ in point_lists]
-    for i in range(images.shape[0]):
-        transform = GeometricTransform.random(generator, shape, augment.elastic_alpha_vx, augment.elastic_grid)
-        out_images.append(transform.apply(images[i], "bilinear", "border"))
+    for i, random in enumerate(randoms):
+        transform = GeometricTransform.random(random.generator, shape, augment.elastic_alpha_vx,
+                                              augment.elastic_grid)
+        image = transform.apply(images[i], "bilinear", "border")
+        out_images.append(strong_intensity(random.generator, image[None], augment)[0])
         for name, (tensor, mode, padding) in maps.items():
             out_maps[name].append(transform.apply(tensor[i], mode, padding))
         for j, points in enumerate(point_lists):
             out_points[j].append(transform.points(points[i], shape))
-    image = strong_intensity(generator, torch.stack(out_images), augment)
-    return image, {name: torch.stack(t) for name, t in out_maps.items()}, out_points
+    return torch.stack(out_images), {name: torch.stack(t) for name, t in out_maps.items()}, out_points
 
 
-def labelled_batch(slices: Slices, sigma_vx: float, rng: np.random.Generator, generator: torch.Generator,
+def _check_randoms(slices: Slices, randoms: Sequence[SampleRandom]) -> None:
+    if len(randoms) != slices.images.shape[0]:
+        raise ValueError(f"{len(randoms)} random streams for {slices.images.shape[0]} samples; give one each")
+
+
+def labelled_batch(slices: Slices, sigma_vx: float, randoms: Sequence[SampleRandom],
                    augment: AugmentSettings) -> PromptBatch:
     """A supervised batch: mask = labels > 0, density = Gaussians at the 2D instance centres, and as
-    prompts a uniformly random subset (size 0 … all) of each sample's centres; strongly augmented."""
+    prompts a uniformly random subset (size 0 … all) of each sample's centres; strongly augmented.
+    ``randoms``: one per sample."""
+    _check_randoms(slices, randoms)
     if slices.labels is None:
         raise ValueError("a labelled batch needs crops with labels")
     centres = [instance_centres_2d(labels).astype(np.float64) for labels in slices.labels]
     mask = torch.from_numpy((slices.labels > 0).astype(np.float32)).unsqueeze(1)
     density = torch.from_numpy(np.stack([gaussian_density(slices.labels.shape[1:], c, sigma_vx)
                                          for c in centres])).unsqueeze(1)
-    prompts = [random_subset(c, rng) for c in centres]
+    prompts = [random_subset(c, random.rng) for c, random in zip(centres, randoms, strict=True)]
     image, maps, (prompts,) = _student_views(
         slices.images, {"target": (mask, "nearest", "border"), "density": (density, "bilinear", "border")},
-        [prompts], generator, augment)
+        [prompts], randoms, augment)
     points, point_mask = pad_points(prompts)
     stats = {"prompts": float(point_mask.sum()) / len(prompts)}
     return PromptBatch(image, maps["target"], torch.ones_like(maps["target"]), maps["density"], points, point_mask,
@@ -222,8 +233,8 @@ def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points:
     return PseudoLabels(target, valid, density, sparse, detected)
 
 
-def pseudo_labelled_batch(teacher: nn.Module, slices: Slices, settings: AdaptSettings, rng: np.random.Generator,
-                          generator: torch.Generator) -> PromptBatch:
+def pseudo_labelled_batch(teacher: nn.Module, slices: Slices, settings: AdaptSettings,
+                          randoms: Sequence[SampleRandom]) -> PromptBatch:
     """A target batch: the teacher labels the weak view (:func:`teacher_pseudo_labels`); the student gets
     a strong view with the pseudo-labels, prompts and contrastive points transformed alike. The
     student's prompts are the teacher's, or (``student_prompts="subset"``) the sparse points plus a
@@ -231,22 +242,25 @@ def pseudo_labelled_batch(teacher: nn.Module, slices: Slices, settings: AdaptSet
 
     Contrastive points are sampled in the student's view, ``contrastive_points`` per sample, balanced
     between valid pseudo-foreground and valid pseudo-background (pixels the warp read from outside the
-    crop are invalid).
+    crop are invalid). ``randoms``: one per sample.
     """
-    weak = weak_view(generator, slices.images, settings.augment.weak_intensity)
+    _check_randoms(slices, randoms)
+    weak = torch.cat([weak_view(random.generator, image[None], settings.augment.weak_intensity)
+                      for image, random in zip(slices.images, randoms, strict=True)])
     pseudo = teacher_pseudo_labels(teacher, weak, slices.points, settings)
     prompts = pseudo.prompts
     if settings.student_prompts == "subset":
-        prompts = [np.concatenate([s, random_subset(d, rng)]) for s, d in zip(pseudo.sparse, pseudo.detected,
-                                                                             strict=True)]
+        prompts = [np.concatenate([s, random_subset(d, random.rng)])
+                   for s, d, random in zip(pseudo.sparse, pseudo.detected, randoms, strict=True)]
     image, maps, (prompts,) = _student_views(
         slices.images,
         {"target": (pseudo.target, "nearest", "zeros"), "valid": (pseudo.valid, "nearest", "zeros"),
          "density": (pseudo.density, "bilinear", "zeros")},
-        [prompts], generator, settings.augment)
+        [prompts], randoms, settings.augment)
     target, valid = maps["target"], maps["valid"]
     sampled = [sample_contrastive_points((t[0] * v[0]).numpy() > 0, ((1 - t[0]) * v[0]).numpy() > 0,
-                                         settings.contrastive_points, rng) for t, v in zip(target, valid, strict=True)]
+                                         settings.contrastive_points, random.rng)
+               for t, v, random in zip(target, valid, randoms, strict=True)]
     points, point_mask = pad_points(prompts)
     stats = {"prompts": float(sum(map(len, pseudo.prompts))) / len(prompts), "valid": float(valid.mean()),
              "foreground": float((target * valid).sum() / valid.sum().clamp_min(1))}

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from volseg.adapt.losses import Total, local
+
 #: Label of a contrastive point: on foreground, on background, or padding (no point).
 FOREGROUND, BACKGROUND, UNUSED = 1, 0, -1
 
@@ -43,21 +45,23 @@ def sample_contrastive_points(foreground: np.ndarray, background: np.ndarray, k:
 
 def prompt_contrastive_loss(prompt_embeddings: torch.Tensor | None, point_mask: torch.Tensor,
                             contrastive_embeddings: torch.Tensor | None, contrastive_labels: torch.Tensor,
-                            temperature: float) -> torch.Tensor:
+                            temperature: float, total: Total = local) -> torch.Tensor:
     """Cosine InfoNCE of foreground queries against the prompt prototype, with background negatives.
 
     ``prompt_embeddings`` ``B×N×P`` with ``point_mask`` ``B×N``; ``contrastive_embeddings`` ``B×K×P``
     with ``contrastive_labels`` ``B×K`` (FOREGROUND / BACKGROUND / UNUSED). The loss of a crop is the
     mean over its queries; crops with no valid prompt, no query or no negative contribute 0, and the
-    result is the mean over all ``B`` crops (0 when there are no prompts or contrastive points).
-    Gradients reach only the queries.
+    result is the mean over all ``B`` crops (0 when there are no prompts or contrastive points; ``total``
+    sums the crops' losses and ``B`` over data-parallel replicas). Gradients reach only the queries.
     """
+    count = float(contrastive_labels.shape[0])
     if prompt_embeddings is None or contrastive_embeddings is None:
         reference = contrastive_embeddings if contrastive_embeddings is not None else prompt_embeddings
-        return torch.zeros((), device=None if reference is None else reference.device)
+        s = total(torch.tensor([0.0, count], device=None if reference is None else reference.device))
+        return s[0] / s[1].clamp_min(1.0)
     prompts = F.normalize(prompt_embeddings.detach(), dim=-1)
     contrastive = F.normalize(contrastive_embeddings, dim=-1)
-    total = contrastive.new_zeros(())
+    loss_sum = contrastive.new_zeros(())
     for b in range(contrastive.shape[0]):
         valid = point_mask[b]
         queries = contrastive[b, contrastive_labels[b] == FOREGROUND]
@@ -68,5 +72,6 @@ def prompt_contrastive_loss(prompt_embeddings: torch.Tensor | None, point_mask: 
         positive = queries @ prototype / temperature  # Q
         negative = queries @ negatives.T / temperature  # Q×M
         logits = torch.cat([positive[:, None], negative], dim=1)
-        total = total - F.log_softmax(logits, dim=1)[:, 0].mean()
-    return total / contrastive.shape[0]
+        loss_sum = loss_sum - F.log_softmax(logits, dim=1)[:, 0].mean()
+    s = total(torch.stack([loss_sum, loss_sum.new_tensor(count)]))
+    return s[0] / s[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +49,19 @@ class TrainHistory:
         self.losses.append(loss)
         for name, value in (components or {}).items():
             self.components.setdefault(name, []).append(value)
+
+    def card(self) -> dict[str, Any]:
+        """What a checkpoint card says about the run: ``steps`` and ``metrics`` (``final_loss``, the mean
+        of the last 20 losses, and ``seconds``)."""
+        return {"steps": len(self.losses),
+                "metrics": {"final_loss": float(np.mean(self.losses[-20:])), "seconds": self.seconds}}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"losses": self.losses, "components": self.components, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainHistory:
+        return cls(list(data["losses"]), {k: list(v) for k, v in data["components"].items()}, data["seconds"])
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:

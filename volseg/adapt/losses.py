@@ -1,13 +1,28 @@
-"""Losses: segmentation (binary cross-entropy + soft Dice, with an ignore mask) and density MSE."""
+"""Losses: segmentation (binary cross-entropy + soft Dice, with an ignore mask) and density MSE.
+
+Both are ratios of sums over the whole batch. ``total`` sums those statistics over data-parallel
+replicas (:meth:`volseg.adapt.replicas.Replica.total`) before the division, so a replica computes the
+loss of the global batch; the default keeps them local (one process).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+#: Sums a vector of batch statistics over the replicas (identity: this batch only).
+Total = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local(statistics: torch.Tensor) -> torch.Tensor:
+    """The :data:`Total` of one process: the statistics of its own batch."""
+    return statistics
+
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                      dice_weight: float = 1.0, balanced: bool = False) -> torch.Tensor:
+                      dice_weight: float = 1.0, balanced: bool = False, total: Total = local) -> torch.Tensor:
     """BCE + soft Dice between ``logits`` and a {0,1} ``target`` (same shape, B×C×…).
 
     ``valid`` (same shape, {0,1}) masks voxels out of both terms (pseudo-labels mark uncertain voxels
@@ -19,16 +34,20 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
     bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid
     if balanced:
         foreground, background = target * valid, (1 - target) * valid
-        bce = 0.5 * ((bce_map * foreground).sum() / foreground.sum().clamp_min(1.0)
-                     + (bce_map * background).sum() / background.sum().clamp_min(1.0))
+        sums = [(bce_map * foreground).sum(), foreground.sum(), (bce_map * background).sum(), background.sum()]
     else:
-        bce = bce_map.sum() / valid.sum().clamp_min(1.0)
+        sums = [bce_map.sum(), valid.sum()]
     prob = torch.sigmoid(logits) * valid
     target = target * valid
-    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    s = total(torch.stack([*sums, (prob * target).sum(), prob.sum(), target.sum()]))
+    bce = s[0] / s[1].clamp_min(1.0)
+    if balanced:
+        bce = 0.5 * (bce + s[2] / s[3].clamp_min(1.0))
+    dice = 1 - (2 * s[-3] + 1) / (s[-2] + s[-1] + 1)
     return bce + dice_weight * dice
 
 
-def density_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def density_loss(predicted: torch.Tensor, target: torch.Tensor, total: Total = local) -> torch.Tensor:
     """Mean squared error between predicted and target centre densities."""
-    return F.mse_loss(predicted, target)
+    s = total(torch.stack([((predicted - target) ** 2).sum(), predicted.new_tensor(float(predicted.numel()))]))
+    return s[0] / s[1]

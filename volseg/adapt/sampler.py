@@ -36,8 +36,9 @@ class CropSampler:
     """Draws crops of ``crop`` voxels (z, y, x) at uniformly random positions of ``raw``.
 
     ``labels``, when given, is read over the same box; ``points`` (a global :class:`PointSet` of the
-    volume, e.g. WDA's sparse annotations) is routed to each crop. Each sampler owns its random stream
-    (``seed``), so parallel workers with different seeds draw different crops reproducibly.
+    volume, e.g. WDA's sparse annotations) is routed to each crop. Each sampler owns a random stream
+    (``seed``); :meth:`box` also draws from a stream it is given (the per-crop streams of data-parallel
+    training, :mod:`volseg.adapt.replicas`).
     """
 
     raw: Any
@@ -61,8 +62,10 @@ class CropSampler:
                               "choose a crop that fits inside the volume on every axis.")
         self.shape = shape
 
-    def box(self) -> Box:
-        start = [int(self.rng.integers(0, s - c + 1)) for s, c in zip(self.shape, self.crop, strict=True)]
+    def box(self, rng: np.random.Generator | None = None) -> Box:
+        """A uniformly random crop box, drawn from ``rng`` (default: the sampler's own stream)."""
+        rng = self.rng if rng is None else rng
+        start = [int(rng.integers(0, s - c + 1)) for s, c in zip(self.shape, self.crop, strict=True)]
         return Box.from_shape(self.crop, start)
 
     def crop_at(self, box: Box) -> Crop:

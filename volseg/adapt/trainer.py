@@ -11,25 +11,32 @@ steps the optimizer and updates the teacher. Per step::
     L = L_seg + w_det·L_det  (source)  +  w_t·(L_seg(valid) + w_det·L_det + λ·L_pcl)  (target)
     AdamW step (poly LR)  →  teacher ← EMA(student)
 
-Nothing is global: every random stream is spawned from ``settings.seed``. For data-parallel training
-each worker builds its own trainer with ``seed + rank`` around a ``DistributedDataParallel`` student
-(``find_unused_parameters=True``: the projector φ is idle in steps without prompts); the teacher is built
-from the unwrapped module and stays identical across ranks, since the students do.
-:func:`train_promptdas` is the thin loop around the trainer.
+Nothing is global: every crop of every step has its own random streams, keyed by (``settings.seed``,
+domain, step, index in the global batch) (:mod:`volseg.adapt.replicas`).
+
+:func:`train_promptdas` is the one training loop, in one process or data-parallel. What differs between
+the two is passed in: a ``DistributedDataParallel`` student (``find_unused_parameters=True``: the
+projector φ is idle in steps without prompts), the :class:`~volseg.adapt.replicas.Replica` (which crops
+of each global batch this worker computes; the losses sum their statistics over replicas), an
+``after_step`` hook (reporting, checkpoints) and a :class:`~volseg.adapt.resume.TrainerState` to resume
+from. The teacher is built from the unwrapped student and updated from its weights after the
+synchronised optimizer step, so it is identical on every replica. ``volseg/actors/training.py`` runs this
+loop under Ray Train.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from volseg.adapt.batches import (
     PromptBatch,
+    Slices,
     concat_batches,
     crop_slices,
     labelled_batch,
@@ -38,6 +45,8 @@ from volseg.adapt.batches import (
 from volseg.adapt.contrastive import prompt_contrastive_loss
 from volseg.adapt.loop import StepCallback, TrainHistory, poly_lr
 from volseg.adapt.losses import density_loss, segmentation_loss
+from volseg.adapt.replicas import ONE_PROCESS, SOURCE_STREAM, TARGET_STREAM, Replica, SampleRandom, crop_streams
+from volseg.adapt.resume import TrainerState
 from volseg.adapt.sampler import CropSampler
 from volseg.adapt.settings import AdaptSettings
 from volseg.adapt.teacher import EMATeacher, unwrap
@@ -69,6 +78,17 @@ class StepResult:
 
 
 @dataclass(frozen=True)
+class TrainingInputs:
+    """What :func:`train_promptdas` trains: a ``model`` (not wrapped), the ``settings`` and the domains.
+    Each data-parallel worker builds its own from the config (volumes are opened there, not shipped)."""
+
+    model: nn.Module
+    settings: AdaptSettings
+    source: DomainData | None = None
+    target: DomainData | None = None
+
+
+@dataclass(frozen=True)
 class AdaptResult:
     """The model to use for inference (eval mode) and the training history."""
 
@@ -82,22 +102,22 @@ class PromptDASTrainer:
     ``source``/``target`` are the domains a mode uses: ``source`` needs labels (modes source, uda, wda;
     optional in uda / wda, which then train on the target alone); ``target`` needs labels in
     supervised-target, and points in wda. Crops, prompt subsets, contrastive points and augmentation
-    draw from streams spawned from ``settings.seed``.
+    draw from per-crop streams keyed by ``settings.seed`` and the step. ``replica`` says which crops of
+    each step's global batch (``settings.batch_size`` per domain) this trainer computes.
     """
 
     def __init__(self, model: nn.Module, settings: AdaptSettings, source: DomainData | None = None,
-                 target: DomainData | None = None, contract: InputContract = PROMPTDAS_INPUT) -> None:
+                 target: DomainData | None = None, contract: InputContract = PROMPTDAS_INPUT,
+                 replica: Replica = ONE_PROCESS) -> None:
         _check_domains(settings, source, target)
         self.model = model
         self.settings = settings
         self.contract = contract
-        streams = np.random.SeedSequence(settings.seed).spawn(4)
+        self.replica = replica
+        self.shard = replica.shard(settings.batch_size)
         uses_source, uses_target = settings.mode != "supervised-target", settings.mode != "source"
-        self.source = _sampler(source if uses_source else None, settings, streams[0], labelled=True)
-        self.target = _sampler(target if uses_target else None, settings, streams[1],
-                               labelled=settings.mode == "supervised-target")
-        self.rng = np.random.default_rng(streams[2])
-        self.generator = torch.Generator().manual_seed(int(streams[3].generate_state(1)[0]))
+        self.source = _sampler(source if uses_source else None, settings, labelled=True)
+        self.target = _sampler(target if uses_target else None, settings, labelled=settings.mode == "supervised-target")
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
         self.teacher = EMATeacher(model, settings.ema_alpha) if settings.mode in ("uda", "wda") else None
@@ -110,29 +130,38 @@ class PromptDASTrainer:
         student itself."""
         return self.teacher.model if self.teacher is not None else unwrap(self.model)
 
+    def crops(self, sampler: CropSampler, domain: int) -> tuple[Slices, list[SampleRandom]]:
+        """This replica's crops of the step's global batch of ``domain``, cut into 2D samples, with one
+        :class:`SampleRandom` per sample."""
+        crops, randoms = [], []
+        for index in self.shard:
+            box, samples = crop_streams(self.settings.seed, domain, self.step_index, index, sampler.crop[0])
+            crops.append(sampler.crop_at(sampler.box(box)))
+            randoms += samples
+        return crop_slices(crops, self.contract), randoms
+
     def make_batches(self) -> dict[str, PromptBatch]:
         """This step's batches: ``source`` (labelled source crops), ``target`` (labelled target crops, the
         oracle) and/or ``pseudo`` (pseudo-labelled target crops, from the current teacher)."""
         s = self.settings
         batches = {}
         if self.source is not None:
-            slices = crop_slices(self.source.crops(s.batch_size), self.contract)
-            batches["source"] = labelled_batch(slices, s.sigma_source, self.rng, self.generator,
-                                                s.labelled_augment)
+            slices, randoms = self.crops(self.source, SOURCE_STREAM)
+            batches["source"] = labelled_batch(slices, s.sigma_source, randoms, s.labelled_augment)
         if self.target is not None:
-            slices = crop_slices(self.target.crops(s.batch_size), self.contract)
+            slices, randoms = self.crops(self.target, TARGET_STREAM)
             if self.teacher is None:
-                batches["target"] = labelled_batch(slices, s.density_sigma, self.rng, self.generator,
-                                                   s.labelled_augment)
+                batches["target"] = labelled_batch(slices, s.density_sigma, randoms, s.labelled_augment)
             else:
-                batches["pseudo"] = pseudo_labelled_batch(self.teacher.model, slices, s, self.rng, self.generator)
+                batches["pseudo"] = pseudo_labelled_batch(self.teacher.model, slices, s, randoms)
         return {name: batch.to(self.device) for name, batch in batches.items()}
 
     def losses(self, batches: dict[str, PromptBatch]) -> dict[str, torch.Tensor]:
         """One student forward pass over all batches (concatenated) → named, already weighted loss terms
         (their sum is the loss): ``{name}_seg``, ``{name}_det`` and, for batches with contrastive points,
-        ``{name}_pcl``."""
+        ``{name}_pcl``. Each is the loss of the global batch (statistics summed over replicas)."""
         s = self.settings
+        total = self.replica.total
         joint = concat_batches(list(batches.values()))
         out = self.model(joint.image, joint.points, joint.point_mask, joint.contrastive_points)
         terms: dict[str, torch.Tensor] = {}
@@ -143,18 +172,20 @@ class PromptDASTrainer:
             weight = s.target_weight if name == "pseudo" else 1.0
             balanced = name == "pseudo" and s.balance_pseudo_labels
             terms[f"{name}_seg"] = weight * segmentation_loss(out.logits[rows, :1], batch.target, batch.valid,
-                                                              balanced=balanced)
-            terms[f"{name}_det"] = weight * s.density_weight * density_loss(out.density[rows], batch.density)
+                                                              balanced=balanced, total=total)
+            terms[f"{name}_det"] = weight * s.density_weight * density_loss(out.density[rows], batch.density,
+                                                                            total)
             if batch.contrastive_labels is not None and s.pcl_weight > 0:
                 prompts = None if out.prompt_embeddings is None else out.prompt_embeddings[rows]
                 contrastive = None if out.contrastive_embeddings is None else out.contrastive_embeddings[rows]
                 pcl = prompt_contrastive_loss(prompts, joint.point_mask[rows], contrastive,
-                                              joint.contrastive_labels[rows], s.pcl_temperature)
+                                              joint.contrastive_labels[rows], s.pcl_temperature, total)
                 terms[f"{name}_pcl"] = weight * s.pcl_weight * pcl
         return terms
 
     def step(self) -> StepResult:
-        """One optimizer step (poly LR), then the teacher's EMA update."""
+        """One optimizer step (poly LR), then the teacher's EMA update. The loss and its components are
+        those of the global batch; batch statistics (``…_prompts``, ``…_valid``) are this replica's."""
         s = self.settings
         for group in self.optimizer.param_groups:
             group["lr"] = poly_lr(s.learning_rate, self.step_index, s.steps, s.poly_power)
@@ -166,6 +197,7 @@ class PromptDASTrainer:
         loss.backward()
         self.optimizer.step()
         if self.teacher is not None:
+            self.replica.share_buffers(unwrap(self.model))
             self.teacher.update(self.model)
         self.step_index += 1
         components = {name: float(t.detach()) for name, t in terms.items()}
@@ -173,24 +205,57 @@ class PromptDASTrainer:
             components.update({f"{name}_{key}": value for key, value in batch.stats.items()})
         return StepResult(float(loss.detach()), components)
 
+    def state(self, history: TrainHistory) -> TrainerState:
+        """The state to resume from after this step (live tensors: save it before the next step)."""
+        teacher = self.teacher
+        return TrainerState(self.step_index, unwrap(self.model).state_dict(), self.optimizer.state_dict(),
+                            None if teacher is None else teacher.model.state_dict(),
+                            0 if teacher is None else teacher.updates, history)
+
+    def restore(self, state: TrainerState) -> None:
+        """Continue from ``state`` (written by a trainer of the same model, settings and mode)."""
+        if (state.teacher is None) != (self.teacher is None):
+            raise ValueError(f"cannot resume {self.settings.mode!r} training from the state of a run "
+                             f"{'without' if state.teacher is None else 'with'} a teacher")
+        unwrap(self.model).load_state_dict(state.student)
+        self.optimizer.load_state_dict(state.optimizer)
+        if self.teacher is not None and state.teacher is not None:
+            self.teacher.model.load_state_dict(state.teacher)
+            self.teacher.updates = state.teacher_updates
+        self.step_index = state.step
+
+
+#: Called after each step (and its history record) with the trainer and the history so far.
+StepHook = Callable[[PromptDASTrainer, TrainHistory], None]
+
 
 def train_promptdas(model: nn.Module, settings: AdaptSettings, source: DomainData | None = None,
                     target: DomainData | None = None, on_step: StepCallback | None = None,
-                    contract: InputContract = PROMPTDAS_INPUT) -> AdaptResult:
+                    contract: InputContract = PROMPTDAS_INPUT, *, replica: Replica = ONE_PROCESS,
+                    resume: TrainerState | None = None, after_step: StepHook | None = None) -> AdaptResult:
     """Train Prompt-DAS for ``settings.steps`` steps (see :class:`PromptDASTrainer`).
 
-    ``model`` is trained in place (start uda / wda from a source-trained model). Returns the model for
-    inference, in eval mode: the EMA teacher for uda / wda, the trained model otherwise.
+    ``model`` is trained in place (start uda / wda from a source-trained model); it may be a
+    ``DistributedDataParallel`` module, one per ``replica``. ``resume``: go on from that state (its
+    step count and history) instead of step 0. ``on_step`` gets progress, ``after_step`` the trainer
+    after every step. Returns the model for inference, in eval mode: the EMA teacher for uda / wda,
+    the trained model otherwise; its history covers every step, resumed ones included.
     """
-    trainer = PromptDASTrainer(model, settings, source, target, contract)
+    trainer = PromptDASTrainer(model, settings, source, target, contract, replica)
     history = TrainHistory()
-    begin = time.perf_counter()
-    for step in range(settings.steps):
+    if resume is not None:
+        trainer.restore(resume)
+        history = resume.history
+    first, earlier, begin = trainer.step_index, history.seconds, time.perf_counter()
+    while trainer.step_index < settings.steps:
         result = trainer.step()
         history.record(result.loss, result.components)
+        elapsed = time.perf_counter() - begin
+        history.seconds = earlier + elapsed
         if on_step is not None:
-            on_step(step + 1, settings.steps, result.loss, (step + 1) / (time.perf_counter() - begin))
-    history.seconds = time.perf_counter() - begin
+            on_step(trainer.step_index, settings.steps, result.loss, (trainer.step_index - first) / elapsed)
+        if after_step is not None:
+            after_step(trainer, history)
     model.eval()
     inference = trainer.inference_model
     inference.eval()
@@ -212,9 +277,8 @@ def _check_domains(settings: AdaptSettings, source: DomainData | None, target: D
         raise ConfigError(f"adapt mode {mode!r} needs {what}.", f"give {what}, or choose another mode.")
 
 
-def _sampler(domain: DomainData | None, settings: AdaptSettings, seed: np.random.SeedSequence,
-             labelled: bool) -> CropSampler | None:
+def _sampler(domain: DomainData | None, settings: AdaptSettings, labelled: bool) -> CropSampler | None:
     if domain is None:
         return None
     labels = domain.labels if labelled else None
-    return CropSampler(domain.raw, labels, settings.crop, int(seed.generate_state(1)[0]), domain.points)
+    return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points)

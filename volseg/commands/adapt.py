@@ -1,18 +1,21 @@
-"""`volseg adapt CONFIG`: mean-teacher adaptation (UDA / WDA) or the target oracle, one process.
+"""`volseg adapt CONFIG`: mean-teacher adaptation (UDA / WDA) or the target oracle.
 
 Starts from ``adapt.init`` (a source-trained checkpoint), trains on crops sampled straight from the
-volumes, and writes a checkpoint whose card records the mode, the data (source, target, points), the
-starting checkpoint and the settings.
+volumes, in one process or, with ``cluster.workers`` > 1, data-parallel under Ray Train (the same loop,
+see :mod:`volseg.actors.training`), and writes a checkpoint whose card records the mode, the data
+(source, target, points), the starting checkpoint, the settings and the workers.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 
 from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData, train_promptdas
-from volseg.commands.progress import StepProgress
-from volseg.commands.train import TrainResult, open_labelled, save_trained
+from volseg.adapt.trainer import DomainData, TrainingInputs
+from volseg.commands.train import TrainResult, open_labelled, train_and_save
 from volseg.config import Config
 from volseg.errors import ConfigError
 from volseg.inference.segment import check_input_dtype
@@ -21,14 +24,12 @@ from volseg.models import build_model
 from volseg.models.checkpoint import load_checkpoint, read_card
 
 
-def adapt(config: Config, progress: bool = True) -> TrainResult:
-    config.require("adapt", command="adapt")
+def adapt_inputs(config: Config) -> TrainingInputs:
+    """The model (from ``adapt.init``, else built and seeded with ``adapt.seed``), the settings and the
+    source / target domains of ``adapt:``, opened in this process."""
     cfg = config.adapt
     assert cfg is not None
     spec = config.model.spec
-    if spec.name != "promptdas":
-        raise ConfigError(f"`volseg adapt` adapts Prompt-DAS, but model.name is {spec.name!r}.",
-                          "set model.name: promptdas (and model.options as the source checkpoint's card says).")
     target_raw = cfg.target.raw.open()
     check_input_dtype(target_raw.dtype, cfg.target.raw.url, "adapt.target.raw.url")
     points = None
@@ -47,12 +48,21 @@ def adapt(config: Config, progress: bool = True) -> TrainResult:
         model = build_model(spec)
     settings = AdaptSettings.from_config(cfg, target_voxel_nm=float(target_raw.voxel_size_nm[2]),
                                          source_voxel_nm=None if source is None else float(source.raw.voxel_size_nm[2]))
-    bar = StepProgress(cfg.steps, f"adapting ({cfg.mode})", progress)
-    try:
-        result = train_promptdas(model, settings, source, DomainData(target_raw, target_labels, points), on_step=bar)
-    finally:
-        bar.close()
-    card = {
+    return TrainingInputs(model, settings, source, DomainData(target_raw, target_labels, points))
+
+
+def adapt(config: Config, progress: bool = True) -> TrainResult:
+    config.require("adapt", command="adapt")
+    cfg = config.adapt
+    assert cfg is not None
+    spec = config.model.spec
+    if spec.name != "promptdas":
+        raise ConfigError(f"`volseg adapt` adapts Prompt-DAS, but model.name is {spec.name!r}.",
+                          "set model.name: promptdas (and model.options as the source checkpoint's card says).")
+    inputs = adapt_inputs(config)
+    assert inputs.target is not None
+    points = inputs.target.points
+    card: dict[str, Any] = {
         "mode": cfg.mode,
         "data": {
             "source": None if cfg.source is None else {"raw": cfg.source.raw.url, "labels": cfg.source.labels.url},
@@ -64,4 +74,5 @@ def adapt(config: Config, progress: bool = True) -> TrainResult:
         "init": {"checkpoint": cfg.init, "card": read_card(cfg.init) if cfg.init else None},
         "adaptation": cfg.model_dump(),
     }
-    return save_trained(cfg.checkpoint, result.model, spec, card, result.history, f"Prompt-DAS {cfg.mode}")
+    return train_and_save(config, partial(adapt_inputs, config), inputs, card, cfg.checkpoint,
+                          f"Prompt-DAS {cfg.mode}", progress)

@@ -1,12 +1,15 @@
 """`volseg train CONFIG`: supervised (source) training on a labelled volume → checkpoint + card + curve.
 
 Prompt-DAS trains in the paper's source mode (each crop prompted by a random subset, 0 … all, of its
-instance centres); other models train with the plain supervised loop.
+instance centres), in one process or, with ``cluster.workers`` > 1, data-parallel under Ray Train (the same
+loop, see :mod:`volseg.actors.training`); other models train with the plain supervised loop, in one process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,13 @@ import torch
 from torch import nn
 
 from volseg.adapt.loop import SupervisedSettings, TrainHistory, train_supervised
+from volseg.adapt.replicas import Replica
 from volseg.adapt.sampler import CropSampler
 from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData, train_promptdas
+from volseg.adapt.trainer import DomainData, TrainingInputs, train_promptdas
 from volseg.commands.progress import StepProgress
-from volseg.config import Config
-from volseg.errors import VolumeFormatError
+from volseg.config import Config, TrainConfig
+from volseg.errors import ConfigError, VolumeFormatError
 from volseg.inference.segment import check_input_dtype
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.checkpoint import save_checkpoint
@@ -58,10 +62,9 @@ def save_loss_curve(losses: list[float], path: Path, title: str) -> Path:
 
 def save_trained(path: str, model: nn.Module, spec: ModelSpec, card: dict[str, Any], history: TrainHistory,
                  title: str) -> TrainResult:
-    """Write the checkpoint with its card (final loss and time added) and the loss curve beside it."""
-    card = {**card, "steps": len(history.losses),
-            "metrics": {**card.get("metrics", {}), "final_loss": float(np.mean(history.losses[-20:])),
-                        "seconds": history.seconds}}
+    """Write the checkpoint with its card (steps, final loss and time added) and the loss curve beside it."""
+    summary = history.card()
+    card = {**card, **summary, "metrics": {**card.get("metrics", {}), **summary["metrics"]}}
     checkpoint = save_checkpoint(path, model, spec, card)
     curve = save_loss_curve(history.losses, checkpoint.with_name(checkpoint.stem + "_loss.png"), title)
     return TrainResult(checkpoint, history, curve)
@@ -78,33 +81,76 @@ def open_labelled(raw_ref: Any, labels_ref: Any, field: str) -> tuple[Any, Any]:
     return raw, labels
 
 
+def train_and_save(config: Config, prepare: Callable[[], TrainingInputs], inputs: TrainingInputs,
+                   card: dict[str, Any], output: str, title: str, progress: bool) -> TrainResult:
+    """Train Prompt-DAS on ``inputs`` (built by ``prepare()``) and save it at ``output`` with ``card``.
+
+    ``cluster.workers`` 0 or 1: the training loop in this process. More: the same loop under Ray Train,
+    each worker calling ``prepare`` itself; the card then also records the ``distributed`` run.
+    """
+    workers = config.cluster.workers
+    if workers <= 1:
+        bar = StepProgress(inputs.settings.steps, title, progress)
+        try:
+            result = train_promptdas(inputs.model, inputs.settings, inputs.source, inputs.target, on_step=bar)
+        finally:
+            bar.close()
+        return save_trained(output, result.model, config.model.spec, {**card, "workers": 1}, result.history, title)
+    from volseg.actors.training import TrainingJob, train_distributed
+
+    per_worker = len(Replica(0, workers).shard(inputs.settings.batch_size))
+    run = train_distributed(TrainingJob(prepare, config.model.spec, card, output, config.cluster))
+    distributed = {"backend": run.backend, "per_worker_batch": per_worker, "run": run.checkpoint,
+                   "resumed_from": run.resumed_from, "checkpoint_every": config.cluster.checkpoint_every}
+    return save_trained(output, run.model, config.model.spec, {**card, "workers": workers, "distributed": distributed},
+                        run.history, title)
+
+
+def source_inputs(config: Config, model: nn.Module | None = None) -> TrainingInputs:
+    """Prompt-DAS source training (``train:``): the labelled volume, opened in this process, and ``model``
+    (default: built from ``model:``, seeded with ``train.seed``)."""
+    cfg = config.train
+    assert cfg is not None
+    raw, labels = open_labelled(cfg.raw, cfg.labels, "train")
+    input_contract(config.model.spec).check_window(cfg.crop)
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = build_model(config.model.spec)
+    settings = AdaptSettings(mode="source", steps=cfg.steps, batch_size=cfg.batch_size, crop=cfg.crop,
+                             learning_rate=cfg.learning_rate, density_sigma=_sigma_vx(cfg, raw), seed=cfg.seed)
+    return TrainingInputs(model, settings, DomainData(raw, labels))
+
+
+def _sigma_vx(cfg: TrainConfig, raw: Any) -> float:
+    return cfg.density_sigma_nm / float(raw.voxel_size_nm[2])
+
+
 def train(config: Config, progress: bool = True) -> TrainResult:
     config.require("train", command="train")
     cfg = config.train
     assert cfg is not None
-    raw, labels = open_labelled(cfg.raw, cfg.labels, "train")
     spec = config.model.spec
-    contract = input_contract(spec)
-    contract.check_window(cfg.crop)
+    title = f"{spec.name} source training"
+    card = {"mode": "source", "data": {"raw": cfg.raw.url, "labels": cfg.labels.url}, "training": cfg.model_dump()}
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
-    sigma_vx = cfg.density_sigma_nm / float(raw.voxel_size_nm[2])
+    if getattr(model, "promptable", False):
+        inputs = source_inputs(config, model)
+        card["data"]["voxel_size_nm"] = list(inputs.source.raw.voxel_size_nm)
+        return train_and_save(config, partial(source_inputs, config), inputs, card, cfg.checkpoint, title, progress)
+    if config.cluster.workers > 1:
+        raise ConfigError(f"cluster.workers is {config.cluster.workers}, but data-parallel training runs "
+                          f"Prompt-DAS only and model.name is {spec.name!r}.",
+                          "set cluster.workers to 0 (or 1) to train this model in one process.")
+    raw, labels = open_labelled(cfg.raw, cfg.labels, "train")
+    contract = input_contract(spec)
+    contract.check_window(cfg.crop)
+    settings = SupervisedSettings(cfg.steps, cfg.batch_size, cfg.learning_rate, _sigma_vx(cfg, raw), cfg.seed)
     bar = StepProgress(cfg.steps, "training", progress)
     try:
-        if getattr(model, "promptable", False):
-            settings = AdaptSettings(mode="source", steps=cfg.steps, batch_size=cfg.batch_size, crop=cfg.crop,
-                                     learning_rate=cfg.learning_rate, density_sigma=sigma_vx, seed=cfg.seed)
-            result = train_promptdas(model, settings, source=DomainData(raw, labels), on_step=bar)
-            model, history = result.model, result.history
-        else:
-            settings = SupervisedSettings(cfg.steps, cfg.batch_size, cfg.learning_rate, sigma_vx, cfg.seed)
-            history = train_supervised(model, contract, CropSampler(raw, labels, cfg.crop, cfg.seed), settings,
-                                       on_step=bar)
+        history = train_supervised(model, contract, CropSampler(raw, labels, cfg.crop, cfg.seed), settings,
+                                   on_step=bar)
     finally:
         bar.close()
-    card = {
-        "mode": "source",
-        "data": {"raw": cfg.raw.url, "labels": cfg.labels.url, "voxel_size_nm": list(raw.voxel_size_nm)},
-        "training": cfg.model_dump(),
-    }
-    return save_trained(cfg.checkpoint, model, spec, card, history, f"{spec.name} source training")
+    card["data"]["voxel_size_nm"] = list(raw.voxel_size_nm)
+    return save_trained(cfg.checkpoint, model, spec, {**card, "workers": 1}, history, title)
