@@ -61,6 +61,16 @@ def test_train_then_adapt(tmp_path, two_domains, capsys):
 
     load_checkpoint(tmp_path / "wda.safetensors", ModelSpec.from_json(card["model"]))
 
+    # the adapted checkpoint feeds `volseg run` directly; the summary names it and its data
+    run = {"model": MODEL | {"checkpoint": str(tmp_path / "wda.safetensors")},
+           "input": {"url": f"{urls['target']}/raw"},
+           "inference": {"window": [1, 32, 32], "stride": [1, 24, 24], "device": "cpu"},
+           "output": {"probabilities": str(tmp_path / "run.zarr/prob")}, "execution": {"executor": "serial"}}
+    assert main(["run", str(write_config(tmp_path / "run.yaml", run)), "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert f"from {tmp_path / 'wda.safetensors'} (wda, on {urls['target']}/raw (source {urls['source']}/raw), " \
+           "2 steps)" in summary
+
 
 def test_adapt_refuses_a_non_promptable_model_and_wda_without_points(tmp_path, two_domains, capsys):
     urls = two_domains[0]

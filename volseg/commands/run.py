@@ -101,14 +101,22 @@ class RunResult:
 
 
 def _adapted_on(card: dict[str, Any]) -> str:
-    """' (mode on data …)' from a checkpoint card, when it says what the model was trained on."""
-    training = card.get("training") or card.get("config") or {}
+    """' (uda on TARGET from SOURCE, 300 steps, 2 workers)' from a checkpoint card: what the model was
+    trained or adapted on, so a run names the data behind its weights."""
     data = card.get("data") or {}
-    mode = card.get("mode") or (training.get("mode") if isinstance(training, dict) else None)
-    urls = [str(v) for v in data.values()] if isinstance(data, dict) else [str(d) for d in data]
-    if not mode and not urls:
+    mode = card.get("mode")
+    if not isinstance(data, dict) or not (mode or data):
         return ""
-    return f" ({mode or 'trained'}{' on ' + ', '.join(urls) if urls else ''})"
+    target, source = data.get("target"), data.get("source")
+    source_raw = source.get("raw") if isinstance(source, dict) else None
+    trained_on = target or data.get("raw")
+    parts = [str(mode or "trained")]
+    if trained_on:
+        parts.append(f"on {trained_on}" + (f" (source {source_raw})" if source_raw else ""))
+    if card.get("steps"):
+        parts.append(f"{card['steps']} steps" + (f" on {card['workers']} workers" if (card.get("workers") or 1) > 1
+                                                  else ""))
+    return " (" + ", ".join(parts) + ")"
 
 
 @contextmanager
