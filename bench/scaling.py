@@ -131,7 +131,8 @@ def main() -> None:
     for label, executor, actors in (("serial, 1 torch thread", "serial", 1), ("Ray, 1 actor × 1 CPU", "ray", 1),
                                     ("Ray, 2 actors × 1 CPU", "ray", 2)):
         print(f"running {label} on {shape} ...", file=sys.stderr, flush=True)
-        rows.append((label, run_child(url=url, checkpoint=checkpoint, out=str(work / f"out_{executor}{actors}.zarr"),
+        out = work / f"out_{shape[0]}x{shape[1]}_{executor}{actors}.zarr"
+        rows.append((label, run_child(url=url, checkpoint=checkpoint, out=str(out),
                                       executor=executor, actors=str(actors), block=json.dumps(block_for(shape)))))
     print(f"\nvolume {shape} uint8 zarr, model {MODEL.name} {dict(MODEL.options)}, window {WINDOW}, "
           f"stride {STRIDE}, block {tuple(block_for(shape))}")
