@@ -16,6 +16,7 @@ from volseg.errors import ConfigError
 from volseg.geometry import BlockGrid, Box
 from volseg.inference.peaks import local_peaks, peak_radius
 from volseg.io import open_volume
+from volseg.io.points import read_points
 
 
 def smooth_field(shape, seed: int) -> np.ndarray:
@@ -122,6 +123,10 @@ def test_neuroglancer_state_links_every_volume_and_the_prompts(auto_config, tmp_
     names = [layer["name"] for layer in state["layers"]]
     assert names == ["image", "probabilities", "density", "prompts"]
     assert len(state["layers"][-1]["annotations"]) == len(result.prompts)
+    (tmp_path / "state.json").write_text(json.dumps(state))           # the prompts layer reads back exactly
+    source = result.plan.source
+    np.testing.assert_allclose(read_points(tmp_path / "state.json", source.voxel_size_nm, source.voxel_offset,
+                                           layer="prompts").zyx, result.prompts.zyx, atol=1e-4)
     root = served_root([config.input.url, config.output.probabilities])
     assert root.is_dir() and Path(config.output.probabilities).is_relative_to(root)
     assert state["layers"][1]["source"].startswith("zarr3://http://127.0.0.1:0/")

@@ -65,3 +65,61 @@ def test_routing_gives_each_box_its_points_in_its_own_coordinates():
     np.testing.assert_array_equal(points.inside(Box((2, 4, 4), (3, 10, 10))), [[0, 1, 1], [0, 5, 5]])
     assert len(points.inside(Box((4, 0, 0), (7, 10, 10)))) == 0
     np.testing.assert_array_equal(points.inside(Box((7, 0, 0), (8, 2, 2))), [[0, 1, 1]])
+
+
+def write_precomputed_points(root, levels: list[dict[tuple[int, int, int], list[tuple[int, list[float]]]]],
+                             grid_shapes: list[list[int]]) -> None:
+    """A precomputed point-annotation collection written by hand from Neuroglancer's spec: one float32
+    and one uint8 property (so each record is 12 + 4 + 1 bytes, padded to 20), unsharded spatial levels."""
+    root.mkdir()
+    info = {"@type": "neuroglancer_annotations_v1",
+            "dimensions": {"x": [4e-9, "m"], "y": [4e-9, "m"], "z": [40e-9, "m"]},
+            "lower_bound": [0, 0, 0], "upper_bound": [64, 64, 8], "annotation_type": "POINT",
+            "properties": [{"id": "score", "type": "float32"}, {"id": "kind", "type": "uint8"}],
+            "relationships": [], "by_id": {"key": "by_id"},
+            "spatial": [{"key": f"level{i}", "grid_shape": shape, "chunk_size": [64 / shape[0], 64 / shape[1], 8],
+                         "limit": 2} for i, shape in enumerate(grid_shapes)]}
+    (root / "info").write_text(json.dumps(info))
+    for i, cells in enumerate(levels):
+        (root / f"level{i}").mkdir()
+        for cell, entries in cells.items():
+            body = b"".join(np.asarray(xyz, "<f4").tobytes() + np.float32(0.5).tobytes() + b"\x07" + b"\0" * 3
+                            for _, xyz in entries)
+            ids = np.asarray([key for key, _ in entries], "<u8").tobytes()
+            (root / f"level{i}" / "_".join(map(str, cell))).write_bytes(
+                np.uint64(len(entries)).tobytes() + body + ids)
+
+
+def test_precomputed_point_annotations_from_disk_and_over_http(tmp_path):
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    levels = [{(0, 0, 0): [(5, [40.5, 20.5, 3.5]), (9, [2.5, 60.5, 0.5])]},
+              {(1, 0, 0): [(11, [33.5, 1.5, 7.5])], (0, 1, 0): [(12, [10.5, 40.5, 2.5]), (9, [2.5, 60.5, 0.5])]}]
+    write_precomputed_points(tmp_path / "points", levels, [[1, 1, 1], [2, 2, 1]])
+    expected = [[0, 60, 2], [2, 40, 10], [3, 20, 40], [7, 1, 33]]    # z, y, x voxel indices; id 9 once
+    np.testing.assert_allclose(read_points(tmp_path / "points", (40, 4, 4)).zyx, expected)
+
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"precomputed://http://127.0.0.1:{server.server_address[1]}/points"
+        np.testing.assert_allclose(read_points(url, (40, 4, 4)).zyx, expected)
+        with pytest.raises(PointsError, match="outside the volume"):
+            read_points(url, (40, 4, 4), bounds=Box((0, 0, 0), (4, 64, 64)))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_directory_that_is_no_annotation_collection_is_refused(tmp_path):
+    (tmp_path / "vol").mkdir()
+    (tmp_path / "vol" / "info").write_text(json.dumps({"type": "image", "scales": []}))
+    with pytest.raises(PointsError, match="not a point annotation collection"):
+        read_points(tmp_path / "vol")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PointsError, match="no info file"):
+        read_points(tmp_path / "empty")

@@ -17,6 +17,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from volseg.config import Config
 from volseg.errors import VolsegError
 from volseg.geometry import PointSet
@@ -68,6 +70,7 @@ def neuroglancer_state(config: Config, prompts: PointSet | None = None, port: in
     if not layers_found:
         return {"layers": []}
     vz, vy, vx = layers_found[0][3].voxel_size_nm
+    offset = np.asarray(layers_found[0][3].voxel_offset, dtype=np.float64)
     layers = []
     for name, kind, url, volume in layers_found:
         layer: dict[str, Any] = {"type": kind, "name": name, "source": source(url, volume.format, server, root)}
@@ -77,7 +80,9 @@ def neuroglancer_state(config: Config, prompts: PointSet | None = None, port: in
         layers.append(layer)
     if prompts is not None and 0 < len(prompts) <= MAX_INLINE_POINTS:
         layers.append({"type": "annotation", "name": "prompts", "source": {"url": "local://annotations"},
-                       "annotations": [{"type": "point", "id": str(i), "point": [float(v) for v in p[::-1]]}
+                       # Neuroglancer puts voxel corners at integers: a voxel's centre is index + 0.5
+                       "annotations": [{"type": "point", "id": str(i),
+                                        "point": [float(v) for v in (p + 0.5 + offset)[::-1]]}
                                        for i, p in enumerate(prompts.zyx)]})
     return {"dimensions": {"x": [vx * 1e-9, "m"], "y": [vy * 1e-9, "m"], "z": [vz * 1e-9, "m"]},
             "layout": "xy", "layers": layers}

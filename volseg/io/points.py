@@ -9,11 +9,15 @@ Readers:
   points as ``[x, y, z]`` in the coordinate space of ``dimensions`` (e.g. ``{"x": [4e-9, "m"], ...}``),
   with voxel *corners* at integers. They are converted to this volume's voxel indices through its
   voxel size and offset; with no ``dimensions`` the coordinates are taken as this volume's voxels.
+* **Neuroglancer precomputed annotations** (a directory or URL whose ``info`` has ``"@type":
+  "neuroglancer_annotations_v1"`` and ``"annotation_type": "POINT"``; local, gs://, s3://, http(s)://):
+  every point of its (unsharded) multi-level spatial index, converted like the JSON's.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,10 +43,17 @@ def read_points(
     With ``bounds``, every point must lie inside it, else :class:`PointsError` names the file, how many
     points are outside and an example.
     """
+    text = str(path)
+    if "://" in text or Path(text).is_dir():
+        points = _read_precomputed(text, voxel_size_nm, voxel_offset)
+        if bounds is not None:
+            points.check_inside(bounds, text)
+        return points
     path = Path(path)
     if not path.is_file():
         raise PointsError(f"Points file {str(path)!r} does not exist.",
-                          "give a CSV with columns z,y,x or a Neuroglancer annotation JSON.")
+                          "give a CSV with columns z,y,x, a Neuroglancer annotation JSON, or a precomputed "
+                          "annotation directory.")
     if path.suffix.lower() == ".csv":
         points = _read_csv(path)
     elif path.suffix.lower() == ".json":
@@ -102,17 +113,75 @@ def _read_neuroglancer(path: Path, voxel_size_nm: Sequence[float], voxel_offset:
     if coords.ndim != 2 or coords.shape[1] < 3:
         raise PointsError(f"{path}: point annotations must have 3 coordinates (x, y, z).",
                           "use a 3D annotation layer.")
+    return _to_voxels(coords, dimensions, voxel_size_nm, voxel_offset, str(path))
+
+
+def _to_voxels(coords: np.ndarray, dimensions: dict[str, Any] | None, voxel_size_nm: Sequence[float],
+               voxel_offset: Sequence[int], source: str) -> PointSet:
+    """Neuroglancer coordinates (columns in the order of ``dimensions``) → this volume's voxel indices."""
     names = list(dimensions) if dimensions else ["x", "y", "z"]
     try:
         zyx = coords[:, [names.index(a) for a in "zyx"]]
     except ValueError:
-        raise PointsError(f"{path}: the annotation dimensions {names} do not include x, y and z.",
+        raise PointsError(f"{source}: the annotation dimensions {names} do not include x, y and z.",
                           "annotate in a viewer whose dimensions are x, y, z.") from None
     if dimensions:
-        scale_nm = np.array([_to_nm(dimensions[a], path) for a in "zyx"])
+        scale_nm = np.array([_to_nm(dimensions[a], source) for a in "zyx"])
         zyx = zyx * scale_nm / np.asarray(voxel_size_nm, dtype=np.float64)
     zyx = zyx - 0.5 - np.asarray(voxel_offset, dtype=np.float64)  # corner → centre convention
     return PointSet(zyx)
+
+
+_PROPERTY_BYTES = {"rgb": 3, "rgba": 4, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4,
+                   "float32": 4}
+
+
+def _read_precomputed(url: str, voxel_size_nm: Sequence[float], voxel_offset: Sequence[int]) -> PointSet:
+    """Every point of a precomputed annotation collection, from its spatial index (each point is
+    stored in one cell of one level; a point on a cell border may repeat, so points are kept by id)."""
+    import tensorstore as ts
+
+    from volseg.errors import VolsegError
+    from volseg.io.urls import parse_url
+
+    try:
+        store = ts.KvStore.open(parse_url(url.removeprefix("precomputed://")).kvstore()).result()
+        raw = store.read("info").result()
+    except (VolsegError, ValueError) as error:
+        raise PointsError(f"Points {url!r} cannot be opened ({str(error).splitlines()[0]}).",
+                          "give a precomputed annotation directory or URL.") from None
+    if raw.state != "value":
+        raise PointsError(f"Points {url!r} has no info file; it is not a precomputed annotation collection.",
+                          "give a CSV, a Neuroglancer JSON, or a precomputed annotation directory.")
+    info = json.loads(raw.value)
+    if info.get("@type") != "neuroglancer_annotations_v1" or info.get("annotation_type", "").upper() != "POINT":
+        raise PointsError(f"{url}: info is not a point annotation collection (@type {info.get('@type')!r}, "
+                          f"annotation_type {info.get('annotation_type')!r}).",
+                          "give a collection of POINT annotations.")
+    rank = len(info["dimensions"])
+    record = 4 * rank + sum(_PROPERTY_BYTES[p["type"]] for p in info.get("properties", []))
+    record += (-record) % 4  # each annotation's encoding is padded to 4 bytes
+    points: dict[int, np.ndarray] = {}
+    for level in info["spatial"]:
+        if "sharding" in level:
+            raise PointsError(f"{url}: spatial index level {level['key']!r} is sharded; volseg reads unsharded "
+                              "precomputed annotations.", "export the annotations unsharded, or as JSON.")
+        cells = itertools.product(*(range(n) for n in level["grid_shape"]))
+        keys = [f"{level['key']}/{'_'.join(map(str, cell))}" for cell in cells]
+        for pending in [store.read(key) for key in keys]:
+            chunk = pending.result()
+            if chunk.state == "value":
+                points.update(_decode_points(bytes(chunk.value), rank, record))
+    coords = np.stack([points[k] for k in sorted(points)]) if points else np.zeros((0, rank))
+    return _to_voxels(coords.astype(np.float64), info["dimensions"], voxel_size_nm, voxel_offset, url)
+
+
+def _decode_points(data: bytes, rank: int, record: int) -> dict[int, np.ndarray]:
+    count = int(np.frombuffer(data, "<u8", 1)[0])
+    body = np.frombuffer(data, np.uint8, count * record, 8).reshape(count, record)
+    positions = body[:, : 4 * rank].copy().view("<f4").reshape(count, rank)
+    ids = np.frombuffer(data, "<u8", count, 8 + count * record)
+    return {int(i): p for i, p in zip(ids, positions, strict=True)}
 
 
 def _annotation_layers(state: Any, name: str | None, path: Path) -> list[dict[str, Any]]:
@@ -132,7 +201,7 @@ def _annotation_layers(state: Any, name: str | None, path: Path) -> list[dict[st
     return layers
 
 
-def _to_nm(dimension: Sequence[Any], path: Path) -> float:
+def _to_nm(dimension: Sequence[Any], path: Path | str) -> float:
     scale, unit = float(dimension[0]), str(dimension[1])
     if unit not in _UNIT_TO_NM:
         raise PointsError(f"{path}: unit {unit!r} of the annotation dimensions is not a length.",
