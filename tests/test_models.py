@@ -18,7 +18,10 @@ TEST_OPTIONS = {
     "convnet": ({}, (2, 3)),
     "unet": ({"width": 4}, (2, 3)),
     "promptdas": ({"decoder_dim": 64, "decoder_heads": 4, "decoder_mlp": 64, "projection_dim": 8}, (2,)),
+    "sam": ({"variant": "tiny"}, (2,)),
 }
+#: Models of one foreground class only (SAM); the others are tested with two.
+SINGLE_CLASS = {"sam"}
 
 
 def test_every_registered_model_has_test_options():
@@ -27,7 +30,8 @@ def test_every_registered_model_has_test_options():
 
 @pytest.mark.parametrize(("name", "dims"), [(n, d) for n, (_, ds) in sorted(TEST_OPTIONS.items()) for d in ds])
 def test_every_registered_model_maps_windows_to_logits_and_density(name, dims):
-    spec = ModelSpec(name, num_classes=2, options={**TEST_OPTIONS[name][0], "dims": dims})
+    classes = 1 if name in SINGLE_CLASS else 2
+    spec = ModelSpec(name, num_classes=classes, options={**TEST_OPTIONS[name][0], "dims": dims})
     model = build_model(spec).eval()
     contract = input_contract(spec)
     m = contract.size_multiple
@@ -35,7 +39,7 @@ def test_every_registered_model_maps_windows_to_logits_and_density(name, dims):
     with torch.no_grad():
         out = model(torch.randn(shape))
     logits, density = out[0], out[1]
-    assert logits.shape == (shape[0], 2, *shape[2:])
+    assert logits.shape == (shape[0], classes, *shape[2:])
     assert density.shape == (shape[0], 1, *shape[2:])
 
 

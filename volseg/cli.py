@@ -1,4 +1,4 @@
-"""The command line: `volseg run | validate | train | adapt | eval | view | demo`.
+"""The command line: `volseg run | validate | train | adapt | sam-adapt | eval | view | demo`.
 
 Every user error (a :class:`~volseg.errors.VolsegError`) is printed as one line on stderr and exits
 with code 2; nothing else is caught, so a bug keeps its traceback.
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     adapt = commands.add_parser("adapt", help="adapt a source-trained model to a target volume (config: adapt:)")
     adapt.add_argument("config")
     adapt.add_argument("--no-progress", action="store_true")
+
+    sam_adapt = commands.add_parser("sam-adapt", help="SAM prompt learning, All-in-SAM or DFG (config: sam_adapt:)")
+    sam_adapt.add_argument("config")
+    sam_adapt.add_argument("--no-progress", action="store_true")
 
     evaluate = commands.add_parser("eval", help="score a prediction against labels (config: eval:)")
     evaluate.add_argument("config")
@@ -135,6 +139,15 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sam_adapt(args: argparse.Namespace) -> int:
+    from volseg.commands.sam_adapt import sam_adapt
+    from volseg.config import load_config
+
+    result = sam_adapt(load_config(args.config), progress=not args.no_progress)
+    _print([*_trained_lines(result.trained), *result.lines])
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from volseg.commands.evaluate import evaluate
     from volseg.config import load_config
@@ -170,7 +183,7 @@ def _view(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt, "eval": _eval, "demo": _demo,
-            "view": _view}
+            "view": _view, "sam-adapt": _sam_adapt}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -263,6 +263,59 @@ class AdaptConfig(Section):
         return self
 
 
+class SamAdaptConfig(Section):
+    """SAM-based methods (`volseg sam-adapt`), ``method``:
+
+    - ``sam-prompt``: prompt learning on a frozen SAM (head prompt, prefix tokens, adapters as
+      ``model.options`` say; ``model.name: sam``), Dice loss on ``labelled`` crops.
+    - ``all-in-sam``: weak labels of ``target`` (boxes read off ``sparse_labels``, or ``target.points``)
+      → SAM pseudo-masks → adapter (+ mask decoder) tuning on ``max_slices`` annotated slices, for
+      prompt-free inference (``model.name: sam`` with ``adapter_dim``).
+    - ``dfg``: source-free: the Prompt-DAS of ``init`` (``model:`` is its spec) is adapted to ``target.raw``
+      by the mean teacher on SAM pseudo-labels from feature-guided box prompts (``dfg_*`` fields).
+
+    ``sam_checkpoint``: SAM's released weights (``.pth``, of ``model.options.variant``, or for dfg of
+    ``sam_variant``); None builds a randomly initialised SAM, for tests only. ``checkpoint``: the output."""
+
+    method: Literal["sam-prompt", "all-in-sam", "dfg"]
+    sam_checkpoint: str | None = None
+    sam_variant: Literal["b", "l", "h", "tiny"] = "b"
+    labelled: LabelledVolume | None = None
+    target: TargetConfig | None = None
+    sparse_labels: VolumeRef | None = None
+    prompt: Literal["boxes", "points"] = "boxes"
+    supervise: Literal["annotated", "all"] = "annotated"
+    margin_vx: int = Field(default=8, ge=0)
+    max_slices: int = Field(default=32, ge=1)
+    init: str | None = None
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=2, ge=1)
+    crop: PositiveTriple = (1, 128, 128)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    seed: int = 0
+    dfg_slices: int = Field(default=16, ge=1)
+    dfg_seed_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    dfg_feature_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
+    dfg_stable_iou: float = Field(default=0.9, gt=0.0, le=1.0)
+    dfg_step_vx: int = Field(default=4, ge=1)
+    dfg_max_steps: int = Field(default=16, ge=1)
+    min_size_vx: int = Field(default=16, ge=0)
+    checkpoint: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _inputs(self) -> SamAdaptConfig:
+        if self.method == "sam-prompt" and self.labelled is None:
+            raise ValueError("method sam-prompt needs labelled: {raw, labels} (crops to learn the prompts on)")
+        if self.method == "all-in-sam" and (self.target is None or (self.sparse_labels is None
+                                                                    and self.target.points is None)):
+            raise ValueError("method all-in-sam needs target.raw and weak labels: sparse_labels or target.points")
+        if self.method == "all-in-sam" and self.prompt == "boxes" and self.sparse_labels is None:
+            raise ValueError("prompt boxes needs sparse_labels (boxes are read off them); or set prompt: points")
+        if self.method == "dfg" and (self.target is None or self.init is None):
+            raise ValueError("method dfg needs target.raw and init (the source-trained Prompt-DAS checkpoint)")
+        return self
+
+
 class SyntheticConfig(Section):
     """A self-generated EM-like volume (see volseg.data.synthetic), written as a zarr group at ``url``
     with arrays ``raw`` (uint8) and ``mito`` (uint8, 1 = mitochondrion)."""
@@ -287,6 +340,7 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     train: TrainConfig | None = None
     adapt: AdaptConfig | None = None
+    sam_adapt: SamAdaptConfig | None = None
     eval: EvalConfig | None = None
     synthetic: list[SyntheticConfig] | None = None
     source_path: str | None = Field(default=None, exclude=True)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from volseg.errors import CheckpointError
-from volseg.models.registry import ModelSpec, build_model
+from volseg.models.registry import ModelSpec, build_model, foreign_loader
 
 CARD_VERSION = 1
 
@@ -76,9 +76,13 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> nn.Module:
     """A model built from ``spec`` with the weights at ``path``.
 
     Refuses, naming the mismatch, a file that is missing or unreadable, a card whose model spec
-    differs from ``spec``, and weights whose names or shapes do not fit the model.
+    differs from ``spec``, and weights whose names or shapes do not fit the model. A file that is not
+    ``.safetensors`` goes to the model's own loader when it has one (SAM reads its released ``.pth``).
     """
     path = Path(path)
+    load_foreign = foreign_loader(spec) if path.suffix != ".safetensors" else None
+    if load_foreign is not None:  # e.g. SAM's released .pth weights
+        return load_foreign(path, spec)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist.",
                               "set model.checkpoint to a .safetensors file written by `volseg train`.")

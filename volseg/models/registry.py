@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,17 +79,21 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class RegisteredModel:
+    """``load``: reads weights in a format of the model's own (e.g. SAM's released ``.pth``) for
+    :func:`volseg.models.checkpoint.load_checkpoint`; None: volseg ``.safetensors`` checkpoints only."""
+
     build: Callable[..., nn.Module]
     contract: Callable[[ModelSpec], InputContract]
     description: str
+    load: Callable[[Path, ModelSpec], nn.Module] | None = None
 
 
 MODELS: dict[str, RegisteredModel] = {}
 
 
 def register(name: str, build: Callable[..., nn.Module], contract: Callable[[ModelSpec], InputContract],
-             description: str) -> None:
-    MODELS[name] = RegisteredModel(build, contract, description)
+             description: str, load: Callable[[Path, ModelSpec], nn.Module] | None = None) -> None:
+    MODELS[name] = RegisteredModel(build, contract, description, load)
 
 
 def _entry(spec: ModelSpec) -> RegisteredModel:
@@ -117,6 +122,11 @@ def input_contract(spec: ModelSpec) -> InputContract:
     return _entry(spec).contract(spec)
 
 
+def foreign_loader(spec: ModelSpec) -> Callable[[Path, ModelSpec], nn.Module] | None:
+    """The model's loader of non-volseg weight files (see :class:`RegisteredModel`), or None."""
+    return _entry(spec).load
+
+
 def _load_builtin_models() -> None:
     # Imported lazily so that the registry module stays import-cycle free.
-    from volseg.models import convnet, promptdas, unet  # noqa: F401
+    from volseg.models import convnet, promptdas, sam, unet  # noqa: F401
