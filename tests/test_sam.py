@@ -108,6 +108,21 @@ def test_untrained_prompt_parts_leave_sam_unchanged_and_zero_prefix_is_sams_bloc
         assert (block_with_prefix(block, tokens, torch.randn(3, 32)) - block(tokens)).abs().max() > 1e-4
 
 
+def test_a_sam_predictor_survives_pickling_as_ray_ships_it():
+    import pickle
+
+    from volseg.inference.predictor import TorchPredictor
+    from volseg.models import input_contract
+
+    model = tiny_sam(head_prompt=True, head_prompt_width=4, prefix_tokens=2, adapter_dim=4)
+    predictor = TorchPredictor(model, input_contract(TINY_SAM), (1, 24, 40), 1, batch_size=2)
+    windows = np.random.default_rng(4).integers(0, 255, (3, 1, 24, 40), dtype=np.uint8)
+    prompts = [np.array([[0, 5, 7]]), np.zeros((0, 3)), np.array([[0, 1, 2], [0, 20, 30]])]
+    expected = predictor.predict(windows, prompts)
+    again = pickle.loads(pickle.dumps(predictor)).predict(windows, prompts)
+    assert expected.shape == (3, 2, 1, 24, 40) and np.array_equal(expected, again)
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
@@ -328,3 +343,41 @@ def test_sam_adapt_command_writes_checkpoints_that_volseg_run_uses(small_dataset
     bad = {"model": sam_model, "sam_adapt": {"method": "dfg", "target": {"raw": raw}, "checkpoint": "x.safetensors"}}
     assert main(["sam-adapt", str(write_config(tmp_path / "bad.yaml", bad))]) == 2
     assert "needs target.raw and init" in capsys.readouterr().err
+
+
+def test_promptdas_density_peaks_chain_into_sam_prompts(run_config, promptdas_checkpoint, sam_checkpoint, tmp_path,
+                                                        capsys):
+    promptdas = run_config(model={"name": TINY_PROMPTDAS.name, "options": dict(TINY_PROMPTDAS.options),
+                                  "checkpoint": str(promptdas_checkpoint)},
+                           prompts={"auto": True, "peak_threshold": 0.02, "min_distance_nm": 40})
+    found = run(parse_config(promptdas), progress=False).prompts
+    config = write_config(tmp_path / "promptdas.yaml", promptdas)
+    points = tmp_path / "peaks.csv"
+    assert main(["peaks", str(config), "--out", str(points)]) == 0
+    assert f"{len(found)} density peaks" in capsys.readouterr().out
+    exported = np.loadtxt(points, delimiter=",", skiprows=1, ndmin=2)
+    assert len(found) > 0 and {tuple(p) for p in exported} == {tuple(p) for p in found.zyx}
+    chained = run_config(model={"name": "sam", "options": dict(TINY_SAM.options), "checkpoint": str(sam_checkpoint)},
+                         output={"probabilities": str(tmp_path / "sam.zarr/prob"), "chunk": [2, 16, 16]},
+                         prompts={"points": str(points)})
+    result = run(parse_config(chained), progress=False)
+    assert len(result.prompts) == len(found)
+
+
+def test_the_benchmark_says_plainly_when_it_has_no_sam_checkpoint(capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sam_methods.py"
+    spec = importlib.util.spec_from_file_location("sam_methods_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench                             # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    assert bench.main([]) == 0
+    out = capsys.readouterr().out
+    assert "No SAM checkpoint given, so nothing was run" in out and "--sam-checkpoint" in out
+    assert all(name in out for name in bench.ROWS)

@@ -1,4 +1,4 @@
-"""The command line: `volseg run | validate | train | adapt | sam-adapt | eval | view | demo`.
+"""The command line: `volseg run | validate | train | adapt | sam-adapt | peaks | eval | view | demo`.
 
 Every user error (a :class:`~volseg.errors.VolsegError`) is printed as one line on stderr and exits
 with code 2; nothing else is caught, so a bug keeps its traceback.
@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     sam_adapt = commands.add_parser("sam-adapt", help="SAM prompt learning, All-in-SAM or DFG (config: sam_adapt:)")
     sam_adapt.add_argument("config")
     sam_adapt.add_argument("--no-progress", action="store_true")
+
+    peaks = commands.add_parser("peaks", help="write the density peaks of a run's output as a points CSV")
+    peaks.add_argument("config")
+    peaks.add_argument("--out", required=True, metavar="CSV", help="where the points (z,y,x) go")
 
     evaluate = commands.add_parser("eval", help="score a prediction against labels (config: eval:)")
     evaluate.add_argument("config")
@@ -148,6 +152,15 @@ def _sam_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peaks(args: argparse.Namespace) -> int:
+    from volseg.commands.peaks import export_peaks
+    from volseg.config import load_config
+
+    points = export_peaks(load_config(args.config), args.out)
+    print(f"{len(points)} density peaks written to {args.out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from volseg.commands.evaluate import evaluate
     from volseg.config import load_config
@@ -183,7 +196,7 @@ def _view(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt, "eval": _eval, "demo": _demo,
-            "view": _view, "sam-adapt": _sam_adapt}
+            "view": _view, "sam-adapt": _sam_adapt, "peaks": _peaks}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,48 @@
+"""`volseg peaks CONFIG --out points.csv`: a run's density map → its global peaks, as a points file.
+
+This chains Prompt-DAS into SAM, which has no density head of its own: segment with Prompt-DAS writing
+``output.density``, export that map's peaks, and give the file to a SAM run as ``prompts.points`` (each
+peak then prompts one object). Peaks are found exactly as ``prompts.auto`` finds them (blockwise, equal
+to a whole-volume search; ``prompts.peak_threshold`` and ``prompts.min_distance_nm`` of the config, or
+their defaults) and written as a CSV of voxel indices ``z,y,x``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from volseg.config import Config, PromptsConfig
+from volseg.errors import ConfigError
+from volseg.geometry import BlockGrid, PointSet
+from volseg.inference.executor import SerialExecutor
+from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
+from volseg.io import open_volume
+
+#: Blocks of the peak search: the density's storage chunks grown to about this many voxels.
+PEAK_BLOCK_VOXELS = 1 << 24
+
+
+def export_peaks(config: Config, out: str | Path) -> PointSet:
+    """Find the peaks of ``config.output.density`` and write them to ``out`` (CSV ``z,y,x``)."""
+    config.require("output", command="peaks")
+    assert config.output is not None
+    if config.output.density is None:
+        raise ConfigError(f"{config.source_path or 'config'}: output.density is not set, so there is no density "
+                          "map to take peaks from.", "run Prompt-DAS with output.density set, and name it here.")
+    density = open_volume(config.output.density)
+    prompts = config.prompts
+    threshold = prompts.peak_threshold if prompts else PromptsConfig.model_fields["peak_threshold"].default
+    distance = prompts.min_distance_nm if prompts else PromptsConfig.model_fields["min_distance_nm"].default
+    radius = peak_radius(distance, density.voxel_size_nm, config.inference.window)
+    core = list(density.chunk_shape)
+    while int(np.prod(core)) < PEAK_BLOCK_VOXELS and core[0] < density.shape[0]:
+        core[0] += density.chunk_shape[0]
+    grid = BlockGrid(density.bounds, tuple(core), 0, density.bounds)
+    stats = SerialExecutor(config.execution.prefetch).run(PeakStage(density, threshold, radius), list(grid))
+    points = gather_peaks(stats.outcomes)
+    order = np.lexsort(points.zyx.T[::-1]) if len(points) else np.zeros(0, int)
+    rows = "".join(f"{int(z)},{int(y)},{int(x)}\n" for z, y, x in points.zyx[order])
+    Path(out).write_text("z,y,x\n" + rows)
+    return points
