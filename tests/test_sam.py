@@ -176,6 +176,13 @@ def test_sam_run_blockwise_equals_whole_volume_with_and_without_points(run_confi
     for prompted in (False, True):
         assert np.abs(outputs["blocks", prompted] - outputs["whole", prompted]).max() <= 1e-5
     assert np.abs(outputs["whole", True] - outputs["whole", False]).max() > 1e-3
+    official = tmp_path / "sam_tiny.pth"                       # SAM's own .pth works as model.checkpoint too
+    torch.save(load_checkpoint(sam_checkpoint, TINY_SAM).sam.state_dict(), official)
+    config = run_config(model={"name": "sam", "options": dict(TINY_SAM.options), "checkpoint": str(official)},
+                        output={"probabilities": str(tmp_path / "pth.zarr/prob"), "chunk": [2, 16, 16]})
+    run(parse_config(config), progress=False)
+    volume = open_volume(config["output"]["probabilities"])
+    assert np.abs(volume.read(volume.bounds) - outputs["blocks", False]).max() <= 1e-5
 
 
 # --- prompt learning ------------------------------------------------------------------------------------------

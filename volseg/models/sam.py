@@ -22,8 +22,8 @@ Semantics, and why:
 - Points use SAM's multimask output and keep the mask with the highest predicted IoU (SAM's advice for
   a single, ambiguous click); boxes and the unprompted mode use the single-mask output.
 - **Density**: SAM has no centre-density head. The density channel is all zeros, so ``prompts.auto``
-  cannot find prompts with SAM itself; take them from Prompt-DAS's density peaks (see README) and use
-  ``instances.method: connected_components`` with SAM.
+  cannot find prompts with SAM itself: take them from Prompt-DAS's density peaks (`volseg peaks` writes
+  them as a points file for ``prompts.points``), and use ``instances.method: connected_components``.
 """
 
 from __future__ import annotations
