@@ -185,6 +185,13 @@ def test_sam_run_blockwise_equals_whole_volume_with_and_without_points(run_confi
     assert np.abs(volume.read(volume.bounds) - outputs["blocks", False]).max() <= 1e-5
 
 
+def test_auto_prompts_with_sam_are_refused_naming_the_route(run_config, sam_checkpoint):
+    config = run_config(model={"name": "sam", "options": dict(TINY_SAM.options), "checkpoint": str(sam_checkpoint)},
+                        prompts={"auto": True})
+    with pytest.raises(ConfigError, match="volseg peaks"):
+        run(parse_config(config), progress=False)
+
+
 # --- prompt learning ------------------------------------------------------------------------------------------
 
 

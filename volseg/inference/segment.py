@@ -219,6 +219,10 @@ def _check_auto_prompts(config: Config, predictor: TorchPredictor) -> None:
     if not getattr(predictor.model, "promptable", False):
         raise ConfigError(f"prompts.auto needs a promptable model; model {config.model.name!r} takes no prompts.",
                           "use model.name: promptdas, or remove the prompts section.")
+    if not getattr(predictor.model, "predicts_density", True):
+        raise ConfigError(f"prompts.auto finds its prompts in the density map, and model {config.model.name!r} "
+                          "predicts none.", "run Prompt-DAS first, write its peaks with `volseg peaks CONFIG "
+                          "--out peaks.csv`, and give them as prompts.points.")
     if config.output is None or config.output.density is None:
         raise ConfigError("prompts.auto finds its prompts in the density map, but output.density is not set.",
                           "set output.density to a path for the density map.")

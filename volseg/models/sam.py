@@ -62,6 +62,8 @@ class SamSegmenter(nn.Module):
 
     #: Takes point prompts (``forward(image, points, point_mask)``); predictors route prompts to it.
     promptable = True
+    #: No centre-density head: the density channel is zeros (so `prompts.auto` has nothing to find).
+    predicts_density = False
 
     def __init__(self, num_classes: int = 1, variant: str = "b", head_prompt: bool = False,
                  head_prompt_width: int = 16, prefix_tokens: int = 0, adapter_dim: int = 0,
