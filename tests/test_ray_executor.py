@@ -177,3 +177,16 @@ def test_serial_and_ray_executors_share_one_api():
     from volseg.actors.executor import RayExecutor
 
     assert list(SerialExecutor.run.__annotations__) == list(RayExecutor.run.__annotations__)
+
+
+def test_relative_paths_reach_actors_in_another_working_directory(ray_cluster, run_config, reference, tmp_path,
+                                                                   small_dataset, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)                                    # actors run elsewhere: paths travel absolute
+    config = run_config(input={"url": os.path.relpath(f"{small_dataset}/raw")},
+                        output={"probabilities": "rel.zarr/prob", "density": "rel.zarr/density", "chunk": [2, 16, 16]},
+                        execution=ray_execution())
+    result = run(parse_config(config), progress=False)
+    assert not result.failed and (work / "rel.zarr/prob").is_dir()
+    assert_same_bytes(config, reference)

@@ -24,13 +24,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from volseg.allocator import MALLOC_ENVIRONMENT
+from volseg.errors import VolsegError
 from volseg.geometry import Block
 from volseg.inference.executor import BlockDone, RunStats
 from volseg.inference.job import BlockStage
 from volseg.inference.ledger import BlockLedger
+
+
+class ActorSetupError(VolsegError):
+    """Actors could not receive a stage (e.g. a path that exists on the driver's node only)."""
+
 
 #: Seconds the driver waits for a result before checking on the actors again.
 POLL_SECONDS = 1.0
@@ -105,7 +111,7 @@ class RayExecutor:
             num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor, max_concurrency=self.in_flight + 1,
             max_restarts=0, runtime_env={"env_vars": environment})
         handle = remote.remote(threads)
-        ray.get([handle.set_stage.remote(key, ref) for key, ref in self.stages.items()])
+        _set_up([handle.set_stage.remote(key, ref) for key, ref in self.stages.items()])
         return handle
 
     def _replace(self, slot: _Slot) -> None:
@@ -142,7 +148,7 @@ class RayExecutor:
         key = f"{stage.name}-{len(self.stages)}"
         self.stages[key] = ray.put(stage)
         if self.slots:
-            ray.get([slot.handle.set_stage.remote(key, self.stages[key]) for slot in self.slots])
+            _set_up([slot.handle.set_stage.remote(key, self.stages[key]) for slot in self.slots])
         else:
             self.slots = [_Slot(self._start_actor()) for _ in range(self.num_actors)]
 
@@ -188,6 +194,22 @@ class RayExecutor:
                     on_done(block, seconds, f"actor {self.slots.index(slot)}")
         stats.seconds = time.perf_counter() - begin
         return stats
+
+
+def _set_up(calls: list[Any]) -> None:
+    """Wait for actors to receive a stage; one that cannot (a volume or file its node cannot reach)
+    stops the run with one line saying so, not a remote traceback."""
+    try:
+        ray.get(calls)
+    except RayError as error:
+        cause = getattr(error, "cause", None) or error
+        text = str(cause).strip().splitlines()
+        raise ActorSetupError(
+            f"A Ray actor could not set up its work: {text[-1] if text else type(cause).__name__}",
+            "every volume and file a run uses must be reachable from every node at the same path or URL "
+            "(a bucket, or a shared file system mounted alike); check the paths, or run with "
+            "execution.executor: serial.",
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:

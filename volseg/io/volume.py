@@ -14,7 +14,7 @@ array shape and dtype before handing them over, so all backends fail the same wa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
@@ -154,8 +154,8 @@ class Volume:
         scale: int = 0,
         kind: str = "image",
     ) -> None:
-        self.spec = spec
         self.url = spec.url
+        self.spec = _absolute(spec)
         self.format = format
         self.geometry = geometry
         self.backend = backend
@@ -275,6 +275,15 @@ class Volume:
                 "is not part of them).",
                 "clip the box to the bounds, e.g. box.intersect(volume.bounds).",
             )
+
+
+def _absolute(spec: VolumeSpec) -> VolumeSpec:
+    """The spec with a relative local path made absolute now: whoever reopens it (a Ray actor, after
+    unpickling) may run in another working directory."""
+    from volseg.io.urls import parse_url
+
+    parsed = parse_url(spec.url)
+    return replace(spec, url=str(parsed)) if parsed.scheme == "file" else spec
 
 
 def as_zyx(values: Sequence[float] | Sequence[int], name: str, kind: type = int) -> tuple[Any, Any, Any]:
