@@ -21,15 +21,18 @@ No SAM weights can be downloaded by volseg: fetch the release file once and pass
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adaptation import Row, data_dir
 
 from volseg.adapt.all_in_sam import AllInSamSettings, all_in_sam
 from volseg.adapt.dfg import DfgSettings, dfg_adapt
@@ -59,17 +62,6 @@ SMOKE_PROMPTDAS = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decod
                                                    "decoder_mlp": 32, "projection_dim": 8})
 ROWS = ["Prompt-DAS source-only", "Prompt-DAS + 15% points", "SAM zero-shot, 15% points",
         "SAM zero-shot, Prompt-DAS peaks", "SAM prompt learning", "All-in-SAM", "DFG (source-free)"]
-
-
-@dataclass
-class Row:
-    name: str
-    score: Confusion
-    train_seconds: float
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("VOLSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def _parser() -> argparse.ArgumentParser:

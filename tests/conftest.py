@@ -65,6 +65,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """One CPU torch thread, like each Ray worker of one CPU: the same float arithmetic as they do, and no
+    oversubscription of a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

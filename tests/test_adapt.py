@@ -43,15 +43,6 @@ NO_INTENSITY = AugmentSettings(weak_intensity=0.0, brightness=0.0, contrast=0.0,
                                blur_sigma_vx=0.0, elastic_alpha_vx=2.0)
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one CPU thread: deterministic, and faster than two threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def disks_image(size: int, centres: list[tuple[int, int]], radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Dark disks (0.1) of instance ids 1… on a bright (0.9) ``size×size`` image → (image, labels)."""
     yy, xx = np.mgrid[:size, :size]

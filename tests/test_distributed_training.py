@@ -35,15 +35,6 @@ from volseg.models.registry import ModelSpec
 MODEL = {"name": TINY_PROMPTDAS.name, "options": dict(TINY_PROMPTDAS.options)}
 
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread, like each Ray worker (1 CPU): the same float arithmetic, and no oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def source_trained(small_dataset, tmp_path_factory) -> Path:
     """A tiny Prompt-DAS after 60 source steps (~4 s): its teacher detects centres (3 per crop) and is

@@ -9,6 +9,7 @@ reported by id, the other blocks still finish, and the next run retries only wha
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -156,8 +157,6 @@ def run_pass(executor: Any, stage: BlockStage, grid: BlockGrid, ledger: BlockLed
 def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunResult:
     """Plan (validating everything; nothing is written before this succeeds), create the outputs, and
     run every pass; see the module docstring."""
-    import time
-
     begin = time.perf_counter()
     plan = plan_segmentation(config, overwrite)
     with open_executor(config) as executor:
