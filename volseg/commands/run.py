@@ -143,8 +143,7 @@ def open_executor(config: Config) -> Iterator[Any]:
 def run_pass(executor: Any, stage: BlockStage, grid: BlockGrid, ledger: BlockLedger, progress: bool,
              desc: str) -> PassResult:
     """Run ``stage`` on the blocks of ``grid`` not yet marked done; outcomes include the done ones."""
-    done = ledger.done(stage.name)
-    todo = [block for block in grid if block.id not in done]
+    todo, done = ledger.unfinished(stage.name, grid)
     bar = BlockProgress(len(todo), sum(b.core.size for b in todo), progress, desc)
     try:
         stats = executor.run(stage, todo, on_done=bar, ledger=ledger)

@@ -486,8 +486,8 @@ class InstanceResult:
 def _run_stage(executor: Executor, stage: BlockStage, blocks: Sequence[Block], ledger: BlockLedger | None,
                on_done: BlockDone | None) -> tuple[dict[int, Any], RunStats]:
     """Run ``stage`` on the blocks not marked done; every block's outcome, from the run or the marks."""
-    done = ledger.done(stage.name) if ledger is not None else {}
-    stats = executor.run(stage, [b for b in blocks if b.id not in done], on_done=on_done, ledger=ledger)
+    todo, done = ledger.unfinished(stage.name, blocks) if ledger is not None else (list(blocks), {})
+    stats = executor.run(stage, todo, on_done=on_done, ledger=ledger)
     return {**done, **stats.outcomes}, stats
 
 

@@ -11,10 +11,12 @@ Marks of a different run signature are never read; ``--overwrite`` clears them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import tensorstore as ts
 
+from volseg.geometry import Block
 from volseg.io.urls import parse_url
 
 LEDGER_DIRECTORY = ".volseg"
@@ -66,6 +68,11 @@ class BlockLedger:
             value = pending.result().value
             done[int(name[len(prefix):])] = json.loads(value) if value else None
         return done
+
+    def unfinished(self, stage: str, blocks: Iterable[Block]) -> tuple[list[Block], dict[int, Any]]:
+        """The blocks of ``stage`` still to run, and the outcomes of those already marked done."""
+        done = self.done(stage)
+        return [block for block in blocks if block.id not in done], done
 
     def clear(self) -> None:
         """Forget every mark, of this and of any other signature (a fresh start under --overwrite)."""
