@@ -36,11 +36,15 @@ from volseg.metrics import Confusion
 from volseg.models import ModelSpec, build_model, input_contract
 
 SCALES = {
-    "cpu": {"model": {"encoder": "vit_tiny8", "decoder_dim": 128, "decoder_heads": 4, "decoder_mlp": 512,
+    # The CNN encoder learns in minutes on a CPU where a ViT from scratch does not (supervised on Lucchi,
+    # 400 steps: CNN Dice 0.72 at crop 256 and 0.63 at crop 128, vit_tiny8 0.50 at crop 128).
+    "cpu": {"model": {"encoder": "cnn", "decoder_dim": 128, "decoder_heads": 4, "decoder_mlp": 512,
                       "projection_dim": 64},
-            "crop": 128, "window": 256, "stride": 192, "source_steps": 600, "adapt_steps": 300, "batch": 4},
+            "crop": 256, "window": 256, "stride": 192, "source_steps": 600, "adapt_steps": 300, "batch": 4,
+            "source_lr": 1e-3, "adapt_lr": 5e-4},
     "paper": {"model": {"encoder": "vit_s8"}, "crop": 384, "window": 384, "stride": 128,
-              "source_steps": 4000, "adapt_steps": 4000, "batch": 8},
+              "source_steps": 4000, "adapt_steps": 4000, "batch": 8,
+              "source_lr": 2e-4, "adapt_lr": 1e-4},
 }
 
 
@@ -109,8 +113,8 @@ def main() -> None:
 
     t = time.perf_counter()
     source_model = fresh()
-    train_promptdas(source_model, AdaptSettings(mode="source", steps=s["source_steps"], learning_rate=2e-3,
-                                                **common), source=source)
+    train_promptdas(source_model, AdaptSettings(mode="source", steps=s["source_steps"],
+                                                learning_rate=s["source_lr"], **common), source=source)
     source_seconds = time.perf_counter() - t
     evaluate("source-only", source_model, source_seconds)
     state = {k: v.clone() for k, v in source_model.state_dict().items()}
@@ -119,8 +123,8 @@ def main() -> None:
         model = fresh()
         model.load_state_dict(state)
         t = time.perf_counter()
-        adapted = train_promptdas(model, AdaptSettings(mode=mode, steps=s["adapt_steps"], learning_rate=5e-4,
-                                                       **common), source, target).model
+        adapted = train_promptdas(model, AdaptSettings(mode=mode, steps=s["adapt_steps"],
+                                                       learning_rate=s["adapt_lr"], **common), source, target).model
         seconds = source_seconds + time.perf_counter() - t
         evaluate(f"{mode.upper()}" + (" (15% points)" if mode == "wda" else ""), adapted, seconds)
         if mode == "wda":
@@ -128,8 +132,9 @@ def main() -> None:
 
     t = time.perf_counter()
     oracle = fresh()
-    train_promptdas(oracle, AdaptSettings(mode="supervised-target", steps=s["source_steps"], learning_rate=2e-3,
-                                          **common), target=DomainData(target_raw, target_labels))
+    train_promptdas(oracle, AdaptSettings(mode="supervised-target", steps=s["source_steps"],
+                                          learning_rate=s["source_lr"], **common),
+                    target=DomainData(target_raw, target_labels))
     evaluate("supervised-target (oracle)", oracle, time.perf_counter() - t)
 
     total = time.perf_counter() - begin

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +52,25 @@ def test_unknown_model_and_bad_options_are_config_errors():
         build_model(ModelSpec("resnet9000"))
     with pytest.raises(ConfigError, match="options"):
         build_model(ModelSpec("unet", options={"depth_of_field": 3}))
+
+
+def test_input_contract_scales_integers_and_standardises_without_touching_the_input():
+    contract = input_contract(ModelSpec("unet"))
+    raw = torch.tensor([0, 51, 255], dtype=torch.uint8)
+    expected = (np.array([0, 51, 255]) / 255.0 - contract.mean) / contract.std
+    np.testing.assert_allclose(contract.normalize(raw).numpy(), expected, rtol=1e-6, atol=1e-6)
+    floats = torch.tensor([0.0, 0.2, 1.0])
+    np.testing.assert_allclose(contract.normalize(floats).numpy(), (floats.numpy() - contract.mean) / contract.std,
+                               rtol=1e-6, atol=1e-6)
+    assert floats.tolist() == pytest.approx([0.0, 0.2, 1.0])  # normalised a copy, not the caller's tensor
+
+
+def test_a_unet_run_does_not_import_the_encoders_libraries():
+    # timm (Prompt-DAS encoders) and segment-anything take seconds to import; a U-Net run needs neither.
+    code = ("import sys; from volseg.models import ModelSpec, build_model; build_model(ModelSpec('unet')); "
+            "print(sorted(m for m in ('timm', 'segment_anything', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_window_contract():

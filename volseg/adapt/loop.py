@@ -69,6 +69,12 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1 - step / total) ** power
 
 
+def set_poly_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, power: float) -> None:
+    """Set every parameter group's learning rate to :func:`poly_lr` of this step."""
+    for group in optimizer.param_groups:
+        group["lr"] = poly_lr(base, step, total, power)
+
+
 def make_batch(sampler: CropSampler, contract: InputContract, n: int, sigma_vx: float
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample ``n`` 2D crops → (image B×1×Y×X standardised, mask B×1×Y×X, density B×1×Y×X)."""
@@ -95,8 +101,7 @@ def train_supervised(model: nn.Module, contract: InputContract, sampler: CropSam
     begin = time.perf_counter()
     model.train()
     for step in range(settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(settings.learning_rate, step, settings.steps, settings.poly_power)
+        set_poly_lr(optimizer, settings.learning_rate, step, settings.steps, settings.poly_power)
         image, mask, density = make_batch(sampler, contract, settings.batch_size, settings.density_sigma_vx)
         image, mask, density = flip_rotate(generator, image, mask, density)
         image = intensity_jitter(generator, image)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from volseg.adapt.augment import flip_rotate
-from volseg.adapt.loop import StepCallback, TrainHistory, poly_lr
+from volseg.adapt.loop import StepCallback, TrainHistory, set_poly_lr
 from volseg.adapt.sampler import CropSampler
 from volseg.errors import ConfigError
 from volseg.models import ModelSpec, input_contract
@@ -87,8 +87,7 @@ def tune_sam(model: SamSegmenter, next_batch: Callable[[int], SamBatch], setting
     begin = time.perf_counter()
     model.train()
     for step in range(settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(settings.learning_rate, step, settings.steps, settings.poly_power)
+        set_poly_lr(optimizer, settings.learning_rate, step, settings.steps, settings.poly_power)
         batch = next_batch(step)
         logits = model(batch.image.to(device)).logits
         loss = dice_loss(logits, batch.target.to(device), batch.valid.to(device))

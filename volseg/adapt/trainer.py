@@ -43,7 +43,7 @@ from volseg.adapt.batches import (
     pseudo_labelled_batch,
 )
 from volseg.adapt.contrastive import prompt_contrastive_loss
-from volseg.adapt.loop import StepCallback, TrainHistory, poly_lr
+from volseg.adapt.loop import StepCallback, TrainHistory, set_poly_lr
 from volseg.adapt.losses import density_loss, segmentation_loss
 from volseg.adapt.replicas import ONE_PROCESS, SOURCE_STREAM, TARGET_STREAM, Replica, SampleRandom, crop_streams
 from volseg.adapt.resume import TrainerState
@@ -187,8 +187,7 @@ class PromptDASTrainer:
         """One optimizer step (poly LR), then the teacher's EMA update. The loss and its components are
         those of the global batch; batch statistics (``…_prompts``, ``…_valid``) are this replica's."""
         s = self.settings
-        for group in self.optimizer.param_groups:
-            group["lr"] = poly_lr(s.learning_rate, self.step_index, s.steps, s.poly_power)
+        set_poly_lr(self.optimizer, s.learning_rate, self.step_index, s.steps, s.poly_power)
         self.model.train()
         batches = self.make_batches()
         terms = self.losses(batches)

@@ -67,7 +67,7 @@ def predict_box(
         for origin, prediction in zip(batch, predictions, strict=True):
             _accumulate(accumulated, weight_sum, core, Box.from_shape(windows.window, origin),
                         prediction, weights)
-    return accumulated / weight_sum
+    return np.divide(accumulated, weight_sum, out=accumulated)
 
 
 def _batches(items: Sequence[Coord], size: int) -> Iterator[Sequence[Coord]]:

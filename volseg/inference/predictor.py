@@ -103,10 +103,11 @@ class TorchPredictor:
     @torch.inference_mode()
     def predict(self, windows: np.ndarray, prompts: Sequence[np.ndarray] | None = None) -> np.ndarray:
         out = np.empty((len(windows), self._num_classes + 1, *windows.shape[1:]), dtype=np.float32)
+        stacked = torch.from_numpy(out)  # the batches' results are written straight into ``out``
         for begin in range(0, len(windows), self.batch_size):
             batch = windows[begin : begin + self.batch_size]
             batch_prompts = None if prompts is None else prompts[begin : begin + self.batch_size]
-            out[begin : begin + len(batch)] = self._predict_batch(batch, batch_prompts)
+            self._predict_batch(batch, batch_prompts, stacked[begin : begin + len(batch)])
         return out
 
     def _prompt_tensors(self, prompts: Sequence[np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -126,7 +127,8 @@ class TorchPredictor:
             mask[i, : len(p)] = True
         return points.to(self.device), mask.to(self.device)
 
-    def _predict_batch(self, batch: np.ndarray, prompts: Sequence[np.ndarray] | None) -> np.ndarray:
+    def _predict_batch(self, batch: np.ndarray, prompts: Sequence[np.ndarray] | None, out: torch.Tensor) -> None:
+        """Predict ``batch`` into ``out`` (a CPU view, ``B×(C+1)×Z×Y×X``)."""
         x = self.contract.normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         # 2D: the Z=1 slices of the windows become the batch; 3D: add the channel axis.
         x = x.reshape(-1, 1, *x.shape[-2:]) if self.contract.dims == 2 else x.unsqueeze(1)
@@ -134,7 +136,7 @@ class TorchPredictor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.model(x) if prompt_tensors is None else self.model(x, *prompt_tensors)
         logits, density = outputs[0], outputs[1]
-        stacked = torch.cat([torch.sigmoid(logits.float()), density.float()], dim=1)
-        if self.contract.dims == 2:
-            stacked = stacked.unsqueeze(2)  # B×(C+1)×Y×X → B×(C+1)×1×Y×X
-        return stacked.cpu().numpy()
+        channels = out[:, :, 0] if self.contract.dims == 2 else out  # 2D: B×(C+1)×Y×X of B×(C+1)×1×Y×X
+        c = self._num_classes
+        channels[:, :c].copy_(torch.sigmoid(logits.float()))
+        channels[:, c:].copy_(density)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,9 @@ class InputContract:
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw voxels → model input: integers scaled to [0, 1] by their dtype's maximum (uint8: 255,
         uint16: 65535), floats taken as already in [0, 1]; then standardised with ``mean``/``std``."""
-        scale = _INTEGER_SCALE.get(raw.dtype, 1.0)
-        x = raw.float()
-        if scale != 1.0:
-            x = x * scale
-        return (x - self.mean) / self.std
+        gain = _INTEGER_SCALE.get(raw.dtype, 1.0) / self.std
+        # One fresh float tensor, scaled and shifted in place (the input is never modified).
+        return raw.to(torch.float32, copy=True).mul_(gain).sub_(self.mean / self.std)
 
     def check_window(self, window_zyx: Sequence[int]) -> None:
         """Raise :class:`ConfigError` if the model cannot run on windows of ``window_zyx``."""
@@ -96,12 +95,23 @@ def register(name: str, build: Callable[..., nn.Module], contract: Callable[[Mod
     MODELS[name] = RegisteredModel(build, contract, description, load)
 
 
+#: The built-in models' modules, each imported when its model is first asked for (the encoders' timm and
+#: segment-anything take seconds to import, which a U-Net run should not pay).
+BUILTIN_MODULES = {
+    "unet": "volseg.models.unet",
+    "convnet": "volseg.models.convnet",
+    "promptdas": "volseg.models.promptdas",
+    "sam": "volseg.models.sam",
+}
+
+
 def _entry(spec: ModelSpec) -> RegisteredModel:
-    _load_builtin_models()
+    if spec.name not in MODELS and spec.name in BUILTIN_MODULES:
+        importlib.import_module(BUILTIN_MODULES[spec.name])
     if spec.name not in MODELS:
         raise ConfigError(
             f"model.name {spec.name!r} is not a registered model.",
-            f"use one of: {', '.join(sorted(MODELS))}.",
+            f"use one of: {', '.join(sorted(set(MODELS) | set(BUILTIN_MODULES)))}.",
         )
     return MODELS[spec.name]
 
@@ -128,5 +138,6 @@ def foreign_loader(spec: ModelSpec) -> Callable[[Path, ModelSpec], nn.Module] | 
 
 
 def _load_builtin_models() -> None:
-    # Imported lazily so that the registry module stays import-cycle free.
-    from volseg.models import convnet, promptdas, sam, unet  # noqa: F401
+    """Register every built-in model (imports all their modules)."""
+    for module in BUILTIN_MODULES.values():
+        importlib.import_module(module)
