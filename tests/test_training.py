@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from volseg.adapt.loop import SupervisedSettings, poly_lr, train_supervised
 from volseg.adapt.losses import segmentation_loss
@@ -47,6 +48,17 @@ def test_segmentation_loss_ignores_invalid_voxels():
     assert segmentation_loss(wrong_where_ignored, target, valid) == pytest.approx(
         float(segmentation_loss(good, target, valid)), abs=1e-6)
     assert segmentation_loss(wrong_where_ignored, target) > segmentation_loss(good, target) + 1
+
+
+def test_balanced_segmentation_loss_weighs_each_class_mean_by_its_share():
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    logits = torch.tensor([[0.5, 1.0, -2.0, 0.0]])
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")[0]
+    dice = segmentation_loss(logits, target, dice_weight=1.0) - bce.mean()  # the soft Dice term alone
+    for share in (0.5, 0.25):
+        expected = share * bce[0] + (1 - share) * bce[1:].mean() + dice
+        got = segmentation_loss(logits, target, balanced=True, foreground_share=share)
+        assert float(got) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_poly_lr():

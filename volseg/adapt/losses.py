@@ -22,13 +22,16 @@ def local(statistics: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                      dice_weight: float = 1.0, balanced: bool = False, total: Total = local) -> torch.Tensor:
+                      dice_weight: float = 1.0, balanced: bool = False, foreground_share: float = 0.5,
+                      total: Total = local) -> torch.Tensor:
     """BCE + soft Dice between ``logits`` and a {0,1} ``target`` (same shape, B×C×…).
 
     ``valid`` (same shape, {0,1}) masks voxels out of both terms (pseudo-labels mark uncertain voxels
     invalid); with no valid voxel the loss is 0. ``balanced``: the BCE is the mean of the foreground
     voxels' mean and the background voxels' mean (a class with no valid voxel counts 0), so a few
-    confident foreground pseudo-labels are not outvoted by abundant background ones.
+    confident foreground pseudo-labels are not outvoted by abundant background ones;
+    ``foreground_share`` is the foreground mean's weight in that average (0.5: equal; lower leans
+    towards the unbalanced BCE, whose share is the foreground's voxel fraction).
     """
     valid = torch.ones_like(target) if valid is None else valid
     bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid
@@ -42,7 +45,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
     s = total(torch.stack([*sums, (prob * target).sum(), prob.sum(), target.sum()]))
     bce = s[0] / s[1].clamp_min(1.0)
     if balanced:
-        bce = 0.5 * (bce + s[2] / s[3].clamp_min(1.0))
+        bce = foreground_share * bce + (1 - foreground_share) * s[2] / s[3].clamp_min(1.0)
     dice = 1 - (2 * s[-3] + 1) / (s[-2] + s[-1] + 1)
     return bce + dice_weight * dice
 

@@ -172,7 +172,8 @@ class PromptDASTrainer:
             weight = s.target_weight if name == "pseudo" else 1.0
             balanced = name == "pseudo" and s.balance_pseudo_labels
             terms[f"{name}_seg"] = weight * segmentation_loss(out.logits[rows, :1], batch.target, batch.valid,
-                                                              balanced=balanced, total=total)
+                                                              balanced=balanced,
+                                                              foreground_share=s.pseudo_foreground_share, total=total)
             terms[f"{name}_det"] = weight * s.density_weight * density_loss(out.density[rows], batch.density,
                                                                             total)
             if batch.contrastive_labels is not None and s.pcl_weight > 0:
