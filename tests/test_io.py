@@ -124,6 +124,22 @@ def test_local_memory_and_http_urls(tmp_path: Path) -> None:
     assert parse_url("memory://a/b").child("0").kvstore()["path"] == "a/b/0/"
 
 
+@pytest.mark.parametrize(("url", "relative"), [
+    ("v.zarr", True), ("zarr3://v.zarr", True), ("file://v.zarr", True), ("v.zarr|zarr3:", True),
+    ("/data/v.zarr", False), ("zarr3://file:///data/v.zarr", False), ("memory://a/b", False), ("gs://b/p", False),
+])
+def test_a_volume_written_relative_travels_absolute(url: str, relative: bool, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a Ray actor in another working directory is given: relative local paths made absolute here,
+    # every other URL in the form the user wrote.
+    monkeypatch.chdir(tmp_path)
+    parsed = parse_url(url)
+    assert parsed.relative is relative
+    if relative:
+        assert str(parsed).endswith(f"file://{tmp_path}/v.zarr")
+        assert parse_url(str(parsed)).kvstore() == {"driver": "file", "path": f"{tmp_path}/v.zarr/"}
+
+
 @pytest.mark.parametrize(
     "url", ["ftp://host/vol", "zarr4://gs://b/p", "precomputed://ftp://x/y", "gs:///nobucket"]
 )

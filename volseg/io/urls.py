@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from volseg.errors import UnsupportedURLError
@@ -66,6 +66,9 @@ class VolumeURL:
     format: str | None = None
     bucket: str | None = None
     host: str | None = None
+    #: A local path that was written relative to the working directory (``path`` is absolute already;
+    #: ``str()`` of this URL is what a process elsewhere must be given).
+    relative: bool = field(default=False, compare=False)
 
     @property
     def read_only(self) -> bool:
@@ -197,7 +200,8 @@ def _local(url: str, path: str, fmt: str | None) -> VolumeURL:
     if not path:
         raise UnsupportedURLError(f"The volume URL {url!r} has an empty path.", "give a directory path.")
     absolute = os.path.abspath(os.path.expanduser(path))
-    return VolumeURL(url=url, scheme="file", path=absolute.rstrip("/") + "/", format=fmt)
+    return VolumeURL(url=url, scheme="file", path=absolute.rstrip("/") + "/", format=fmt,
+                     relative=not path.startswith("/"))
 
 
 def _directory(path: str) -> str:

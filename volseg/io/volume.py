@@ -279,17 +279,11 @@ class Volume:
 
 def _absolute(spec: VolumeSpec) -> VolumeSpec:
     """The spec with a relative local path made absolute now: whoever reopens it (a Ray actor, after
-    unpickling) may run in another working directory."""
-    from volseg.io.urls import FORMAT_PREFIXES, parse_url
+    unpickling) may run in another working directory. Any other URL keeps the form it was given in."""
+    from volseg.io.urls import parse_url
 
     parsed = parse_url(spec.url)
-    if parsed.scheme != "file":
-        return spec
-    path = spec.url.split("|", 1)[0]
-    for prefix in (*FORMAT_PREFIXES, "file"):
-        path = path.removeprefix(f"{prefix}://")
-    path = path.removeprefix("file://")
-    return spec if path.startswith("/") else replace(spec, url=str(parsed))
+    return replace(spec, url=str(parsed)) if parsed.relative else spec
 
 
 def as_zyx(values: Sequence[float] | Sequence[int], name: str, kind: type = int) -> tuple[Any, Any, Any]:
