@@ -114,6 +114,9 @@ def test_pretrained_vit_weights_load_from_a_local_file(tmp_path):
         ViTEncoder(embed_dim=384, depth=4, num_heads=6).load_pretrained(tmp_path / "dino.pth")
     with pytest.raises(CheckpointError, match="do not exist"):
         target.load_pretrained(tmp_path / "absent.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"Pretrained encoder weights .*garbage\.pth.* not a readable"):
+        target.load_pretrained(tmp_path / "garbage.pth")
 
 
 def test_prompt_das_is_2d_only():

@@ -104,6 +104,25 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> nn.Module:
     return model
 
 
+def read_state_dict(path: Path, what: str, fix: str,
+                    wrappers: tuple[str, ...] = ("model", "state_dict")) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file made elsewhere (pretrained encoders, SAM's release): ``.safetensors``,
+    or a ``.pth`` state dict read with ``weights_only`` (tensors, never pickled code), taken out of each
+    of ``wrappers`` it is nested in, in turn. A file that cannot be read, or holds anything but tensors,
+    raises :class:`CheckpointError` naming ``what`` and the file, with ``fix``."""
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(
+            path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch and safetensors raise many types for a corrupt or foreign file
+        raise CheckpointError(f"{what} {str(path)!r} is not a readable PyTorch state dict ({error}).", fix) from None
+    for wrapper in wrappers:
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{what} {str(path)!r} does not hold a state dict of tensors.", fix)
+    return dict(state)
+
+
 def _check_fits(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], path: Path) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from volseg.errors import CheckpointError
+from volseg.models.checkpoint import read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,20 +108,8 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"Pretrained encoder weights {str(path)!r} do not exist.",
                               "set model.options.encoder_weights to a local .safetensors or .pth file.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no code
-    except Exception as error:  # any unreadable file is the user's to fix, with the reason
-        raise CheckpointError(f"Cannot read pretrained encoder weights {str(path)!r}: {error}.",
-                              "give a .safetensors file or a plain state-dict .pth.") from None
-    for key in ("model", "state_dict", "teacher", "student"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    return state
+    return read_state_dict(path, "Pretrained encoder weights", "give a .safetensors file or a plain state-dict .pth.",
+                           wrappers=("model", "state_dict", "teacher", "student"))
 
 
 #: name → builder of an encoder (all of stride 8).

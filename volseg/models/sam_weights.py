@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from volseg.errors import CheckpointError
+from volseg.models.checkpoint import read_state_dict
 from volseg.models.sam_variants import SAM_VARIANTS, SamVariant
 
 _PATCH_KEY = "image_encoder.patch_embed.proj.weight"
@@ -33,29 +34,10 @@ def read_sam_state(path: str | Path, variant: SamVariant) -> dict[str, torch.Ten
             f"download {variant.checkpoint_name} from the segment-anything release to this machine and give its "
             "local path (volseg never downloads weights).",
         )
-    state = _load(path)
+    state = read_state_dict(path, "SAM checkpoint",
+                            "give the .pth file of the segment-anything release, unmodified.")
     check_sam_state(state, variant, path)
     return state
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"SAM checkpoint {str(path)!r} is not a readable PyTorch state dict ({error}).",
-                              "give the .pth file of the segment-anything release, unmodified.") from None
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"SAM checkpoint {str(path)!r} does not hold a state dict of tensors.",
-                              "give the .pth file of the segment-anything release, unmodified.")
-    return dict(state)
 
 
 def state_signature(state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
