@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from volseg.adapt.loop import SupervisedSettings, poly_lr, train_supervised
-from volseg.adapt.losses import segmentation_loss
+from volseg.adapt.losses import dice_loss, segmentation_loss
 from volseg.adapt.sampler import CropSampler
 from volseg.adapt.targets import density_target, gaussian_density, instance_centres_2d
 from volseg.data.synthetic import generate_volume
@@ -59,6 +59,17 @@ def test_balanced_segmentation_loss_weighs_each_class_mean_by_its_share():
         expected = share * bce[0] + (1 - share) * bce[1:].mean() + dice
         got = segmentation_loss(logits, target, balanced=True, foreground_share=share)
         assert float(got) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_dice_loss_is_the_soft_dice_over_valid_voxels():
+    logits = torch.tensor([[0.0, 2.0, -1.0, 5.0]])
+    target = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    valid = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    p = torch.sigmoid(logits[0, :3])
+    expected = 1 - (2 * (p * target[0, :3]).sum() + 1) / (p.sum() + 2 + 1)
+    assert float(dice_loss(logits, target, valid)) == pytest.approx(float(expected), rel=1e-6)
+    bce = F.binary_cross_entropy_with_logits(logits, target)  # segmentation_loss = BCE + this Dice
+    assert float(segmentation_loss(logits, target)) == pytest.approx(float(bce + dice_loss(logits, target)), rel=1e-6)
 
 
 def test_poly_lr():

@@ -46,8 +46,21 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
     bce = s[0] / s[1].clamp_min(1.0)
     if balanced:
         bce = foreground_share * bce + (1 - foreground_share) * s[2] / s[3].clamp_min(1.0)
-    dice = 1 - (2 * s[-3] + 1) / (s[-2] + s[-1] + 1)
-    return bce + dice_weight * dice
+    return bce + dice_weight * _soft_dice(s[-3], s[-2], s[-1])
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+              total: Total = local) -> torch.Tensor:
+    """The soft Dice loss alone (SAM tuning), over the valid voxels of the whole batch."""
+    valid = torch.ones_like(target) if valid is None else valid
+    prob = torch.sigmoid(logits) * valid
+    target = target * valid
+    return _soft_dice(*total(torch.stack([(prob * target).sum(), prob.sum(), target.sum()])))
+
+
+def _soft_dice(overlap: torch.Tensor, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 − (2·Σpt + 1) / (Σp + Σt + 1)`` from the three sums (smoothed: 0 when both are empty)."""
+    return 1 - (2 * overlap + 1) / (predicted + target + 1)
 
 
 def density_loss(predicted: torch.Tensor, target: torch.Tensor, total: Total = local) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 
 from volseg.adapt.augment import flip_rotate
 from volseg.adapt.loop import StepCallback, TrainHistory, set_poly_lr
+from volseg.adapt.losses import dice_loss
 from volseg.adapt.sampler import CropSampler
 from volseg.errors import ConfigError
 from volseg.models import ModelSpec, input_contract
@@ -52,14 +53,6 @@ class SamBatch:
     image: torch.Tensor
     target: torch.Tensor
     valid: torch.Tensor
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft Dice loss ``1 − (2Σpt + 1)/(Σp + Σt + 1)`` over the valid voxels of the whole batch."""
-    valid = torch.ones_like(target) if valid is None else valid
-    p = torch.sigmoid(logits) * valid
-    t = target * valid
-    return 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
 
 
 def freeze_sam(model: SamSegmenter, train_decoder: bool = False) -> list[nn.Parameter]:
