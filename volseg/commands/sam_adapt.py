@@ -75,10 +75,10 @@ def _weak_slices(cfg: SamAdaptConfig, raw: Any) -> tuple[list[int], list[WeakLab
         if tuple(sparse.shape) != tuple(raw.shape):
             raise ConfigError(f"sam_adapt.sparse_labels has shape {sparse.shape}, the target {raw.shape}.",
                               "point sparse_labels at annotations of the target volume.")
-        planes = {z: read_box(sparse, Box((z, 0, 0), (z + 1, *raw.shape[1:])))[0] for z in range(raw.shape[0])}
-        planes = {z: p for z, p in planes.items() if p.any()}
-        zs = _choose(sorted(planes), cfg)
-        return zs, [weak_labels_from_instances(planes[z]) for z in zs]
+        # Find the annotated planes one at a time, then read only the chosen ones again: memory stays at a
+        # plane plus ``max_slices`` planes, whatever the volume's depth.
+        zs = _choose([z for z in range(raw.shape[0]) if _plane(sparse, z).any()], cfg)
+        return zs, [weak_labels_from_instances(_plane(sparse, z)) for z in zs]
     assert cfg.target.points is not None
     points = read_points(cfg.target.points, raw.voxel_size_nm, raw.voxel_offset, raw.bounds)
     z_of = np.rint(points.zyx[:, 0]).astype(int)
@@ -94,8 +94,12 @@ def _choose(zs: list[int], cfg: SamAdaptConfig) -> list[int]:
     return sorted(np.random.default_rng(cfg.seed).choice(zs, cfg.max_slices, replace=False).tolist())
 
 
+def _plane(volume: Any, z: int) -> np.ndarray:
+    return read_box(volume, Box((z, 0, 0), (z + 1, *volume.shape[1:])))[0]
+
+
 def _read_slices(raw: Any, zs: list[int]) -> np.ndarray:
-    return np.concatenate([read_box(raw, Box((z, 0, 0), (z + 1, *raw.shape[1:]))) for z in zs])
+    return np.stack([_plane(raw, z) for z in zs])
 
 
 def _train(cfg: SamAdaptConfig, config: Config, bar: StepProgress) -> tuple[nn.Module, Any, dict[str, Any], list[str]]:
