@@ -61,18 +61,29 @@ def data_dir() -> Path:
 
 
 def score(model: torch.nn.Module, raw, labels, slices: list[int], window: int, stride: int,
-          points: PointSet | None = None) -> Confusion:
-    """Foreground confusion over the chosen whole slices, blended over the global window grid."""
+          points: PointSet | None = None, roi: int = 0, model_name: str = "promptdas",
+          batch_size: int = 8) -> Confusion:
+    """Foreground confusion over the chosen slices (or their top-left ``roi``², 0: whole), blended over the
+    global window grid, ``batch_size`` windows at a time; ``model_name``'s input contract (Prompt-DAS or SAM)."""
     device = next(model.parameters()).device
-    predictor = TorchPredictor(model.eval(), input_contract(ModelSpec("promptdas")), (1, window, window), 1,
-                               device=device, batch_size=8)
+    predictor = TorchPredictor(model.eval(), input_contract(ModelSpec(model_name)), (1, window, window), 1,
+                               device=device, batch_size=batch_size)
     windows = WindowGrid(raw.shape, (1, window, window), (1, stride, stride))
+    stop_yx = tuple(min(roi, s) if roi else s for s in raw.shape[1:])
     counts = Confusion()
     for z in slices:
-        plane = Box((z, 0, 0), (z + 1, *raw.shape[1:]))
+        plane = Box((z, 0, 0), (z + 1, *stop_yx))
         blended = predict_box(raw, predictor, windows, plane, points=points)
         counts = counts + Confusion.of(blended[0] > 0.5, labels.read(plane) > 0)
     return counts
+
+
+def print_table(rows: list[Row], first_column: str) -> None:
+    """The rows as a Markdown table: name, Dice, IoU, training seconds."""
+    print(f"| {first_column:<44} | {'Dice':>6} | {'IoU':>6} | {'train s':>8} |")
+    print(f"|{'-' * 46}|{'-' * 8}|{'-' * 8}|{'-' * 10}|")
+    for row in rows:
+        print(f"| {row.name:<44} | {row.score.dice:6.3f} | {row.score.iou:6.3f} | {row.train_seconds:8.0f} |")
 
 
 def main() -> None:
@@ -144,10 +155,7 @@ def main() -> None:
     print(f"\nVNC → Lucchi, Prompt-DAS {dict(spec.options)}, crop {crop}, window {s['window']}/{s['stride']}, "
           f"device {device} ({torch.get_num_threads()} threads); scored on {len(slices)} of {target_raw.shape[0]} "
           f"slices (every {args.eval_every}th); budget used {total / 60:.1f} min")
-    print(f"| {'model':<44} | {'Dice':>6} | {'IoU':>6} | {'train s':>8} |")
-    print(f"|{'-' * 46}|{'-' * 8}|{'-' * 8}|{'-' * 10}|")
-    for row in rows:
-        print(f"| {row.name:<44} | {row.score.dice:6.3f} | {row.score.iou:6.3f} | {row.train_seconds:8.0f} |")
+    print_table(rows, "model")
     gap = rows[-1].score.dice - rows[0].score.dice
     wda = next(r for r in rows if r.name.startswith("WDA ("))
     closed = (wda.score.dice - rows[0].score.dice) / gap if gap > 0 else float("nan")

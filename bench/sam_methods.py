@@ -6,7 +6,7 @@
 
 Prints Dice and IoU on every ``--eval-every``-th Lucchi slice (scored blockwise over volseg's global window
 grid, the way `volseg run` segments) for:
-  Prompt-DAS source-only          trained on VNC (or --promptdas-source), no prompts
+  Prompt-DAS source-only          trained on VNC with bench/adaptation.py's CPU recipe (or --promptdas-source)
   Prompt-DAS + 15% points         the same model, the sparse points file as test-time prompts
   SAM zero-shot, 15% points       one object per point, union of SAM's masks
   SAM zero-shot, Prompt-DAS peaks Prompt-DAS's density peaks as SAM's point prompts (the chain)
@@ -32,7 +32,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adaptation import Row, data_dir
+from adaptation import SCALES, Row, data_dir, print_table
+from adaptation import score as adaptation_score
 
 from volseg.adapt.all_in_sam import AllInSamSettings, all_in_sam
 from volseg.adapt.dfg import DfgSettings, dfg_adapt
@@ -46,9 +47,6 @@ from volseg.adapt.weak_labels import instances_at_points, weak_labels_from_insta
 from volseg.allocator import keep_freed_memory
 from volseg.errors import ConfigError
 from volseg.geometry import Box, PointSet
-from volseg.inference.blockwise import predict_box
-from volseg.inference.predictor import TorchPredictor
-from volseg.inference.windows import WindowGrid
 from volseg.io import open_volume
 from volseg.io.points import read_points
 from volseg.metrics import Confusion
@@ -56,8 +54,8 @@ from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.checkpoint import load_checkpoint, read_card
 from volseg.models.sam import SamSegmenter, load_sam
 
-PROMPTDAS = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decoder_dim": 128, "decoder_heads": 4,
-                                             "decoder_mlp": 512, "projection_dim": 64})
+#: Prompt-DAS as bench/adaptation.py trains it on a CPU (its source-only row is this baseline).
+PROMPTDAS = ModelSpec("promptdas", options=SCALES["cpu"]["model"])
 SMOKE_PROMPTDAS = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decoder_dim": 32, "decoder_heads": 2,
                                                    "decoder_mlp": 32, "projection_dim": 8})
 ROWS = ["Prompt-DAS source-only", "Prompt-DAS + 15% points", "SAM zero-shot, 15% points",
@@ -92,20 +90,11 @@ def plan_lines(args: argparse.Namespace) -> list[str]:
 
 def score(model: torch.nn.Module, raw, labels, slices: list[int], window: int, roi: int,
           points: PointSet | None = None) -> Confusion:
-    """Foreground confusion over the chosen slices (or their top-left ``roi``²), blended blockwise."""
-    device = next(model.parameters()).device
+    """:func:`adaptation.score` with windows of ``window`` (at most the slice) and stride 3/4 of it."""
     name = "sam" if isinstance(model, SamSegmenter) else "promptdas"
     window = min(window, *raw.shape[1:])
-    predictor = TorchPredictor(model.eval(), input_contract(ModelSpec(name)), (1, window, window), 1, device=device,
-                               batch_size=4)
-    windows = WindowGrid(raw.shape, (1, window, window), (1, max(1, 3 * window // 4), max(1, 3 * window // 4)))
-    stop_yx = tuple(min(roi, s) if roi else s for s in raw.shape[1:])
-    counts = Confusion()
-    for z in slices:
-        plane = Box((z, 0, 0), (z + 1, *stop_yx))
-        blended = predict_box(raw, predictor, windows, plane, points=points)
-        counts = counts + Confusion.of(blended[0] > 0.5, labels.read(plane) > 0)
-    return counts
+    return adaptation_score(model, raw, labels, slices, window, max(1, 3 * window // 4), points, roi, name,
+                            batch_size=4)
 
 
 @torch.no_grad()
@@ -194,8 +183,10 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> int:
     else:
         torch.manual_seed(args.seed)
         source_model = build_model(promptdas_spec).to(device)
+        source_crop = min(args.crop, SCALES["cpu"]["crop"])
         train_promptdas(source_model, AdaptSettings(
-            mode="source", steps=args.promptdas_steps, batch_size=4, crop=(1, 128, 128), learning_rate=2e-3,
+            mode="source", steps=args.promptdas_steps, batch_size=4, crop=(1, source_crop, source_crop),
+            learning_rate=SCALES["cpu"]["source_lr"],
             density_sigma=sigma, source_density_sigma=40.0 / source.raw.voxel_size_nm[2], seed=args.seed),
             source=source)
     source_seconds = timed() - t
@@ -242,10 +233,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> int:
     print(f"\nVNC → Lucchi; {what}; Prompt-DAS {dict(promptdas_spec.options)}; scored on {len(slices)} of "
           f"{raw.shape[0]} slices{f' (top-left {args.roi}²)' if args.roi else ''}; device {device}; "
           f"{total / 60:.1f} min")
-    print(f"| {'method':<44} | {'Dice':>6} | {'IoU':>6} | {'train s':>8} |")
-    print(f"|{'-' * 46}|{'-' * 8}|{'-' * 8}|{'-' * 10}|")
-    for row in rows:
-        print(f"| {row.name:<44} | {row.score.dice:6.3f} | {row.score.iou:6.3f} | {row.train_seconds:8.0f} |")
+    print_table(rows, "method")
     return 0
 
 
