@@ -5,10 +5,14 @@
 
 Measures, for one model, window and overlap, each in a fresh subprocess (so peak memory is its own):
   (a) the model alone on the same windows, held in memory (only the model calls are timed);
-  (b) volseg's blockwise run end to end, zarr on disk → zarr on disk (plan, read, predict, blend, write);
+  (b) volseg's blockwise run end to end, zarr on disk → zarr on disk (plan, read, predict, blend, write),
+      with float32 probabilities, and again with uint8 probabilities (output.dtype: uint8; density stays
+      float32);
   (b') the same with blocks a quarter of the plane, to show what recomputing shared windows costs;
   (c) MONAI's sliding_window_inference with Gaussian blending on the whole volume in memory.
-and prints voxels/s, the ratio to (a), and peak resident memory, at 1× and 4× the volume size.
+and prints voxels/s, the ratio to (a), the CPU time (user + system, all threads) of the timed part, and
+peak resident memory, at 1× and 4× the volume size. On a machine whose cores the model already fills,
+CPU seconds show what I/O and blending cost more steadily than wall time does.
 The runs at 1× are repeated ``--repeats`` times, interleaved (a, b, b', c, a, b, …), and each row reports
 its fastest run: on a shared machine one run can lose 10% to a neighbour, and the fastest of interleaved
 runs compares the methods under the same conditions.
@@ -50,6 +54,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def make_volume(path: Path, shape: tuple[int, int, int]) -> str:
     """A uint8 zarr volume of ``shape`` tiled from one synthetic EM tile (content is realistic, cheap)."""
     url = f"{path}/raw"
@@ -74,28 +83,31 @@ def child_model_only(url: str, checkpoint: str) -> dict:
     predictor = predictor_from(checkpoint)
     windows = WindowGrid(volume.shape, WINDOW, STRIDE)
     origins = windows.overlapping(volume.bounds)
-    model_seconds = 0.0
+    model_seconds = model_cpu = 0.0
     for begin in range(0, len(origins), BATCH):
         batch = np.stack([window_input(data, volume.bounds, windows, o) for o in origins[begin:begin + BATCH]])
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         predictor.predict(batch)
         model_seconds += time.perf_counter() - t
-    return {"seconds": model_seconds, "voxels": int(np.prod(volume.shape)), "windows": len(origins)}
+        model_cpu += cpu_seconds() - c
+    return {"seconds": model_seconds, "cpu": model_cpu, "voxels": int(np.prod(volume.shape)),
+            "windows": len(origins)}
 
 
-def child_volseg(url: str, checkpoint: str, out: str, block: list[int]) -> dict:
+def child_volseg(url: str, checkpoint: str, out: str, block: list[int], dtype: str) -> dict:
     from volseg.commands.run import run
 
     config = parse_config({
         "input": {"url": url},
         "model": {"name": MODEL.name, "options": dict(MODEL.options), "checkpoint": checkpoint},
         "inference": {"window": list(WINDOW), "stride": list(STRIDE), "batch_size": BATCH, "device": "cpu"},
-        "output": {"probabilities": f"{out}/prob", "density": f"{out}/density", "chunk": list(CHUNK)},
+        "output": {"probabilities": f"{out}/prob", "density": f"{out}/density", "chunk": list(CHUNK),
+                   "dtype": dtype},
         "execution": {"block": block, "executor": "serial"},
     }, "bench")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     result = run(config, overwrite=True, progress=False)
-    return {"seconds": time.perf_counter() - t, "voxels": result.stats.voxels,
+    return {"seconds": time.perf_counter() - t, "cpu": cpu_seconds() - c, "voxels": result.stats.voxels,
             "blocks": result.stats.blocks_done}
 
 
@@ -113,10 +125,10 @@ def child_monai(url: str, checkpoint: str) -> dict:
         return torch.cat([torch.sigmoid(logits), density], 1).unsqueeze(2)
 
     image = torch.from_numpy(data).float().div_(255.0)[None, None]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     with torch.inference_mode():
         sliding_window_inference(image, WINDOW, BATCH, network, overlap=(0.0, 0.25, 0.25), mode="gaussian")
-    return {"seconds": time.perf_counter() - t, "voxels": int(np.prod(volume.shape))}
+    return {"seconds": time.perf_counter() - t, "cpu": cpu_seconds() - c, "voxels": int(np.prod(volume.shape))}
 
 
 def run_child(kind: str, **kwargs: str) -> dict:
@@ -137,6 +149,7 @@ def main() -> None:
     parser.add_argument("--checkpoint")
     parser.add_argument("--out")
     parser.add_argument("--block")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each row at 1× (the fastest is shown)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -146,7 +159,7 @@ def main() -> None:
         if args.child == "a":
             result = child_model_only(args.url, args.checkpoint)
         elif args.child == "b":
-            result = child_volseg(args.url, args.checkpoint, args.out, json.loads(args.block))
+            result = child_volseg(args.url, args.checkpoint, args.out, json.loads(args.block), args.dtype)
         else:
             result = child_monai(args.url, args.checkpoint)
         result["peak_rss_mb"] = peak_rss_mb()
@@ -166,16 +179,20 @@ def main() -> None:
         shape = (base[0] * scale, base[1], base[2])
         url = make_volume(work / f"volume_{'x'.join(map(str, shape))}.zarr", shape)
         plan = [("a", "model alone, windows in memory", {})] if scale == 1 else []
-        plan += [("b", f"volseg blockwise disk→disk, block {tuple(plane_block)}", {"block": plane_block})]
+        plan += [("b", f"volseg disk→disk, float32, block {tuple(plane_block)}", {"block": plane_block}),
+                 ("b", f"volseg disk→disk, uint8, block {tuple(plane_block)}",
+                  {"block": plane_block, "dtype": "uint8"})]
         if scale == 1:
-            plan += [("b", f"volseg blockwise disk→disk, block {tuple(quarter_block)}", {"block": quarter_block})]
+            plan += [("b", f"volseg disk→disk, float32, block {tuple(quarter_block)}", {"block": quarter_block})]
         plan += [("c", "MONAI sliding_window_inference (gaussian), in memory", {})]
         results: dict[str, list[dict]] = {label: [] for _, label, _ in plan}
         for repeat in range(args.repeats if scale == 1 else 1):
             for kind, label, extra in plan:
                 kwargs = {"url": url, "checkpoint": checkpoint}
                 if kind == "b":
-                    kwargs |= {"out": str(work / f"out_{scale}x.zarr"), "block": json.dumps(extra["block"])}
+                    dtype = extra.get("dtype", "float32")
+                    kwargs |= {"out": str(work / f"out_{scale}x_{dtype}.zarr"), "block": json.dumps(extra["block"]),
+                               "dtype": dtype}
                 print(f"running {label} on {shape} (run {repeat + 1}) ...", file=sys.stderr, flush=True)
                 results[label].append(run_child(kind, **kwargs))
         for kind, label, _ in plan:
@@ -187,17 +204,18 @@ def main() -> None:
     ref_speed = reference["voxels"] / reference["seconds"]
     print(f"\nmodel {MODEL.name} {dict(MODEL.options)}, window {WINDOW}, stride {STRIDE}, batch {BATCH}, "
           f"{torch.get_num_threads()} CPU threads; the fastest of {args.repeats} interleaved runs at 1×, one at 4×")
-    header = f"| {'volume':>16} | {'run':<58} | {'Mvoxels/s':>9} | {'× (a)':>6} | {'peak RSS MB':>11} |"
+    header = (f"| {'volume':>16} | {'run':<58} | {'Mvoxels/s':>9} | {'× (a)':>6} | {'CPU s':>6} | "
+              f"{'peak RSS MB':>11} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for _, shape, _, label, result in rows:
         name = "x".join(map(str, shape))
         if "error" in result:
-            print(f"| {name:>16} | {label:<58} | {'—':>9} | {'—':>6} | {result['error'][:40]:>11} |")
+            print(f"| {name:>16} | {label:<58} | {'—':>9} | {'—':>6} | {'—':>6} | {result['error'][:40]:>11} |")
             continue
         speed = result["voxels"] / result["seconds"]
         print(f"| {name:>16} | {label:<58} | {speed / 1e6:9.3f} | {speed / ref_speed:6.3f} | "
-              f"{result['peak_rss_mb']:11.0f} |")
+              f"{result['cpu']:6.0f} | {result['peak_rss_mb']:11.0f} |")
 
 
 if __name__ == "__main__":

@@ -721,6 +721,22 @@ def test_async_reads_and_writes(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "v" / "0" / "c" / "0" / "0")) == ["0", "1"]
 
 
+@pytest.mark.parametrize("backend", ["tensorstore", "cloudvolume"])
+def test_a_write_keeps_the_values_given_unless_the_array_is_handed_over(tmp_path: Path, backend: str) -> None:
+    create_volume(f"precomputed://{tmp_path}/w", shape=SHAPE, dtype="uint8", voxel_size_nm=VOXEL,
+                  chunk_shape=CHUNKS)
+    vol = open_volume(f"precomputed://{tmp_path}/w", "r+", backend=backend)  # type: ignore[arg-type]
+    data = _data(SHAPE, "uint8")
+    pending = vol.write_async(vol.bounds, data)
+    data_given = data.copy()
+    data[:] = 0  # the caller reuses its array at once: the write must still store what was given
+    pending.result()
+    np.testing.assert_array_equal(vol.read(vol.bounds), data_given)
+    handed = _data(SHAPE, "uint8")[::-1].copy()
+    vol.write_async(vol.bounds, handed, handover=True).result()
+    np.testing.assert_array_equal(vol.read(vol.bounds), handed)
+
+
 def test_errors_are_volseg_errors() -> None:
     for cls in (VolumeNotFoundError, VolumeFormatError, GeometryMismatchError, UnsupportedURLError):
         assert issubclass(cls, VolsegError)

@@ -115,7 +115,9 @@ class SegmentationJob:
             values = blended[first : last + 1]  # a view: an output's channels are contiguous
             if target.volume.num_channels is None:
                 values = values[0]
-            pending.append(target.volume.write_async(block.core, to_storage(values, target.volume.dtype)))
+            # ``blended`` is this block's own array and nothing changes it after compute: hand it over.
+            pending.append(target.volume.write_async(block.core, to_storage(values, target.volume.dtype),
+                                                     handover=True))
         return pending
 
     def outcome(self, block: Block, computed: np.ndarray) -> None:

@@ -75,9 +75,9 @@ class CloudVolumeArray:
         """Start reading ``box`` on the backend's thread pool."""
         return _executor().submit(self._read_now, box)
 
-    def write(self, box: Box, array: np.ndarray) -> Future[None]:
-        """Start writing a private copy of ``array`` (so the caller may reuse it at once)."""
-        return _executor().submit(self._write_now, box, array.copy())
+    def write(self, box: Box, array: np.ndarray, handover: bool = False) -> Future[None]:
+        """Start writing ``array`` (a private copy of it, unless it is handed over)."""
+        return _executor().submit(self._write_now, box, array if handover else array.copy())
 
 
 def gzipped_chunks_on_disk(url: VolumeURL, scale: int | None) -> bool:

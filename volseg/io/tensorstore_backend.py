@@ -63,9 +63,11 @@ class TensorStoreArray:
         """Start reading ``box``; ``result()`` gives a new numpy array."""
         return self._view[(*self._lead, *box.slices)].read()
 
-    def write(self, box: Box, array: np.ndarray) -> ResultFuture[None]:
-        """Start writing; returns after tensorstore has copied ``array``, with the commit future."""
-        futures = self._view[(*self._lead, *box.slices)].write(array)
+    def write(self, box: Box, array: np.ndarray, handover: bool = False) -> ResultFuture[None]:
+        """Start writing; returns after tensorstore has copied ``array`` (at once, when it is handed
+        over and tensorstore may read it in place), with the commit future."""
+        futures = self._view[(*self._lead, *box.slices)].write(
+            array, can_reference_source_data_indefinitely=handover)
         futures.copy.result()
         return futures.commit
 

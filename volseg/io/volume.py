@@ -48,8 +48,9 @@ class ArrayBackend(Protocol):
         """Start reading ``box`` (all channels)."""
         ...
 
-    def write(self, box: Box, array: np.ndarray) -> ResultFuture[None]:
-        """Start writing ``array`` into ``box``; the caller may reuse ``array`` once this returns.
+    def write(self, box: Box, array: np.ndarray, handover: bool = False) -> ResultFuture[None]:
+        """Start writing ``array`` into ``box``; the caller may reuse ``array`` once this returns,
+        unless ``handover`` (then the backend may keep referring to it instead of copying it).
 
         The future resolves once the data is durably stored.
         """
@@ -213,11 +214,13 @@ class Volume:
         """
         self.write_async(box, array).result()
 
-    def write_async(self, box: Box, array: np.ndarray) -> ResultFuture[None]:
+    def write_async(self, box: Box, array: np.ndarray, handover: bool = False) -> ResultFuture[None]:
         """Start :meth:`write`; ``result()`` returns once the data is durable.
 
         Input errors (read-only volume, box, shape, dtype) are raised here. ``array`` may be reused
-        as soon as this returns.
+        as soon as this returns, unless ``handover`` is set: the caller then hands ``array`` over for
+        good (it never modifies it again), and the store writes from it without a private copy, which
+        saves a copy of every block and the memory of that copy while the write drains.
         """
         if not self.writable:
             raise VolumeFormatError(
@@ -240,7 +243,7 @@ class Volume:
                 f"convert the array first, e.g. array.astype(np.{self.dtype.name}), after checking that "
                 "the values fit.",
             )
-        return self._array.write(box, data)
+        return self._array.write(box, data, handover)
 
     @property
     def attributes(self) -> dict[str, Any]:
