@@ -180,12 +180,12 @@ class RayExecutor:
                 try:
                     outcome, seconds = ray.get(ref)
                 except RayActorError as error:
-                    give_back(block, f"actor died: {_first_line(error)}")
+                    give_back(block, f"actor died: {_summary(error)}")
                     if generation == slot.generation:
                         self._replace(slot)
                     continue
                 except RayTaskError as error:
-                    give_back(block, _first_line(error.cause if error.cause is not None else error))
+                    give_back(block, _summary(error.cause if error.cause is not None else error))
                     continue
                 stats.outcomes[block.id] = outcome
                 stats.blocks_done += 1
@@ -202,17 +202,17 @@ def _set_up(calls: list[Any]) -> None:
     try:
         ray.get(calls)
     except RayError as error:
-        cause = getattr(error, "cause", None) or error
-        text = str(cause).strip().splitlines()
         raise ActorSetupError(
-            f"A Ray actor could not set up its work: {text[-1] if text else type(cause).__name__}",
+            f"A Ray actor could not set up its work: {_summary(getattr(error, 'cause', None) or error)}",
             "every volume and file a run uses must be reachable from every node at the same path or URL "
             "(a bucket, or a shared file system mounted alike); check the paths, or run with "
             "execution.executor: serial.",
         ) from None
 
 
-def _first_line(error: BaseException) -> str:
+def _summary(error: BaseException) -> str:
+    """``Type: last line of the message`` (a remote error's last line is its own message, after the
+    traceback Ray puts before it), at most 300 characters."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]
 

@@ -34,6 +34,7 @@ from volseg.adapt.sam_masks import clean_object_mask, paint_objects
 from volseg.adapt.sam_tuning import grey_input
 from volseg.adapt.sampler import CropSampler
 from volseg.adapt.settings import AdaptSettings
+from volseg.adapt.targets import innermost_pixels
 from volseg.adapt.trainer import AdaptResult, DomainData, train_promptdas
 from volseg.errors import ConfigError
 from volseg.models.sam import SamSegmenter
@@ -99,12 +100,11 @@ def object_seeds(probability: np.ndarray, threshold: float, min_size_vx: int) ->
     """(seed (y, x), region) per component of ``probability ≥ threshold`` (``Y×X``) of ``min_size_vx`` or
     more pixels; the seed is the region's innermost pixel."""
     components, n = ndimage.label(probability >= threshold)
-    distance = ndimage.distance_transform_edt(components > 0)
     seeds = []
-    for k in range(1, n + 1):
+    for k, seed in enumerate(innermost_pixels(components, n), start=1):
         region = components == k
         if region.sum() >= min_size_vx:
-            seeds.append((np.asarray(ndimage.maximum_position(distance, components, k), dtype=np.float64), region))
+            seeds.append((seed.astype(np.float64), region))
     return seeds
 
 

@@ -28,12 +28,18 @@ def instance_centres_2d(mask: np.ndarray) -> np.ndarray:
     """
     mask = np.asarray(mask)
     inside = mask > 0 if mask.dtype == bool else _split_touching(mask) > 0
-    labels, n = ndimage.label(inside)
+    return innermost_pixels(*ndimage.label(inside))
+
+
+def innermost_pixels(components: np.ndarray, n: int) -> np.ndarray:
+    """The innermost pixel of each component ``1 … n`` of ``components`` (as ``ndimage.label`` returns
+    them), as an ``n × ndim`` int array: the maximum of the distance transform to the background, which
+    lies inside the object even for curved or ring-shaped ones."""
     if n == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    distance = ndimage.distance_transform_edt(inside)
-    peaks = ndimage.maximum_position(distance, labels, index=np.arange(1, n + 1))
-    return np.asarray(peaks, dtype=np.int64).reshape(-1, 2)
+        return np.zeros((0, components.ndim), dtype=np.int64)
+    distance = ndimage.distance_transform_edt(components > 0)
+    peaks = ndimage.maximum_position(distance, components, index=np.arange(1, n + 1))
+    return np.asarray(peaks, dtype=np.int64).reshape(n, components.ndim)
 
 
 def gaussian_density(shape: tuple[int, int], centres: np.ndarray, sigma_vx: float) -> np.ndarray:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from volseg.adapt.targets import innermost_pixels
+
 
 @dataclass(frozen=True)
 class WeakLabels:
@@ -31,10 +33,8 @@ def weak_labels_from_instances(labels_2d: np.ndarray) -> WeakLabels:
     points, boxes = [], []
     for value in np.unique(labels_2d[labels_2d > 0]):
         components, n = ndimage.label(labels_2d == value)
-        distance = ndimage.distance_transform_edt(components > 0)
-        peaks = ndimage.maximum_position(distance, components, index=np.arange(1, n + 1))
-        for peak, where in zip(peaks, ndimage.find_objects(components), strict=True):
-            points.append(peak)
+        for peak, where in zip(innermost_pixels(components, n), ndimage.find_objects(components), strict=True):
+            points.append(tuple(peak))
             boxes.append((where[0].start, where[1].start, where[0].stop - 1, where[1].stop - 1))
     return WeakLabels(np.asarray(points, dtype=np.float64).reshape(-1, 2),
                       np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
