@@ -2,6 +2,7 @@
 
     uv run --group bench python bench/blockwise.py            # 256×1024×1024 and 4× that
     uv run --group bench python bench/blockwise.py --quick    # 64×512×512, for a smoke test
+    uv run --group bench python bench/blockwise.py --scales 1 --repeats 3   # 1× only, fastest of 3
 
 Measures, for one model, window and overlap, each in a fresh subprocess (so peak memory is its own):
   (a) the model alone on the same windows, held in memory (only the model calls are timed);
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--block")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each row at 1× (the fastest is shown)")
+    parser.add_argument("--scales", default=None, help="volume sizes to run, e.g. '1' (default: 1,4; --quick: 1,2)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -169,7 +171,9 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     base = (64, 512, 512) if args.quick else (256, 1024, 1024)
-    scales = (1, 2) if args.quick else (1, 4)
+    scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else (1, 2) if args.quick else (1, 4)
+    if 1 not in scales:
+        parser.error("--scales must include 1: every row is compared with (a), which runs at 1×")
     torch.manual_seed(0)
     checkpoint = str(save_checkpoint(work / "bench_unet.safetensors", build_model(MODEL), MODEL, {"mode": "bench"}))
     plane_block = [CHUNK[0], base[1], base[2]]
