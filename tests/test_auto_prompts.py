@@ -115,7 +115,7 @@ def test_neuroglancer_state_links_every_volume_and_the_prompts(auto_config, tmp_
     import threading
     import urllib.request
 
-    from volseg.commands.view import link, make_server, neuroglancer_state, served_root
+    from volseg.commands.view import link, make_server, neuroglancer_state, volume_routes
 
     config = parse_config(auto_config([4, 32, 48], "view"))
     result = run(config, progress=False)
@@ -127,18 +127,20 @@ def test_neuroglancer_state_links_every_volume_and_the_prompts(auto_config, tmp_
     source = result.plan.source
     np.testing.assert_allclose(read_points(tmp_path / "state.json", source.voxel_size_nm, source.voxel_offset,
                                            layer="prompts").zyx, result.prompts.zyx, atol=1e-4)
-    root = served_root([config.input.url, config.output.probabilities])
-    assert root.is_dir() and Path(config.output.probabilities).is_relative_to(root)
-    assert state["layers"][1]["source"].startswith("zarr3://http://127.0.0.1:0/")
+    routes = volume_routes(config)                         # each local volume under its own route
+    assert routes["probabilities"] == Path(config.output.probabilities).resolve() and set(routes) == {
+        "image", "probabilities", "density"}
+    assert state["layers"][1]["source"] == "zarr3://http://127.0.0.1:0/probabilities"
     assert link(state).startswith("https://neuroglancer-demo.appspot.com/#!%7B")
     assert "volseg view" in result.viewer_line()
 
-    server = make_server(tmp_path, 0)                      # what `volseg view` serves, with CORS
+    server = make_server(routes, 0)                        # what `volseg view` serves, with CORS for Neuroglancer
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/view.zarr/prob/zarr.json"
-        with urllib.request.urlopen(url) as reply:
-            assert reply.headers["Access-Control-Allow-Origin"] == "*"
+        origin = "https://neuroglancer-demo.appspot.com"
+        request = urllib.request.Request(f"{server.url}/probabilities/zarr.json", headers={"Origin": origin})
+        with urllib.request.urlopen(request) as reply:
+            assert reply.headers["Access-Control-Allow-Origin"] == origin
             assert json.loads(reply.read())["zarr_format"] == 3
     finally:
         server.shutdown()

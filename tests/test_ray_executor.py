@@ -168,7 +168,7 @@ def test_another_model_on_the_same_output_is_refused(ray_cluster, run_config, tm
     other = save_checkpoint(tmp_path / "other.safetensors", build_model(SMALL_UNET), SMALL_UNET, {"mode": "test"})
     config["model"]["checkpoint"] = str(other)
     assert main(["run", str(write_config(tmp_path / "b.yaml", config)), "--no-progress"]) == 2
-    assert "written by another volseg run" in capsys.readouterr().err
+    assert "holds the output of another volseg run" in capsys.readouterr().err
     for name, values in outputs(config).items():
         assert values.tobytes() == before[name].tobytes()
 

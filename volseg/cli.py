@@ -1,7 +1,8 @@
 """The command line: `volseg run | validate | train | adapt | sam-adapt | peaks | eval | view | demo`.
 
-Every user error (a :class:`~volseg.errors.VolsegError`) is printed as one line on stderr and exits
-with code 2; nothing else is caught, so a bug keeps its traceback.
+Every user error (a :class:`~volseg.errors.VolsegError`, or a malformed command line) is printed as
+one line on stderr and exits with code 2; Ctrl-C prints one line saying what was kept and exits with
+130. Nothing else is caught, so a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from volseg.allocator import keep_freed_memory
 from volseg.errors import USER_ERROR_EXIT_CODE, VolsegError
@@ -17,38 +18,73 @@ from volseg.errors import USER_ERROR_EXIT_CODE, VolsegError
 DEMO_CONFIG = "configs/demo.yaml"
 #: Exit code of a run whose blocks did not all succeed (the rest are written; a rerun resumes).
 BLOCKS_FAILED_EXIT_CODE = 1
+#: Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED_EXIT_CODE = 130
+#: What Ctrl-C leaves behind, by command.
+INTERRUPTED = {
+    "run": "blocks already written are marked done; run the same command again to resume",
+    "train": "no checkpoint was written (with cluster.workers > 1, running it again resumes from the last one)",
+    "adapt": "no checkpoint was written (with cluster.workers > 1, running it again resumes from the last one)",
+    "sam-adapt": "no checkpoint was written",
+    "demo": "run it again: it reuses what is finished",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are one line (``volseg run: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USER_ERROR_EXIT_CODE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port between 1 and 65535")
+    return port
+
+
+def _overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=what)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="volseg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="volseg", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="segment a volume blockwise as the config says")
     run.add_argument("config", help="YAML run config")
-    run.add_argument("--overwrite", action="store_true",
-                     help="write into outputs left by a different run (their data is replaced)")
+    _overwrite(run, "replace outputs that a different volseg run wrote (never data volseg did not write)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--points", metavar="FILE",
                      help="point prompts (CSV z,y,x or Neuroglancer annotation JSON); overrides prompts.points")
 
     validate = commands.add_parser("validate", help="check a config, its volumes and model; write nothing")
     validate.add_argument("config")
+    _overwrite(validate, "check as the command would run with --overwrite")
 
+    checkpoint_help = "replace an existing checkpoint (only one volseg wrote)"
     train = commands.add_parser("train", help="train a model on a labelled volume (config: train:)")
     train.add_argument("config")
     train.add_argument("--no-progress", action="store_true")
+    _overwrite(train, checkpoint_help)
 
     adapt = commands.add_parser("adapt", help="adapt a source-trained model to a target volume (config: adapt:)")
     adapt.add_argument("config")
     adapt.add_argument("--no-progress", action="store_true")
+    _overwrite(adapt, checkpoint_help)
 
     sam_adapt = commands.add_parser("sam-adapt", help="SAM prompt learning, All-in-SAM or DFG (config: sam_adapt:)")
     sam_adapt.add_argument("config")
     sam_adapt.add_argument("--no-progress", action="store_true")
+    _overwrite(sam_adapt, checkpoint_help)
 
     peaks = commands.add_parser("peaks", help="write the density peaks of a run's output as a points CSV")
     peaks.add_argument("config")
-    peaks.add_argument("--out", required=True, metavar="CSV", help="where the points (z,y,x) go")
+    peaks.add_argument("--out", required=True, metavar="CSV", help="where the points (z,y,x) go (a new file)")
 
     evaluate = commands.add_parser("eval", help="score a prediction against labels (config: eval:)")
     evaluate.add_argument("config")
@@ -56,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
 
     view = commands.add_parser("view", help="serve a run's local volumes and print a Neuroglancer link")
     view.add_argument("config")
-    view.add_argument("--port", type=int, default=9015, help="HTTP port on 127.0.0.1 (default 9015)")
+    view.add_argument("--port", type=_port, default=9015, help="HTTP port (default 9015)")
+    view.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1: this machine only)")
+    view.add_argument("--neuroglancer", default=None, metavar="URL",
+                      help="the Neuroglancer client to link to and allow (CORS); default the public demo client")
 
     demo = commands.add_parser("demo", help="generate data, train, segment and score, end to end")
     demo.add_argument("config", nargs="?", default=DEMO_CONFIG, help=f"default: {DEMO_CONFIG}")
@@ -85,21 +125,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from volseg.commands.validate import validate
     from volseg.config import load_config
-    from volseg.inference.segment import plan_segmentation
 
-    config = load_config(args.config)
-    lines = [f"{args.config}: the config is valid"]
-    if config.input is not None and config.output is not None:
-        plan = plan_segmentation(config)
-        lines += [
-            f"input {config.input.url}: shape {plan.source.shape}, {plan.source.dtype}, "
-            f"voxel size {plan.source.voxel_size_nm} nm",
-            f"{plan.grid.num_blocks} blocks of core {plan.grid.core_shape} over roi {plan.grid.roi}; "
-            f"output chunks {plan.chunk}",
-            f"model {config.model.name} from {config.model.checkpoint}",
-        ]
-    _print(lines)
+    _print(validate(load_config(args.config), overwrite=args.overwrite))
     return 0
 
 
@@ -107,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
     from volseg.commands.train import train
     from volseg.config import load_config
 
-    _print(_trained_lines(train(load_config(args.config), progress=not args.no_progress)))
+    _print(_trained_lines(train(load_config(args.config), progress=not args.no_progress, overwrite=args.overwrite)))
     return 0
 
 
@@ -139,7 +168,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from volseg.commands.adapt import adapt
     from volseg.config import load_config
 
-    _print(_trained_lines(adapt(load_config(args.config), progress=not args.no_progress)))
+    _print(_trained_lines(adapt(load_config(args.config), progress=not args.no_progress, overwrite=args.overwrite)))
     return 0
 
 
@@ -147,7 +176,7 @@ def _sam_adapt(args: argparse.Namespace) -> int:
     from volseg.commands.sam_adapt import sam_adapt
     from volseg.config import load_config
 
-    result = sam_adapt(load_config(args.config), progress=not args.no_progress)
+    result = sam_adapt(load_config(args.config), progress=not args.no_progress, overwrite=args.overwrite)
     _print([*_trained_lines(result.trained), *result.lines])
     return 0
 
@@ -171,27 +200,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _view(args: argparse.Namespace) -> int:
-    from volseg.commands.view import layer_urls, link, make_server, neuroglancer_state, served_root
+    from volseg.commands.view import NEUROGLANCER, open_viewer
     from volseg.config import load_config
 
-    config = load_config(args.config)
-    state = neuroglancer_state(config, port=args.port)
-    if not state["layers"]:
-        from volseg.errors import VolumeNotFoundError
-
-        raise VolumeNotFoundError(f"{args.config}: none of its volumes exists yet.", f"run `volseg run {args.config}`.")
-    root = served_root([url for _, _, url in layer_urls(config)])
-    print(f"Neuroglancer: {link(state)}")
-    if root is None:
-        return 0
-    server = make_server(root, args.port)
-    print(f"serving {root} on http://127.0.0.1:{args.port} (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    viewer = open_viewer(load_config(args.config), args.port, host=args.host,
+                         neuroglancer=args.neuroglancer or NEUROGLANCER)
+    _print(viewer.lines())
+    sys.stdout.flush()
+    viewer.serve_forever()
     return 0
 
 
@@ -207,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VolsegError as error:
         print(f"volseg {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        kept = INTERRUPTED.get(args.command, "nothing was changed")
+        print(f"\nvolseg {args.command}: interrupted (Ctrl-C); {kept}.", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

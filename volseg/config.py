@@ -117,7 +117,12 @@ class ExecutionConfig(Section):
     ``cluster.address`` (or ``RAY_ADDRESS``), starting a local Ray instance when there is none;
     ``serial`` runs them in this process. ``actors`` defaults to one per GPU, or on a CPU-only
     cluster to its CPUs divided by ``cpus_per_actor``. Each actor holds ``in_flight`` blocks at a
-    time (one computing while the others read or write); a block is tried ``max_attempts`` times."""
+    time (one computing while the others read or write); a block is tried ``max_attempts`` times.
+
+    ``threads``: torch threads computing each block, on every executor. Float results depend on the
+    thread count, so it is part of the run signature: one config gives one set of bytes, serial or Ray.
+    ``lease_seconds``: a run holds its outputs with a lease it renews; one not renewed for this long
+    belongs to a dead run and is taken over by the next run."""
 
     block: PositiveTriple | None = None
     executor: Literal["ray", "serial"] = "ray"
@@ -127,6 +132,8 @@ class ExecutionConfig(Section):
     gpus_per_actor: float | None = Field(default=None, ge=0)
     in_flight: int = Field(default=2, ge=1, le=16)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    threads: int = Field(default=2, ge=1, le=256)
+    lease_seconds: float = Field(default=120.0, ge=1.0)
 
 
 class PromptsConfig(Section):

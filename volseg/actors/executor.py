@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from volseg.allocator import MALLOC_ENVIRONMENT
 from volseg.errors import VolsegError
 from volseg.geometry import Block
-from volseg.inference.executor import BlockDone, RunStats
+from volseg.inference.executor import BlockDone, RunStats, error_summary, write_block
 from volseg.inference.job import BlockStage
 from volseg.inference.ledger import BlockLedger
 
@@ -70,7 +70,7 @@ class BlockWorker:
         data = stage.read(block).result()
         with self.compute_lock:
             computed = stage.compute(block, data)
-        for pending in stage.write(block, computed):
+        for pending in write_block(stage, block, computed, ledger):
             pending.result()
         outcome = stage.outcome(block, computed)
         if ledger is not None:
@@ -93,8 +93,9 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, actors: int, cpus_per_actor: float, gpus_per_actor: float, in_flight: int = 2,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, threads: int | None = None) -> None:
         self.num_actors = actors
+        self.threads = threads or max(1, int(cpus_per_actor))
         self.cpus_per_actor = cpus_per_actor
         self.gpus_per_actor = gpus_per_actor
         self.in_flight = in_flight
@@ -105,7 +106,7 @@ class RayExecutor:
 
     # -- actors --------------------------------------------------------------------------------------
     def _start_actor(self) -> Any:
-        threads = max(1, int(self.cpus_per_actor))
+        threads = self.threads
         environment = {**MALLOC_ENVIRONMENT, "OMP_NUM_THREADS": str(threads)}
         remote = ray.remote(BlockWorker).options(
             num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor, max_concurrency=self.in_flight + 1,
@@ -180,12 +181,12 @@ class RayExecutor:
                 try:
                     outcome, seconds = ray.get(ref)
                 except RayActorError as error:
-                    give_back(block, f"actor died: {_summary(error)}")
+                    give_back(block, f"actor died: {error_summary(error)}")
                     if generation == slot.generation:
                         self._replace(slot)
                     continue
                 except RayTaskError as error:
-                    give_back(block, _summary(error.cause if error.cause is not None else error))
+                    give_back(block, error_summary(error.cause if error.cause is not None else error))
                     continue
                 stats.outcomes[block.id] = outcome
                 stats.blocks_done += 1
@@ -203,29 +204,23 @@ def _set_up(calls: list[Any]) -> None:
         ray.get(calls)
     except RayError as error:
         raise ActorSetupError(
-            f"A Ray actor could not set up its work: {_summary(getattr(error, 'cause', None) or error)}",
+            f"A Ray actor could not set up its work: {error_summary(getattr(error, 'cause', None) or error)}",
             "every volume and file a run uses must be reachable from every node at the same path or URL "
             "(a bucket, or a shared file system mounted alike); check the paths, or run with "
             "execution.executor: serial.",
         ) from None
 
 
-def _summary(error: BaseException) -> str:
-    """``Type: last line of the message`` (a remote error's last line is its own message, after the
-    traceback Ray puts before it), at most 300 characters."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]
-
-
 def plan_actors(actors: int | None, cpus_per_actor: float | None, gpus_per_actor: float | None,
-                cluster_cpus: float, cluster_gpus: float) -> tuple[int, float, float]:
+                cluster_cpus: float, cluster_gpus: float, threads: int = 2) -> tuple[int, float, float]:
     """(actors, cpus, gpus per actor): by default one actor per GPU with up to 4 CPUs for its I/O;
-    on a CPU-only cluster actors of up to 4 CPUs (torch threads) filling its CPUs."""
+    on a CPU-only cluster actors of ``threads`` CPUs (their torch threads; fewer on a smaller
+    machine) filling its CPUs."""
     gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
     if gpus > 0:
         default = int(cluster_gpus // gpus)
         cpus = cpus_per_actor or max(1.0, min(4.0, cluster_cpus // max(1, default)))
     else:
-        cpus = cpus_per_actor or max(1.0, min(4.0, cluster_cpus))
+        cpus = cpus_per_actor or max(1.0, min(float(threads), cluster_cpus))
         default = int(cluster_cpus // cpus)
     return actors or max(1, default), float(cpus), float(gpus)

@@ -15,10 +15,18 @@ import torch
 
 from volseg.adapt.settings import AdaptSettings
 from volseg.adapt.trainer import DomainData, TrainingInputs
-from volseg.commands.train import TrainResult, open_labelled, train_and_save
+from volseg.commands.train import (
+    TrainResult,
+    check_training_outputs,
+    checkpoint_refs,
+    open_labelled,
+    train_and_save,
+    volume_ref,
+)
 from volseg.config import Config
 from volseg.errors import ConfigError
-from volseg.inference.segment import check_input_dtype
+from volseg.inference.segment import check_input_dtype, check_not_empty
+from volseg.io.guard import PathRef
 from volseg.io.points import read_points
 from volseg.models import build_model
 from volseg.models.checkpoint import load_checkpoint, read_card
@@ -32,6 +40,7 @@ def adapt_inputs(config: Config) -> TrainingInputs:
     spec = config.model.spec
     target_raw = cfg.target.raw.open()
     check_input_dtype(target_raw.dtype, cfg.target.raw.url, "adapt.target.raw.url")
+    check_not_empty(target_raw, cfg.target.raw.url, "adapt.target.raw.url")
     points = None
     if cfg.target.points is not None:
         points = read_points(cfg.target.points, target_raw.voxel_size_nm, target_raw.voxel_offset, target_raw.bounds)
@@ -51,7 +60,21 @@ def adapt_inputs(config: Config) -> TrainingInputs:
     return TrainingInputs(model, settings, source, DomainData(target_raw, target_labels, points))
 
 
-def adapt(config: Config, progress: bool = True) -> TrainResult:
+def adapt_paths(config: Config) -> list[PathRef]:
+    """What `volseg adapt` reads: the volumes, the points and the starting checkpoint."""
+    cfg = config.adapt
+    assert cfg is not None
+    inputs = [*volume_ref("adapt.target.raw", cfg.target.raw), *volume_ref("adapt.target.labels", cfg.target.labels)]
+    if cfg.source is not None:
+        inputs += [*volume_ref("adapt.source.raw", cfg.source.raw),
+                   *volume_ref("adapt.source.labels", cfg.source.labels)]
+    if cfg.target.points is not None:
+        inputs.append(PathRef("adapt.target.points", cfg.target.points.removeprefix("precomputed://"), "file"))
+    return inputs + checkpoint_refs("adapt.init", cfg.init)
+
+
+def adapt(config: Config, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Adapt as ``adapt:`` says and write ``adapt.checkpoint`` (replacing one only with ``overwrite``)."""
     config.require("adapt", command="adapt")
     cfg = config.adapt
     assert cfg is not None
@@ -59,6 +82,7 @@ def adapt(config: Config, progress: bool = True) -> TrainResult:
     if spec.name != "promptdas":
         raise ConfigError(f"`volseg adapt` adapts Prompt-DAS, but model.name is {spec.name!r}.",
                           "set model.name: promptdas (and model.options as the source checkpoint's card says).")
+    check_training_outputs(config, adapt_paths(config), "adapt.checkpoint", cfg.checkpoint, overwrite)
     inputs = adapt_inputs(config)
     assert inputs.target is not None
     points = inputs.target.points
@@ -75,4 +99,4 @@ def adapt(config: Config, progress: bool = True) -> TrainResult:
         "adaptation": cfg.model_dump(),
     }
     return train_and_save(config, partial(adapt_inputs, config), inputs, card, cfg.checkpoint,
-                          f"Prompt-DAS {cfg.mode}", progress)
+                          f"Prompt-DAS {cfg.mode}", progress, overwrite)

@@ -22,7 +22,7 @@ from volseg.commands.run import RunResult, run
 from volseg.commands.train import train
 from volseg.config import Config, SyntheticConfig
 from volseg.data.synthetic import generate_volume
-from volseg.errors import VolsegError
+from volseg.errors import OutputExistsError, VolumeNotFoundError
 from volseg.geometry import Box
 from volseg.io import create_volume, open_volume
 from volseg.metrics import Confusion
@@ -45,7 +45,13 @@ class DemoResult:
 
 
 def write_synthetic(cfg: SyntheticConfig) -> None:
-    """Generate one synthetic volume and write ``raw`` and ``mito`` arrays under ``cfg.url``."""
+    """Generate one synthetic volume and write ``raw`` and ``mito`` arrays under ``cfg.url``; arrays
+    there that the demo did not generate are never written (:class:`OutputExistsError`)."""
+    for name in ("raw", "mito"):
+        existing = _stamp(f"{cfg.url}/{name}")
+        if existing is not None and not existing:
+            raise OutputExistsError(f"synthetic url {cfg.url!r} holds {name}, which volseg's demo did not generate; "
+                                    "the demo never writes over it.", "choose another synthetic url.")
     data = generate_volume(cfg.shape, cfg.domain, cfg.seed)
     stamp = {"volseg_synthetic": cfg.model_dump()}
     for name, array in (("raw", data.raw), ("mito", data.mito)):
@@ -55,12 +61,17 @@ def write_synthetic(cfg: SyntheticConfig) -> None:
         volume.update_attributes(stamp)
 
 
-def _already_written(cfg: SyntheticConfig) -> bool:
+def _stamp(url: str) -> dict | None:
+    """The demo's stamp on the volume at ``url``: None if nothing is there, ``{}`` if it has none."""
     try:
-        attrs = open_volume(f"{cfg.url}/mito").attributes
-    except VolsegError:  # not generated yet (or unreadable: regenerate it)
-        return False
-    return attrs.get("volseg_synthetic") == cfg.model_dump()
+        volume = open_volume(url)
+    except VolumeNotFoundError:
+        return None
+    return volume.attributes.get("volseg_synthetic") or {}
+
+
+def _already_written(cfg: SyntheticConfig) -> bool:
+    return all(_stamp(f"{cfg.url}/{name}") == cfg.model_dump() for name in ("raw", "mito"))
 
 
 def _grey(a: np.ndarray, top: float) -> np.ndarray:
@@ -105,10 +116,10 @@ def demo(config: Config, progress: bool = True) -> DemoResult:
             write_synthetic(cfg)
     trained = []
     if not Path(config.train.checkpoint).is_file():
-        train(config, progress)
+        train(config, progress, overwrite=True)  # the demo owns its folder: a curve left by a stopped demo goes
         trained.append("source")
     if not Path(config.adapt.checkpoint).is_file():
-        adapt(config, progress)
+        adapt(config, progress, overwrite=True)
         trained.append(config.adapt.mode)
     before = _segment_and_score(_source_only(config))
     after = _segment_and_score(config)

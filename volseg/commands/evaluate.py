@@ -52,9 +52,11 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from volseg.errors import ConfigError, VolsegError, VolumeFormatError
+import volseg
+from volseg.errors import ConfigError, OutputExistsError, VolsegError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, read_box
 from volseg.io import Volume, VolumeSpec
+from volseg.io.guard import PathRef, check_outputs
 from volseg.io.urls import parse_url
 from volseg.metrics import (
     AveragePrecision,
@@ -85,6 +87,8 @@ AP_MAX_VOLUME_VX = 2**27
 """Largest volume (voxels) for which the 3D AP-75 is computed (it labels the whole volume at once)."""
 
 MAX_TABLE_ROWS = 20
+#: What a report says wrote it (an existing report is replaced only if it says so too).
+REPORT_WRITER = f"volseg eval {volseg.__version__}"
 """Volumes with more slices get a min / median / max summary instead of one row per slice."""
 
 _INSTANCE_COLUMNS = 5  # aji, pq tp, pq fp, pq fn, pq matched-IoU sum
@@ -350,6 +354,7 @@ class EvalReport:
     def as_json(self) -> dict[str, Any]:
         v = self.volume
         return {
+            "written_by": REPORT_WRITER,
             "prediction": self.prediction_url, "labels": self.labels_url, "shape_zyx": list(self.shape_zyx),
             "threshold": self.threshold, "foreground_above": self.foreground_above,
             "min_size_vx": self.min_size_vx, "scheduler": self.scheduler,
@@ -365,10 +370,12 @@ class EvalReport:
         }
 
     def write(self, path: str | Path) -> Path:
-        """Write :meth:`as_json` to ``path`` (parent folders created)."""
+        """Write :meth:`as_json` to ``path`` (parent folders created; replaced atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_json(), indent=1) + "\n")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.as_json(), indent=1) + "\n")
+        os.replace(tmp, path)
         return path
 
     def table_lines(self) -> list[str]:
@@ -425,7 +432,34 @@ def default_report_path(prediction_url: str) -> Path:
     return Path(path.parent) / f"{path.name}_eval.json"
 
 
-def _prediction_ref(config: Config) -> VolumeRef:
+def eval_paths(config: Config) -> tuple[list[PathRef], PathRef]:
+    """What `volseg eval` reads (prediction, labels) and the report it writes."""
+    assert config.eval is not None
+    prediction = prediction_ref(config)
+    inputs = [PathRef("eval.labels.url", config.eval.labels.url),
+              PathRef("eval.prediction.url" if config.eval.prediction else "output.probabilities", prediction.url)]
+    report = config.eval.report or str(default_report_path(prediction.url))
+    return inputs, PathRef("eval.report", report, "file")
+
+
+def check_report_path(report: PathRef, inputs: list[PathRef]) -> None:
+    """The report may not touch an input, must be writable, and replaces only an earlier volseg report."""
+    check_outputs(inputs, [report])
+    path = Path(report.url)
+    if path.exists() and not _is_report(path):
+        raise OutputExistsError(f"{report.field} {report.url!r} exists and is not a volseg eval report; volseg never "
+                                "replaces it.", f"choose another path for {report.field}.")
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(value, dict) and str(value.get("written_by", "")).startswith("volseg eval")
+
+
+def prediction_ref(config: Config) -> VolumeRef:
     from volseg.config import VolumeRef
 
     assert config.eval is not None
@@ -440,7 +474,7 @@ def _prediction_ref(config: Config) -> VolumeRef:
     )
 
 
-def _check_pair(prediction: Volume, labels: Volume) -> None:
+def check_pair(prediction: Volume, labels: Volume) -> None:
     if tuple(prediction.shape) != tuple(labels.shape):
         raise VolumeFormatError(
             f"The prediction {prediction.url} has shape (z, y, x) {tuple(prediction.shape)} but the labels "
@@ -480,9 +514,11 @@ def evaluate(config: Config, progress: bool = True) -> EvalReport:
     config.require("eval", command="eval")
     assert config.eval is not None
     spec = config.eval
-    prediction, labels = _prediction_ref(config).open(), spec.labels.open()
-    _check_pair(prediction, labels)
-    report_path = Path(spec.report) if spec.report else default_report_path(prediction.url)
+    inputs, report_ref = eval_paths(config)
+    check_report_path(report_ref, inputs)
+    prediction, labels = prediction_ref(config).open(), spec.labels.open()
+    check_pair(prediction, labels)
+    report_path = Path(report_ref.url)
     cut = foreground_threshold(prediction.dtype, spec.threshold)
     token = f"{os.getpid()}-{time.time_ns()}"
     with dask_scheduler() as scheduler:

@@ -10,20 +10,28 @@ reported by id, the other blocks still finish, and the next run retries only wha
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from volseg.commands.progress import BlockProgress
 from volseg.config import Config
-from volseg.geometry import BlockGrid, PointSet
+from volseg.geometry import Block, BlockGrid, PointSet
 from volseg.inference.executor import RunStats, SerialExecutor
 from volseg.inference.instances import InstanceResult, run_instances
 from volseg.inference.job import BlockStage, OutputTarget
+from volseg.inference.lease import Leases, holding
 from volseg.inference.ledger import BlockLedger
 from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
-from volseg.inference.segment import SegmentationPlan, make_job, open_outputs, plan_segmentation
+from volseg.inference.segment import (
+    SegmentationPlan,
+    check_existing_outputs,
+    make_job,
+    open_outputs,
+    plan_segmentation,
+    replan_instances,
+)
 
 
 @dataclass
@@ -122,78 +130,121 @@ def _adapted_on(card: dict[str, Any]) -> str:
 
 @contextmanager
 def open_executor(config: Config) -> Iterator[Any]:
-    """The configured executor: serial, or Ray actors on the cluster (joined or started locally)."""
+    """The configured executor: serial, or Ray actors on the cluster (joined or started locally).
+    Either computes each block with ``execution.threads`` torch threads (same threads, same bytes)."""
     execution = config.execution
     if execution.executor == "serial":
-        yield SerialExecutor(execution.prefetch)
+        with torch_threads(execution.threads):
+            yield SerialExecutor(execution.prefetch, execution.max_attempts)
         return
     from volseg.actors.cluster import check_fits, connected
     from volseg.actors.executor import RayExecutor, plan_actors
 
     with connected(config.cluster.address) as cluster:
         actors, cpus, gpus = plan_actors(execution.actors, execution.cpus_per_actor, execution.gpus_per_actor,
-                                         cluster.cpus, cluster.gpus)
+                                         cluster.cpus, cluster.gpus, execution.threads)
         check_fits(cluster, actors, cpus, gpus)
-        with RayExecutor(actors, cpus, gpus, execution.in_flight, execution.max_attempts) as executor:
+        with RayExecutor(actors, cpus, gpus, execution.in_flight, execution.max_attempts,
+                         threads=execution.threads) as executor:
             executor.description = (f"Ray, {actors} actor{'s' * (actors > 1)} × "
                                     f"{f'{gpus:g} GPU' if gpus else f'{cpus:g} CPU'}")
             yield executor
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Compute with ``threads`` torch threads inside the block, as each Ray actor does."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def checked(on_done: Callable[[Block, float, str], None], leases: Leases) -> Callable[[Block, float, str], None]:
+    """``on_done`` that first stops the run if it lost one of its outputs to another run."""
+
+    def call(block: Block, seconds: float, worker: str) -> None:
+        leases.check()
+        on_done(block, seconds, worker)
+
+    return call
+
+
 def run_pass(executor: Any, stage: BlockStage, grid: BlockGrid, ledger: BlockLedger, progress: bool,
-             desc: str) -> PassResult:
+             desc: str, leases: Leases) -> PassResult:
     """Run ``stage`` on the blocks of ``grid`` not yet marked done; outcomes include the done ones."""
     todo, done = ledger.unfinished(stage.name, grid)
     bar = BlockProgress(len(todo), sum(b.core.size for b in todo), progress, desc)
     try:
-        stats = executor.run(stage, todo, on_done=bar, ledger=ledger)
+        stats = executor.run(stage, todo, on_done=checked(bar, leases), ledger=ledger)
     finally:
         bar.close()
+    leases.check()
     stats.outcomes = {**done, **stats.outcomes}
     return PassResult(stage.name, stats, len(done))
 
 
+def output_urls(plan: SegmentationPlan) -> list[str]:
+    """Every output the run writes (semantic, then instances)."""
+    urls = [spec.url for spec in plan.outputs]
+    return urls + ([plan.instances.url] if plan.instances is not None else [])
+
+
 def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Plan (validating everything; nothing is written before this succeeds), create the outputs, and
-    run every pass; see the module docstring."""
+    """Plan (validating everything; nothing is written before this succeeds), take the outputs'
+    leases, create the outputs, and run every pass; see the module docstring."""
     begin = time.perf_counter()
     plan = plan_segmentation(config, overwrite)
-    with open_executor(config) as executor:
-        targets = open_outputs(plan)
-        ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature)
-        if overwrite:
-            ledger.clear()
-        result = RunResult(plan, executor=getattr(executor, "description", "this process (serial)"))
-        result.prompts = plan.points
-        prompts = config.prompts
-        if prompts is not None and prompts.auto:
-            density = _named(plan, targets, "density")
-            first = make_job(plan, [density])
-            first.name = "density"
-            result.passes.append(run_pass(executor, first, plan.grid, ledger, progress, "density (1/3)"))
-            if not result.failed:
-                radius = peak_radius(prompts.min_distance_nm, plan.source.voxel_size_nm, plan.windows.window)
-                peaks = PeakStage(density.volume, prompts.peak_threshold, radius)
-                found = run_pass(executor, peaks, plan.grid, ledger, progress, "peaks (2/3)")
-                result.passes.append(found)
-            if not result.failed:
-                result.prompts = gather_peaks(found.stats.outcomes)
-                job = make_job(plan, [_named(plan, targets, "probabilities")], result.prompts)
-                job.name = "segment-prompted"
-                result.passes.append(run_pass(executor, job, plan.grid, ledger, progress, "segment (3/3)"))
-        else:
-            result.passes.append(run_pass(executor, make_job(plan, targets), plan.grid, ledger, progress,
-                                          "segmenting"))
-        if plan.instances is not None and not result.failed:
-            blocks = plan.instances.grid.num_blocks
-            bar = BlockProgress(3 * blocks, 3 * plan.instances.grid.roi.size, progress, "instances")
-            try:
-                result.instances = run_instances(plan.instances, executor, ledger, on_done=bar)
-            finally:
-                bar.close()
-            result.passes.append(PassResult("instances", result.instances.stats, 0))
+    with holding(output_urls(plan), config.execution.lease_seconds) as leases:
+        check_existing_outputs(plan, overwrite)  # another run may have written them since the plan
+        if plan.instances is not None:
+            replan_instances(plan, overwrite)
+        with open_executor(config) as executor:
+            targets = open_outputs(plan)
+            ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature, tuple(leases.tokens().values()))
+            if overwrite:
+                ledger.clear()
+            result = RunResult(plan, executor=getattr(executor, "description", "this process (serial)"))
+            result.prompts = plan.points
+            _run_passes(plan, targets, executor, ledger, leases, result, progress)
     result.seconds = time.perf_counter() - begin
     return result
+
+
+def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: Any, ledger: BlockLedger,
+                leases: Leases, result: RunResult, progress: bool) -> None:
+    prompts = plan.config.prompts
+    if prompts is not None and prompts.auto:
+        density = _named(plan, targets, "density")
+        first = make_job(plan, [density])
+        first.name = "density"
+        result.passes.append(run_pass(executor, first, plan.grid, ledger, progress, "density (1/3)", leases))
+        if not result.failed:
+            radius = peak_radius(prompts.min_distance_nm, plan.source.voxel_size_nm, plan.windows.window)
+            peaks = PeakStage(density.volume, prompts.peak_threshold, radius)
+            found = run_pass(executor, peaks, plan.grid, ledger, progress, "peaks (2/3)", leases)
+            result.passes.append(found)
+        if not result.failed:
+            result.prompts = gather_peaks(found.stats.outcomes)
+            job = make_job(plan, [_named(plan, targets, "probabilities")], result.prompts)
+            job.name = "segment-prompted"
+            result.passes.append(run_pass(executor, job, plan.grid, ledger, progress, "segment (3/3)", leases))
+    else:
+        result.passes.append(run_pass(executor, make_job(plan, targets), plan.grid, ledger, progress,
+                                      "segmenting", leases))
+    if plan.instances is not None and not result.failed:
+        blocks = plan.instances.grid.num_blocks
+        bar = BlockProgress(3 * blocks, 3 * plan.instances.grid.roi.size, progress, "instances")
+        try:
+            result.instances = run_instances(plan.instances, executor, ledger, on_done=checked(bar, leases))
+        finally:
+            bar.close()
+        leases.check()
+        result.passes.append(PassResult("instances", result.instances.stats, 0))
 
 
 def _named(plan: SegmentationPlan, targets: list[OutputTarget], name: str) -> OutputTarget:

@@ -26,11 +26,19 @@ from volseg.adapt.settings import AdaptSettings
 from volseg.adapt.trainer import DomainData
 from volseg.adapt.weak_labels import WeakLabels, weak_labels_from_instances, weak_labels_from_points
 from volseg.commands.progress import StepProgress
-from volseg.commands.train import TrainResult, open_labelled, save_trained
+from volseg.commands.train import (
+    TrainResult,
+    check_training_outputs,
+    checkpoint_refs,
+    open_labelled,
+    save_trained,
+    volume_ref,
+)
 from volseg.config import Config, SamAdaptConfig
 from volseg.errors import ConfigError
 from volseg.geometry import Box, read_box
 from volseg.inference.segment import check_input_dtype
+from volseg.io.guard import PathRef
 from volseg.io.points import read_points
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import load_checkpoint
@@ -142,14 +150,34 @@ def _train(cfg: SamAdaptConfig, config: Config, bar: StepProgress) -> tuple[nn.M
                                                  f"stabilised on {len(pseudo.raw)} slices"]
 
 
-def sam_adapt(config: Config, progress: bool = True) -> SamAdaptResult:
-    """Run ``sam_adapt.method`` and write ``sam_adapt.checkpoint`` (see the module docstring)."""
+def sam_adapt_paths(config: Config) -> list[PathRef]:
+    """What `volseg sam-adapt` reads: its volumes, points, SAM's weights and the starting checkpoint."""
+    cfg = config.sam_adapt
+    assert cfg is not None
+    inputs = volume_ref("sam_adapt.sparse_labels", cfg.sparse_labels)
+    if cfg.labelled is not None:
+        inputs += [*volume_ref("sam_adapt.labelled.raw", cfg.labelled.raw),
+                   *volume_ref("sam_adapt.labelled.labels", cfg.labelled.labels)]
+    if cfg.target is not None:
+        inputs += [*volume_ref("sam_adapt.target.raw", cfg.target.raw),
+                   *volume_ref("sam_adapt.target.labels", cfg.target.labels)]
+        if cfg.target.points is not None:
+            inputs.append(PathRef("sam_adapt.target.points", cfg.target.points.removeprefix("precomputed://"), "file"))
+    if cfg.sam_checkpoint is not None:
+        inputs.append(PathRef("sam_adapt.sam_checkpoint", cfg.sam_checkpoint, "file"))
+    return inputs + checkpoint_refs("sam_adapt.init", cfg.init)
+
+
+def sam_adapt(config: Config, progress: bool = True, overwrite: bool = False) -> SamAdaptResult:
+    """Run ``sam_adapt.method`` and write ``sam_adapt.checkpoint`` (see the module docstring); an existing
+    checkpoint is replaced only with ``overwrite``."""
     config.require("sam_adapt", command="sam-adapt")
     cfg = config.sam_adapt
     assert cfg is not None
     if cfg.method == "dfg" and config.model.name != "promptdas":
         raise ConfigError(f"method dfg adapts Prompt-DAS, but model.name is {config.model.name!r}.",
                           "set model: to the spec of the sam_adapt.init checkpoint (see its .json card).")
+    check_training_outputs(config, sam_adapt_paths(config), "sam_adapt.checkpoint", cfg.checkpoint, overwrite)
     title = f"SAM {cfg.method}"
     bar = StepProgress(cfg.steps, title, progress)
     try:
@@ -159,5 +187,6 @@ def sam_adapt(config: Config, progress: bool = True) -> SamAdaptResult:
     if cfg.sam_checkpoint is None:
         lines.append("SAM weights: randomly initialised (no sam_adapt.sam_checkpoint; for tests only)")
     card = {"mode": cfg.method, "data": data, "sam_checkpoint": cfg.sam_checkpoint, "sam_adapt": cfg.model_dump()}
-    trained = save_trained(cfg.checkpoint, model, config.model.spec, {**card, "workers": 1}, history, title)
+    trained = save_trained(cfg.checkpoint, model, config.model.spec, {**card, "workers": 1}, history, title,
+                           overwrite)
     return SamAdaptResult(trained, lines)

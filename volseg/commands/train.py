@@ -23,11 +23,18 @@ from volseg.adapt.sampler import CropSampler
 from volseg.adapt.settings import AdaptSettings
 from volseg.adapt.trainer import DomainData, TrainingInputs, train_promptdas
 from volseg.commands.progress import StepProgress
-from volseg.config import Config, TrainConfig
+from volseg.config import Config, TrainConfig, VolumeRef
 from volseg.errors import ConfigError, VolumeFormatError
-from volseg.inference.segment import check_input_dtype
+from volseg.inference.segment import check_input_dtype, check_not_empty
+from volseg.io.guard import PathRef, check_outputs
 from volseg.models import ModelSpec, build_model, input_contract
-from volseg.models.checkpoint import save_checkpoint
+from volseg.models.checkpoint import (
+    CURVE_SOFTWARE,
+    card_path,
+    check_checkpoint_output,
+    curve_path,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -55,25 +62,59 @@ def save_loss_curve(losses: list[float], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Software": CURVE_SOFTWARE})
     plt.close(fig)
     return path
 
 
 def save_trained(path: str, model: nn.Module, spec: ModelSpec, card: dict[str, Any], history: TrainHistory,
-                 title: str) -> TrainResult:
-    """Write the checkpoint with its card (steps, final loss and time added) and the loss curve beside it."""
+                 title: str, overwrite: bool = False) -> TrainResult:
+    """Write the checkpoint with its card (steps, final loss and time added) and the loss curve beside it;
+    an existing checkpoint is replaced only with ``overwrite``."""
     summary = history.card()
     card = {**card, **summary, "metrics": {**card.get("metrics", {}), **summary["metrics"]}}
-    checkpoint = save_checkpoint(path, model, spec, card)
-    curve = save_loss_curve(history.losses, checkpoint.with_name(checkpoint.stem + "_loss.png"), title)
+    checkpoint = save_checkpoint(path, model, spec, card, replace=overwrite)
+    curve = save_loss_curve(history.losses, curve_path(checkpoint), title)
     return TrainResult(checkpoint, history, curve)
+
+
+def volume_ref(field: str, ref: VolumeRef | None) -> list[PathRef]:
+    return [] if ref is None else [PathRef(f"{field}.url", ref.url)]
+
+
+def checkpoint_refs(field: str, path: str | None) -> list[PathRef]:
+    """A checkpoint and the card (and loss curve) beside it, as files named by ``field``."""
+    if path is None:
+        return []
+    return [PathRef(field, path, "file"), PathRef(f"{field} (its card)", str(card_path(path)), "file"),
+            PathRef(f"{field} (its loss curve)", str(curve_path(path)), "file")]
+
+
+def check_training_outputs(config: Config, inputs: list[PathRef], field: str, checkpoint: str,
+                           overwrite: bool) -> None:
+    """Before any training: the checkpoint (with its card, curve and, under Ray Train, its run storage)
+    must not touch an input, must be writable, and may replace an existing one only with ``overwrite``
+    (and only one volseg wrote)."""
+    outputs = checkpoint_refs(field, checkpoint)
+    if config.cluster.workers > 1:
+        storage = config.cluster.storage or str(Path(checkpoint).with_suffix(".ray"))
+        outputs.append(PathRef("cluster.storage", storage))
+    check_outputs(inputs, outputs)
+    check_checkpoint_output(checkpoint, field, overwrite)
+
+
+def train_inputs(config: Config) -> list[PathRef]:
+    """What `volseg train` reads."""
+    cfg = config.train
+    assert cfg is not None
+    return [*volume_ref("train.raw", cfg.raw), *volume_ref("train.labels", cfg.labels)]
 
 
 def open_labelled(raw_ref: Any, labels_ref: Any, field: str) -> tuple[Any, Any]:
     """Open a raw volume and its labels, checking dtype and that they cover the same voxels."""
     raw, labels = raw_ref.open(), labels_ref.open()
     check_input_dtype(raw.dtype, raw_ref.url, f"{field}.raw.url")
+    check_not_empty(raw, raw_ref.url, f"{field}.raw.url")
     if labels.shape != raw.shape:
         raise VolumeFormatError(
             f"{field}.labels {labels_ref.url!r} has shape {labels.shape} but {field}.raw {raw_ref.url!r} has "
@@ -82,7 +123,8 @@ def open_labelled(raw_ref: Any, labels_ref: Any, field: str) -> tuple[Any, Any]:
 
 
 def train_and_save(config: Config, prepare: Callable[[], TrainingInputs], inputs: TrainingInputs,
-                   card: dict[str, Any], output: str, title: str, progress: bool) -> TrainResult:
+                   card: dict[str, Any], output: str, title: str, progress: bool, overwrite: bool = False
+                   ) -> TrainResult:
     """Train Prompt-DAS on ``inputs`` (built by ``prepare()``) and save it at ``output`` with ``card``.
 
     ``cluster.workers`` 0 or 1: the training loop in this process. More: the same loop under Ray Train,
@@ -95,7 +137,8 @@ def train_and_save(config: Config, prepare: Callable[[], TrainingInputs], inputs
             result = train_promptdas(inputs.model, inputs.settings, inputs.source, inputs.target, on_step=bar)
         finally:
             bar.close()
-        return save_trained(output, result.model, config.model.spec, {**card, "workers": 1}, result.history, title)
+        return save_trained(output, result.model, config.model.spec, {**card, "workers": 1}, result.history, title,
+                            overwrite)
     from volseg.actors.training import TrainingJob, train_distributed
 
     per_worker = len(Replica(0, workers).shard(inputs.settings.batch_size))
@@ -103,7 +146,7 @@ def train_and_save(config: Config, prepare: Callable[[], TrainingInputs], inputs
     distributed = {"backend": run.backend, "per_worker_batch": per_worker, "run": run.checkpoint,
                    "resumed_from": run.resumed_from, "checkpoint_every": config.cluster.checkpoint_every}
     return save_trained(output, run.model, config.model.spec, {**card, "workers": workers, "distributed": distributed},
-                        run.history, title)
+                        run.history, title, overwrite)
 
 
 def source_inputs(config: Config, model: nn.Module | None = None) -> TrainingInputs:
@@ -125,10 +168,12 @@ def _sigma_vx(cfg: TrainConfig, raw: Any) -> float:
     return cfg.density_sigma_nm / float(raw.voxel_size_nm[2])
 
 
-def train(config: Config, progress: bool = True) -> TrainResult:
+def train(config: Config, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train ``model:`` on ``train:`` and write ``train.checkpoint`` (replacing one only with ``overwrite``)."""
     config.require("train", command="train")
     cfg = config.train
     assert cfg is not None
+    check_training_outputs(config, train_inputs(config), "train.checkpoint", cfg.checkpoint, overwrite)
     spec = config.model.spec
     title = f"{spec.name} source training"
     card = {"mode": "source", "data": {"raw": cfg.raw.url, "labels": cfg.labels.url}, "training": cfg.model_dump()}
@@ -137,7 +182,8 @@ def train(config: Config, progress: bool = True) -> TrainResult:
     if getattr(model, "promptable", False):
         inputs = source_inputs(config, model)
         card["data"]["voxel_size_nm"] = list(inputs.source.raw.voxel_size_nm)
-        return train_and_save(config, partial(source_inputs, config), inputs, card, cfg.checkpoint, title, progress)
+        return train_and_save(config, partial(source_inputs, config), inputs, card, cfg.checkpoint, title, progress,
+                              overwrite)
     if config.cluster.workers > 1:
         raise ConfigError(f"cluster.workers is {config.cluster.workers}, but data-parallel training runs "
                           f"Prompt-DAS only and model.name is {spec.name!r}.",
@@ -153,4 +199,4 @@ def train(config: Config, progress: bool = True) -> TrainResult:
     finally:
         bar.close()
     card["data"]["voxel_size_nm"] = list(raw.voxel_size_nm)
-    return save_trained(cfg.checkpoint, model, spec, {**card, "workers": 1}, history, title)
+    return save_trained(cfg.checkpoint, model, spec, {**card, "workers": 1}, history, title, overwrite)

@@ -16,6 +16,7 @@ from typing import Any
 
 from volseg.geometry import Block
 from volseg.inference.job import BlockStage, Pending
+from volseg.inference.lease import LeaseLostError
 from volseg.inference.ledger import BlockLedger
 
 #: Called after each block is durably written: (block, seconds it took, who ran it).
@@ -48,13 +49,36 @@ class RunStats:
                         max(self.workers, other.workers), self.startup_seconds + other.startup_seconds)
 
 
+#: Errors that stop a run instead of failing one block (another run took its outputs over).
+FATAL_ERRORS: tuple[type[BaseException], ...] = (LeaseLostError,)
+
+
+def error_summary(error: BaseException) -> str:
+    """``Type: last line of the message`` (a remote error's last line is its own message, after the
+    traceback Ray puts before it), at most 300 characters."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def write_block(stage: BlockStage, block: Block, computed: Any, ledger: BlockLedger | None) -> Sequence[Pending]:
+    """Start a block's writes, once the run is known to still hold its outputs."""
+    if ledger is not None:
+        ledger.confirm_leases()
+    return stage.write(block, computed)
+
+
 class SerialExecutor:
-    """Runs blocks one after another in this process, with read-ahead and write-behind."""
+    """Runs blocks one after another in this process, with read-ahead and write-behind.
+
+    A block whose read, compute or write raises is tried again, up to ``max_attempts`` times in all;
+    one that fails every attempt is reported in :attr:`RunStats.failed` (id → the last error, one
+    line), and the other blocks still run, as on the Ray executor."""
 
     name = "serial"
 
-    def __init__(self, prefetch: int = 2) -> None:
+    def __init__(self, prefetch: int = 2, max_attempts: int = 3) -> None:
         self.prefetch = prefetch
+        self.max_attempts = max_attempts
 
     def run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None = None,
             ledger: BlockLedger | None = None) -> RunStats:
@@ -72,28 +96,65 @@ class SerialExecutor:
                     return
                 reads.append((block, stage.read(block)))
 
+        def finish(block: Block, outcome: Any, started: float) -> None:
+            if ledger is not None:
+                ledger.mark(stage.name, block.id, outcome)
+            stats.outcomes[block.id] = outcome
+            stats.blocks_done += 1
+            stats.voxels += block.core.size
+            if on_done is not None:
+                on_done(block, time.perf_counter() - started, self.name)
+
         def drain_writes(keep: int) -> None:
             while len(writes) > keep:
                 block, pending, outcome, started = writes.popleft()
-                for p in pending:
-                    p.result()
-                if ledger is not None:
-                    ledger.mark(stage.name, block.id, outcome)
-                stats.outcomes[block.id] = outcome
-                stats.blocks_done += 1
-                stats.voxels += block.core.size
-                if on_done is not None:
-                    on_done(block, time.perf_counter() - started, self.name)
+                try:
+                    for p in pending:
+                        p.result()
+                except FATAL_ERRORS:
+                    raise
+                except Exception as error:
+                    self._retry(stage, block, error, stats, ledger, finish, started)
+                    continue
+                finish(block, outcome, started)
 
         fill_reads()
         while reads:
             block, pending_read = reads.popleft()
             started = time.perf_counter()
-            data = pending_read.result()
-            fill_reads()
-            computed = stage.compute(block, data)
-            writes.append((block, stage.write(block, computed), stage.outcome(block, computed), started))
+            try:
+                data = pending_read.result()
+                fill_reads()
+                computed = stage.compute(block, data)
+                writes.append((block, write_block(stage, block, computed, ledger), stage.outcome(block, computed),
+                               started))
+            except FATAL_ERRORS:
+                raise
+            except Exception as error:
+                self._retry(stage, block, error, stats, ledger, finish, started)
+                fill_reads()
+                continue
             drain_writes(keep=1)
         drain_writes(keep=0)
         stats.seconds = time.perf_counter() - begin
         return stats
+
+    def _retry(self, stage: BlockStage, block: Block, error: Exception, stats: RunStats,
+               ledger: BlockLedger | None, finish: Callable[[Block, Any, float], None], started: float) -> None:
+        """Run a block that failed once again, synchronously, until it succeeds or has failed
+        ``max_attempts`` times (then it is reported in ``stats.failed``)."""
+        for _ in range(self.max_attempts - 1):
+            stats.retried += 1
+            try:
+                computed = stage.compute(block, stage.read(block).result())
+                for pending in write_block(stage, block, computed, ledger):
+                    pending.result()
+                outcome = stage.outcome(block, computed)
+            except FATAL_ERRORS:
+                raise
+            except Exception as again:
+                error = again
+                continue
+            finish(block, outcome, started)
+            return
+        stats.failed[block.id] = error_summary(error)

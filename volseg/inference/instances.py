@@ -50,11 +50,11 @@ from skimage.segmentation import watershed
 
 import volseg
 from volseg.config import InstancesConfig
-from volseg.errors import ConfigError, GeometryMismatchError, OutputExistsError
+from volseg.errors import ConfigError, GeometryMismatchError
 from volseg.geometry import Block, BlockGrid, Box, Coord
 from volseg.inference.executor import BlockDone, RunStats
 from volseg.inference.job import BlockStage, Pending
-from volseg.inference.ledger import SIGNATURE_KEY, BlockLedger
+from volseg.inference.ledger import SIGNATURE_KEY, BlockLedger, check_signature
 from volseg.inference.stitching import (
     RelabelTable,
     contact_pairs,
@@ -434,14 +434,8 @@ def plan_instances(
         "chunk_shape": geometry.chunk_shape, "shard_shape": shard, "kind": "segmentation", "exist_ok": True,
     }
     existing = create_volume(**creation, dry_run=True)
-    if existing is not None and signature is not None and not overwrite:
-        found = existing.attributes.get(SIGNATURE_KEY, {}).get("signature")
-        if found != signature:
-            who = "another volseg run" if found else "something other than volseg"
-            raise OutputExistsError(
-                f"The instance output {settings.url!r} already exists and was written by {who}; writing into it "
-                "would mix two results.",
-                "choose another instances.url, delete the existing output, or pass --overwrite.")
+    if existing is not None and signature is not None:
+        check_signature(existing, settings.url, "instances.url", signature, overwrite)
     instance_grid = BlockGrid(grid.roi, grid.core_shape, params.halo_vx, grid.roi)
     return InstancePlan(settings.url, probabilities_url, density_url, params, settings.min_size_vx, instance_grid,
                         creation, signature)
@@ -449,12 +443,13 @@ def plan_instances(
 
 def open_instances(plan: InstancePlan) -> Volume:
     """Create (or reopen, when its geometry matches) the instance output and stamp the run signature."""
-    volume = create_volume(**plan.creation)
-    assert volume is not None  # not a dry run
-    volume.update_attributes({SIGNATURE_KEY: {
+    stamp = {SIGNATURE_KEY: {
         "signature": plan.signature, "version": volseg.__version__, "output": "instances",
         "method": plan.params.method, "probabilities": plan.probabilities_url, "density": plan.density_url,
-    }})
+    }}
+    volume = create_volume(**plan.creation, attributes=stamp)  # stamped from the start (see segment.open_outputs)
+    assert volume is not None  # not a dry run
+    volume.update_attributes(stamp)
     return volume
 
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from volseg.errors import VolumeFormatError
 from volseg.geometry import Block, PointSet
 from volseg.inference.blockwise import plan_windows, predict_box
 from volseg.inference.predictor import Predictor
@@ -73,6 +74,17 @@ def to_storage(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.rint(np.clip(values, 0.0, 1.0) * top).astype(dtype)
 
 
+FINITE_FIX = ("replace them by finite grey values in [0, 1] (e.g. numpy.nan_to_num), or set roi to a region "
+              "without them.")
+
+
+def count_not_finite(values: np.ndarray) -> int:
+    """How many values are NaN or ±Inf (0 for integer arrays)."""
+    if values.dtype.kind != "f":
+        return 0
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
 class SegmentationJob:
     """Read core + context from ``source``, predict and blend, write the core into ``outputs``.
 
@@ -103,7 +115,12 @@ class SegmentationJob:
         return self.source.read_async(plan_windows(self.windows, block.core).read_box)
 
     def compute(self, block: Block, data: np.ndarray) -> np.ndarray:
-        """``(C+1) × core`` blended predictions of the block."""
+        """``(C+1) × core`` blended predictions of the block; a block whose input holds NaN or ±Inf
+        fails (the model would spread them over the block) with the count."""
+        bad = count_not_finite(data)
+        if bad:
+            raise VolumeFormatError(f"block {block.id}: the input holds {bad:,} NaN or infinite voxels in "
+                                    f"{plan_windows(self.windows, block.core).read_box}.", FINITE_FIX)
         return predict_box(self.source, self.predictor, self.windows, block.core, self.blend, data,
                            self.batch_windows, self.points)
 

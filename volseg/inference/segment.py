@@ -18,18 +18,19 @@ import torch
 
 import volseg
 from volseg.config import Config
-from volseg.errors import ConfigError, OutputExistsError, VolumeFormatError
+from volseg.errors import ConfigError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, Coord, PointSet
 from volseg.inference.instances import InstancePlan, plan_instances
-from volseg.inference.job import OutputTarget, SegmentationJob
-from volseg.inference.ledger import SIGNATURE_KEY
+from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
+from volseg.inference.ledger import SIGNATURE_KEY, check_signature
 from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.io import choose_output_chunks, create_volume
+from volseg.io.guard import PathRef, check_outputs
 from volseg.io.points import read_points
 from volseg.io.volume import VolumeGeometry
 from volseg.models import input_contract
-from volseg.models.checkpoint import file_sha256, load_checkpoint, read_card
+from volseg.models.checkpoint import card_path, file_sha256, load_checkpoint, read_card
 
 #: Default block core size, in voxels, when the config gives none.
 DEFAULT_BLOCK_VOXELS = 1 << 24
@@ -132,14 +133,27 @@ def _output_specs(config: Config, num_classes: int) -> tuple[OutputSpec, ...]:
     specs = [OutputSpec("probabilities", out.probabilities, np.dtype(out.dtype), tuple(range(num_classes)))]
     if out.density is not None:
         specs.append(OutputSpec("density", out.density, np.dtype("float32"), (num_classes,)))
-    urls = [s.url for s in specs]
-    if len(set(urls)) != len(urls):
-        raise ConfigError("output.probabilities and output.density name the same URL.",
-                          "give each output its own path.")
-    if config.input is not None and config.input.url in urls:
-        raise ConfigError(f"An output URL is the input volume {config.input.url!r}; a run never writes "
-                          "into its input.", "choose an output path different from input.url.")
     return tuple(specs)
+
+
+def run_paths(config: Config) -> tuple[list[PathRef], list[PathRef]]:
+    """What `volseg run` reads (input volume, checkpoint and its card, points) and writes (outputs)."""
+    inputs = []
+    if config.input is not None:
+        inputs.append(PathRef("input.url", config.input.url))
+    if config.model.checkpoint is not None:
+        inputs += [PathRef("model.checkpoint", config.model.checkpoint, "file"),
+                   PathRef("model.checkpoint (card)", str(card_path(config.model.checkpoint)), "file")]
+    if config.prompts is not None and config.prompts.points is not None:
+        inputs.append(PathRef("prompts.points", config.prompts.points.removeprefix("precomputed://"), "file"))
+    outputs = []
+    if config.output is not None:
+        outputs.append(PathRef("output.probabilities", config.output.probabilities))
+        if config.output.density is not None:
+            outputs.append(PathRef("output.density", config.output.density))
+    if config.instances is not None:
+        outputs.append(PathRef("instances.url", config.instances.url))
+    return inputs, outputs
 
 
 def run_signature(weights: str, config: Config, grid: BlockGrid, windows: WindowGrid,
@@ -151,6 +165,7 @@ def run_signature(weights: str, config: Config, grid: BlockGrid, windows: Window
         "config": config.output_fingerprint(),
         "grid": {"roi": grid.roi.to_json(), "core": list(grid.core_shape)},
         "windows": {"window": list(windows.window), "stride": list(windows.stride)},
+        "threads": config.execution.threads,
         "volseg": volseg.__version__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -161,6 +176,7 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     config.require("input", "output", command="run")
     assert config.input is not None and config.output is not None
     check_executor_outputs(config)
+    check_outputs(*run_paths(config))
     outputs = _output_specs(config, config.model.num_classes)
     source = config.input.open()
     if source.num_channels is not None:
@@ -168,6 +184,7 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
             f"Input {config.input.url!r} has {source.num_channels} channels; volseg segments "
             "single-channel grey EM volumes (z, y, x).", "point input.url at the grey-value array.")
     check_input_dtype(source.dtype, config.input.url, "input.url")
+    check_not_empty(source, config.input.url, "input.url")
     predictor, card = build_predictor(config)
     windows = WindowGrid(source.shape, config.inference.window, config.inference.stride)
     chunk = config.output.chunk or choose_output_chunks(source.shape, np.dtype(config.output.dtype),
@@ -188,13 +205,25 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
                             None if config.output.shard is None else tuple(config.output.shard),
                             outputs, signature, card, points)
+    check_existing_outputs(plan, overwrite)
+    if config.instances is not None:
+        plan = replace(plan, instances=_plan_instances(plan, overwrite))
+    check_finite(source, config.input.url, "input.url", plan.grid.roi)
+    return plan
+
+
+def check_existing_outputs(plan: SegmentationPlan, overwrite: bool) -> None:
+    """Check every semantic output that exists (geometry and run signature) without writing; run
+    again once the run holds its outputs, in case another run wrote them since the plan."""
     for spec in plan.outputs:
         existing = create_volume(**_creation_arguments(plan, spec), dry_run=True)
         if existing is not None:
-            _check_signature(existing, spec, signature, overwrite)
-    if config.instances is not None:
-        plan = replace(plan, instances=_plan_instances(plan, overwrite))
-    return plan
+            check_signature(existing, spec.url, f"output.{spec.name}", plan.signature, overwrite)
+
+
+def replan_instances(plan: SegmentationPlan, overwrite: bool) -> InstancePlan:
+    """The instance plan checked again against storage (see :func:`check_existing_outputs`)."""
+    return _plan_instances(plan, overwrite)
 
 
 def _plan_instances(plan: SegmentationPlan, overwrite: bool) -> InstancePlan:
@@ -207,9 +236,6 @@ def _plan_instances(plan: SegmentationPlan, overwrite: bool) -> InstancePlan:
     halo = None
     if settings.halo_nm is not None:
         halo = tuple(int(np.ceil(settings.halo_nm / v)) for v in source.voxel_size_nm)
-    if config.input is not None and settings.url == config.input.url:
-        raise ConfigError(f"instances.url is the input volume {settings.url!r}; a run never writes into its input.",
-                          "choose an instances.url different from input.url.")
     return plan_instances(settings, plan.grid, geometry, config.output.probabilities, config.output.density,
                           default_threshold=config.inference.threshold, signature=plan.signature,
                           overwrite=overwrite, halo_vx=halo, connectivity=settings.connectivity)
@@ -250,17 +276,38 @@ def _creation_arguments(plan: SegmentationPlan, spec: OutputSpec) -> dict[str, A
     }
 
 
-def _check_signature(existing: Any, spec: OutputSpec, signature: str, overwrite: bool) -> None:
-    """Refuse an existing output written by another run (or by something else) unless overwriting."""
-    found = existing.attributes.get(SIGNATURE_KEY, {}).get("signature")
-    if found == signature or overwrite:
+def check_not_empty(volume: Any, url: str, field: str) -> None:
+    """Refuse a volume with no voxels (an axis of size 0)."""
+    if 0 in tuple(volume.shape):
+        raise VolumeFormatError(f"{field} {url!r} is empty: its shape is {tuple(volume.shape)}.",
+                                f"point {field} at a volume with data.")
+
+
+#: Float inputs up to this many voxels are checked for NaN/Inf in full before a run; larger ones
+#: in a sample of chunks spread over the volume (each block checks its own voxels as it runs).
+FINITE_CHECK_VOXELS = 1 << 27
+FINITE_SAMPLE_CHUNKS = 32
+
+
+def check_finite(volume: Any, url: str, field: str, roi: Box) -> None:
+    """Refuse a float input holding NaN or ±Inf: the model would turn them into NaN outputs."""
+    if np.dtype(volume.dtype).kind != "f":
         return
-    who = "another volseg run" if found else "something other than volseg"
-    raise OutputExistsError(
-        f"Output {spec.url!r} ({spec.name}) already exists and was written by {who}; writing into it "
-        "would mix two results or destroy data.",
-        "choose another output path, delete the existing output, or pass --overwrite.",
-    )
+    boxes = [roi] if roi.size <= FINITE_CHECK_VOXELS else _sample_boxes(roi, volume.chunk_shape)
+    bad = sum(count_not_finite(volume.read(box)) for box in boxes)
+    if bad:
+        where = "" if roi.size <= FINITE_CHECK_VOXELS else f" in a sample of {len(boxes)} chunks"
+        raise VolumeFormatError(f"{field} {url!r} holds {bad:,} NaN or infinite voxels{where}.", FINITE_FIX)
+
+
+def _sample_boxes(roi: Box, chunk: Coord) -> list[Box]:
+    """Up to :data:`FINITE_SAMPLE_CHUNKS` chunk-sized boxes spread evenly along the diagonal of ``roi``."""
+    boxes = []
+    for i in range(FINITE_SAMPLE_CHUNKS):
+        start = tuple(b + (e - b - min(c, e - b)) * i // max(1, FINITE_SAMPLE_CHUNKS - 1)
+                      for b, e, c in zip(roi.start, roi.stop, chunk, strict=True))
+        boxes.append(Box(start, tuple(min(s + c, e) for s, c, e in zip(start, chunk, roi.stop, strict=True))))
+    return list(dict.fromkeys(boxes))
 
 
 def open_outputs(plan: SegmentationPlan) -> list[OutputTarget]:
@@ -268,15 +315,17 @@ def open_outputs(plan: SegmentationPlan) -> list[OutputTarget]:
     num_classes = plan.predictor.num_classes
     targets = []
     for spec in plan.outputs:
-        volume = create_volume(**_creation_arguments(plan, spec))
-        volume.update_attributes({SIGNATURE_KEY: {
+        stamp = {SIGNATURE_KEY: {
             "signature": plan.signature,
             "version": volseg.__version__,
             "output": spec.name,
             "channels": ["probability"] * num_classes + ["density"],
             "input": plan.config.input.url if plan.config.input else None,
             "checkpoint": plan.config.model.checkpoint,
-        }})
+        }}
+        # stamped when created, so no output ever exists without saying that volseg wrote it
+        volume = create_volume(**_creation_arguments(plan, spec), attributes=stamp)
+        volume.update_attributes(stamp)
         targets.append(OutputTarget(volume, spec.channels))
     return targets
 

@@ -194,7 +194,7 @@ def _reuse(
     exist_ok: bool,
 ) -> Volume:
     """Open what exists at ``url`` and check it is what was asked for."""
-    fix = f"choose another output path, or delete {url} if its contents are no longer needed."
+    fix = "choose another output path."
     if requested_format is not None and existing_format not in candidates(requested_format):
         raise GeometryMismatchError(
             f"The output {url} exists with other geometry than requested: "

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from volseg.errors import CheckpointError
+from volseg.errors import CheckpointError, OutputExistsError
 from volseg.models.registry import ModelSpec, build_model, foreign_loader
 
 CARD_VERSION = 1
@@ -27,6 +27,54 @@ CARD_VERSION = 1
 
 def card_path(weights_path: str | Path) -> Path:
     return Path(weights_path).with_suffix(".json")
+
+
+def curve_path(weights_path: str | Path) -> Path:
+    """The loss curve (PNG) written beside a trained checkpoint."""
+    path = Path(weights_path)
+    return path.with_name(path.stem + "_loss.png")
+
+
+#: The PNG text field that marks a loss curve as volseg's (so --overwrite may replace it).
+CURVE_SOFTWARE = "volseg"
+
+
+def written_by_volseg(path: str | Path) -> bool:
+    """Whether ``path`` is a file volseg wrote for a checkpoint: weights whose safetensors metadata
+    names a volseg model, a card with volseg's ``card_version``, or a loss curve marked as volseg's."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as handle:
+                return "volseg_model" in (handle.metadata() or {})
+        if path.suffix == ".json":
+            card = json.loads(path.read_text())
+            return isinstance(card, dict) and "card_version" in card and "weights_sha256" in card
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.info.get("Software", "").startswith(CURVE_SOFTWARE)
+    except Exception:  # unreadable or foreign: not volseg's
+        return False
+
+
+def check_checkpoint_output(path: str | Path, field: str, overwrite: bool) -> None:
+    """Refuse to write a checkpoint where one exists, unless ``overwrite``; and even then, refuse
+    to replace any file (weights, card, loss curve) that volseg did not write."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{field} {str(path)!r} does not end in .safetensors.",
+                              f"name the checkpoint file like model.safetensors in {field}.")
+    existing = [p for p in (path, card_path(path), curve_path(path)) if p.exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{field} {str(existing[0])!r} already exists; volseg never replaces a checkpoint "
+                                "silently.", f"choose another path for {field}, or pass --overwrite to replace it.")
+    foreign = next((p for p in existing if not written_by_volseg(p)), None)
+    if foreign is not None:
+        raise OutputExistsError(f"{str(foreign)!r} (beside {field}) was not written by volseg; --overwrite replaces "
+                                "only volseg's own checkpoints.", f"choose another path for {field}.")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -37,27 +85,53 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, card: Mapping[str, Any]) -> Path:
-    """Write ``path`` (.safetensors) and its card atomically (temp file + rename); returns ``path``."""
+def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, card: Mapping[str, Any],
+                    replace: bool = True) -> Path:
+    """Write ``path`` (.safetensors) and its card atomically (temp file + rename); returns ``path``.
+
+    With ``replace=False`` an existing ``path`` is never replaced, even one that appeared while the
+    model trained (another run): the weights are published with a hard link, which fails if the name
+    is taken, and :class:`~volseg.errors.OutputExistsError` is raised."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"Checkpoint path {str(path)!r} does not end in .safetensors.",
                               "name the checkpoint file like model.safetensors.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={"volseg_model": spec.canonical()})
-    os.replace(tmp, path)
+    _publish(tmp, path, replace)
     full_card = {
         "card_version": CARD_VERSION,
         **dict(card),
         "model": spec.to_json(),
         "weights_sha256": file_sha256(path),
     }
-    tmp_card = card_path(path).with_name(card_path(path).name + ".tmp")
+    tmp_card = card_path(path).with_name(f"{card_path(path).name}.{os.getpid()}.tmp")
     tmp_card.write_text(json.dumps(full_card, indent=2, sort_keys=True, default=str))
     os.replace(tmp_card, card_path(path))
     return path
+
+
+def _publish(tmp: Path, path: Path, replace: bool) -> None:
+    """Move the finished ``tmp`` to ``path``: atomically replacing, or only if ``path`` is free."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"Checkpoint {str(path)!r} appeared while this model trained (another run wrote "
+                                "it); it was left as it is.", "pass --overwrite to replace it, or choose another "
+                                "path; this run's weights were not kept.") from None
+    except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
+        if path.exists():
+            tmp.unlink(missing_ok=True)
+            raise OutputExistsError(f"Checkpoint {str(path)!r} appeared while this model trained; it was left as "
+                                    "it is.", "pass --overwrite to replace it, or choose another path.") from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_card(path: str | Path) -> dict[str, Any]:
