@@ -190,3 +190,17 @@ def test_relative_paths_reach_actors_in_another_working_directory(ray_cluster, r
     result = run(parse_config(config), progress=False)
     assert not result.failed and (work / "rel.zarr/prob").is_dir()
     assert_same_bytes(config, reference)
+
+
+def test_one_config_gives_one_set_of_bytes_on_either_executor(ray_cluster, run_config, tmp_path):
+    """Default settings, no thread count set by hand: serial and Ray compute each block with
+    execution.threads torch threads, so their bytes are identical (the thread count changes floats)."""
+    written = {}
+    for executor in ("serial", "ray"):
+        config = run_config(output={"probabilities": str(tmp_path / f"{executor}.zarr/prob"),
+                                    "density": str(tmp_path / f"{executor}.zarr/density"), "chunk": [2, 16, 16]},
+                            execution={"block": [4, 32, 48], "executor": executor})
+        run(parse_config(config), progress=False)
+        written[executor] = outputs(config)
+    for name, values in written["serial"].items():
+        assert values.tobytes() == written["ray"][name].tobytes(), name

@@ -60,3 +60,8 @@ class CheckpointError(VolsegError, ValueError):
 
 class UnsupportedURLError(VolsegError, ValueError):
     """A URL has a scheme or format prefix that volseg has no backend for."""
+
+
+class StorageUnreachableError(VolumeNotFoundError, ConnectionError):
+    """Storage did not answer in time, or refused access: a bucket without credentials, a host that cannot
+    be reached. The message names the URL and says how to supply credentials or check the network."""

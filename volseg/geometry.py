@@ -204,15 +204,15 @@ class BlockGrid:
         for ax, c, k in zip(axes, core, chunk, strict=True):
             if c % k:
                 raise AlignmentError(
-                    f"Block core {tuple(core)} is not a whole number of output chunks {tuple(chunk)} "
-                    f"on axis {ax} ({c} % {k} = {c % k}). Two blocks would write into one chunk and "
-                    "overwrite each other's voxels.",
-                    f"set the block core on axis {ax} to a multiple of {k}, e.g. {max(k, c // k * k)}.",
+                    f"Block core (execution.block) {tuple(core)} is not a whole number of output chunks "
+                    f"{tuple(chunk)} on axis {ax} ({c} % {k} = {c % k}). Two blocks would write into one chunk "
+                    "and overwrite each other's voxels.",
+                    f"set execution.block on axis {ax} to a multiple of {k}, e.g. {max(k, c // k * k)}.",
                 )
         for ax, s, e, k, b in zip(axes, roi.start, roi.stop, chunk, bounds.stop, strict=True):
             if s % k or (e % k and e != b):
                 raise AlignmentError(
-                    f"The region of interest {roi} does not start and end on output chunk borders "
+                    f"The region of interest (roi) {roi} does not start and end on output chunk borders "
                     f"(chunk {tuple(chunk)}) on axis {ax}, so its edge blocks would share chunks with "
                     "voxels outside it.",
                     f"align roi start and stop on axis {ax} to multiples of {k} (the stop may also be "

@@ -13,7 +13,8 @@ A second run finding a live lease is refused with a message naming the holder
 that died without releasing it (killed, lost node) and is taken over, again by a conditional write,
 so of several runs taking over one stale lease one wins. A lease whose holder ran on this machine, in
 this process namespace, and is no longer alive (``kill -9``, a crash) is taken over at once.
-Heartbeats compare wall clocks of two machines: ``stale_seconds`` must exceed their clock skew by a margin (the default, 120 s, does).
+Heartbeats compare wall clocks of two machines: ``stale_seconds`` must exceed their clock skew by a
+margin (the default, 120 s, does).
 
 Block workers check the lease before writing a block (:meth:`LeaseToken.confirm`), so a run that
 stalled past its lease and lost it does not write over the run that took its outputs over.
@@ -37,7 +38,7 @@ import psutil
 import tensorstore as ts
 
 from volseg.errors import OutputExistsError, VolsegError
-from volseg.io.storage import open_kvstore
+from volseg.io.storage import CONTEXT, open_kvstore, wait
 from volseg.io.urls import parse_url
 
 LEASE_KEY = "lease.json"
@@ -69,7 +70,7 @@ class LeaseToken:
 
     def confirm(self) -> None:
         """Raise :class:`LeaseLostError` unless the lease still names this run."""
-        store = ts.KvStore.open(self.kvstore).result()
+        store = ts.KvStore.open(self.kvstore, context=CONTEXT).result()
         current = store.read(LEASE_KEY).result()
         holder = _decode(current.value).get("run") if current.state == "value" else None
         if holder != self.run:
@@ -95,7 +96,8 @@ class Lease:
         self.stale_seconds = stale_seconds
         self.holder = holder
         self.kvstore = state_kvstore(url)
-        self._store = open_kvstore(parse_url(url).child(STATE_DIRECTORY))
+        self._where = parse_url(url).child(STATE_DIRECTORY)
+        self._store = open_kvstore(self._where)
         self._generation: bytes | None = None
         self._new_folders = _missing_folders(url)
 
@@ -111,7 +113,7 @@ class Lease:
         """Take the lease; returns a warning line when a stale lease of a dead run was taken over.
 
         Raises :class:`OutputBusyError` naming the holder when another run holds it."""
-        current = self._store.read(LEASE_KEY).result()
+        current = wait(self._store.read(LEASE_KEY), self._where)
         warning = None
         if current.state == "value":
             other = _decode(current.value)
@@ -122,7 +124,7 @@ class Lease:
                                       "wait for that run to finish or stop it, then run again (it resumes); a run "
                                       f"whose heartbeat is older than {self.stale_seconds:g} s is taken over.")
             warning = (f"took over {self.url} from a run that stopped without releasing it ({describe(other, age)})")
-        written = self._store.write(LEASE_KEY, self._record(), if_equal=current.stamp.generation).result()
+        written = wait(self._store.write(LEASE_KEY, self._record(), if_equal=current.stamp.generation), self._where)
         if not written.generation:  # another run wrote the lease between our read and write
             return self.acquire()
         self._generation = written.generation
@@ -130,7 +132,7 @@ class Lease:
 
     def renew(self) -> None:
         """Write a new heartbeat; raises :class:`LeaseLostError` if another run wrote the lease."""
-        written = self._store.write(LEASE_KEY, self._record(), if_equal=self._generation).result()
+        written = wait(self._store.write(LEASE_KEY, self._record(), if_equal=self._generation), self._where)
         if not written.generation:
             raise LeaseLostError(f"Another volseg run took over {self.url} while this run was writing it (this run's "
                                  "heartbeat was late); this run stopped.",
@@ -140,7 +142,7 @@ class Lease:
     def release(self) -> None:
         """Delete the lease if this run still holds it (never another run's)."""
         if self._generation is not None:
-            self._store.write(LEASE_KEY, None, if_equal=self._generation).result()
+            wait(self._store.write(LEASE_KEY, None, if_equal=self._generation), self._where)
             self._generation = None
         for folder in self._new_folders:  # local folders the lease created, if the run left them empty
             try:
@@ -207,7 +209,7 @@ class Leases:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        for lease in self.leases:
+        for lease in reversed(self.leases):  # the last taken first: it may sit in folders the first one made
             try:
                 lease.release()
             except Exception:  # a lease left behind goes stale and is taken over; never hide the run's own error

@@ -21,6 +21,7 @@ import tensorstore as ts
 from volseg.errors import OutputExistsError
 from volseg.geometry import Block
 from volseg.inference.lease import LEASE_KEY, LeaseToken, state_kvstore
+from volseg.io.storage import CONTEXT
 
 #: Key of the output attributes holding the run signature (and what wrote the output).
 SIGNATURE_KEY = "volseg"
@@ -55,7 +56,7 @@ class BlockLedger:
     @property
     def store(self) -> ts.KvStore:
         if self._store is None:
-            self._store = ts.KvStore.open(self.kvstore).result()
+            self._store = ts.KvStore.open(self.kvstore, context=CONTEXT).result()
         return self._store
 
     def _prefix(self, stage: str) -> str:

@@ -18,7 +18,7 @@ import torch
 
 import volseg
 from volseg.config import Config
-from volseg.errors import ConfigError, VolumeFormatError
+from volseg.errors import AlignmentError, ConfigError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, Coord, PointSet
 from volseg.inference.instances import InstancePlan, plan_instances
 from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
@@ -127,6 +127,14 @@ def _roi(config: Config, bounds: Box) -> Box:
     return roi
 
 
+def _check_shard(shard: Coord | None, chunk: Coord) -> None:
+    for axis, s, c in zip("zyx", shard or (), chunk, strict=False):
+        if s % c:
+            raise AlignmentError(f"output.shard {tuple(shard or ())} is not a whole number of output chunks "
+                                 f"{tuple(chunk)} on axis {axis} ({s} % {c} = {s % c}).",
+                                 f"make output.shard on axis {axis} a multiple of {c}, e.g. {max(c, s // c * c)}.")
+
+
 def _output_specs(config: Config, num_classes: int) -> tuple[OutputSpec, ...]:
     out = config.output
     assert out is not None  # checked by require()
@@ -189,6 +197,7 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     windows = WindowGrid(source.shape, config.inference.window, config.inference.stride)
     chunk = config.output.chunk or choose_output_chunks(source.shape, np.dtype(config.output.dtype),
                                                         source.chunk_shape)
+    _check_shard(config.output.shard, chunk)
     write_chunk = config.output.shard or chunk
     core = config.execution.block or default_block(write_chunk, windows.window, source.shape)
     grid = BlockGrid.aligned(_roi(config, source.bounds), core, 0, source.bounds, write_chunk)

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from volseg.errors import UnsupportedURLError, VolumeFormatError
+from volseg.errors import UnsupportedURLError, VolsegError, VolumeFormatError
 from volseg.geometry import Box
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
-from volseg.io.storage import read_json
+from volseg.io.storage import REMOTE_SCHEMES, read_json, run_bounded, short_error, storage_error, unreachable
 from volseg.io.urls import VolumeURL
 from volseg.io.volume import OpenedArray, VolumeGeometry, as_zyx
 
@@ -105,6 +105,29 @@ def gzipped_chunks_on_disk(url: VolumeURL, scale: int | None) -> bool:
     return False
 
 
+_CLIENT_PACKAGES = frozenset({"google", "botocore", "boto3", "requests", "urllib3", "socket"})
+"""Packages whose errors, raised while opening a remote volume, mean "not reachable or not allowed"."""
+
+
+def _open_error(error: Exception, url: VolumeURL) -> VolsegError:
+    """The volseg error for ``error`` raised by cloud-volume while opening ``url``.
+
+    From gs://, s3:// or http(s)://, a network or OS error, or one of
+    the credential and HTTP clients (missing credentials: google-auth's ``DefaultCredentialsError``,
+    botocore's ``NoCredentialsError``), gives :class:`~volseg.errors.StorageUnreachableError`;
+    anything else (a missing or malformed ``info``) :class:`~volseg.errors.VolumeFormatError`.
+    """
+    first_sentence = " ".join(str(error).split()).split(". ")[0]
+    cause = f"{type(error).__name__}: {short_error(first_sentence, 160)}"
+    package = type(error).__module__.split(".")[0]
+    if url.scheme in REMOTE_SCHEMES and (isinstance(error, OSError) or package in _CLIENT_PACKAGES):
+        return unreachable(url, cause)
+    return storage_error(
+        cause, url, f"cloud-volume could not open {url.url}", VolumeFormatError,
+        "check that the URL points at a Neuroglancer precomputed volume (its info file).",
+    )
+
+
 def cloudvolume_path(url: VolumeURL) -> str:
     """The cloud-volume path of ``url`` (``precomputed://`` + location)."""
     if url.scheme not in CLOUDVOLUME_SCHEMES:
@@ -117,23 +140,36 @@ def cloudvolume_path(url: VolumeURL) -> str:
 
 
 def open_cloudvolume(url: VolumeURL, mode: str, scale: int | None) -> OpenedArray:
-    """Open the precomputed volume at ``url`` with cloud-volume at mip ``scale`` (default 0)."""
+    """Open the precomputed volume at ``url`` with cloud-volume at mip ``scale`` (default 0).
+
+    The open (which reads ``info``, and for gs:// and s3:// first looks up credentials) waits at most
+    the storage timeout; it and any failure of it raise one line naming ``url`` (see :func:`_open_error`).
+    """
     from cloudvolume import CloudVolume
 
     path = cloudvolume_path(url)
     mip = scale or 0
-    volume = CloudVolume(
-        path,
-        mip=mip,
-        bounded=True,
-        fill_missing=True,
-        non_aligned_writes=True,
-        progress=False,
-        cache=False,
-        parallel=1,
-        delete_black_uploads=False,
-        compress=None if gzipped_chunks_on_disk(url, mip) else False,
-    )
+    compress = None if gzipped_chunks_on_disk(url, mip) else False
+    try:
+        volume = run_bounded(
+            lambda: CloudVolume(
+                path,
+                mip=mip,
+                bounded=True,
+                fill_missing=True,
+                non_aligned_writes=True,
+                progress=False,
+                cache=False,
+                parallel=1,
+                delete_black_uploads=False,
+                compress=compress,
+            ),
+            url,
+        )
+    except (VolsegError, TypeError, AttributeError, NameError):  # already one line, or a bug in volseg
+        raise
+    except Exception as err:  # whatever cloud-volume or its storage clients raise: classified there
+        raise _open_error(err, url) from err
     if mode == "r+" and volume.scale.get("sharding"):
         raise VolumeFormatError(
             f"Mip {mip} of {url.url} is sharded; volseg's cloud-volume backend cannot write it.",

@@ -14,6 +14,7 @@ from volseg.errors import (
     AlignmentError,
     GeometryMismatchError,
     OutputExistsError,
+    StorageUnreachableError,
     UnsupportedURLError,
     VolsegError,
     VolumeFormatError,
@@ -203,6 +204,8 @@ def _reuse(
         )
     try:
         volume = open_volume(url, "r+")
+    except StorageUnreachableError:
+        raise
     except VolsegError as err:
         raise GeometryMismatchError(
             f"Something exists at the output {url} ({existing_format}) but it cannot be reused as the "

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from volseg.errors import ConfigError, VolsegError
+from volseg.errors import ConfigError, StorageUnreachableError, VolsegError
 from volseg.io.locations import Location, container_of, location_of
+from volseg.io.storage import unreachable
 from volseg.io.urls import VolumeURL, parse_url
 
 Kind = Literal["volume", "file"]
@@ -42,15 +43,16 @@ class PathRef:
         return location_of(self.url)
 
 
-_WORDS = {"same": "is", "inside": "lies inside", "contains": "contains"}
+_WORDS = {"same": "is the same place as", "inside": "lies inside", "contains": "contains"}
 
 
 def check_outputs(inputs: Sequence[PathRef], outputs: Sequence[PathRef]) -> None:
     """Refuse outputs that would write into an input or into each other, or that cannot be written
     (see the module docstring). Raises :class:`~volseg.errors.ConfigError` naming both fields."""
     present = [ref for ref in inputs if ref.url]
+    containers = {ref: _container(ref) for ref in present if ref.kind == "volume"}
     for output in outputs:
-        _check_against_inputs(output, present)
+        _check_against_inputs(output, present, containers)
     for i, first in enumerate(outputs):
         for second in outputs[i + 1:]:
             relation = first.location.relation(second.location)
@@ -62,7 +64,8 @@ def check_outputs(inputs: Sequence[PathRef], outputs: Sequence[PathRef]) -> None
         check_writable(output)
 
 
-def _check_against_inputs(output: PathRef, inputs: Sequence[PathRef]) -> None:
+def _check_against_inputs(output: PathRef, inputs: Sequence[PathRef],
+                          containers: dict[PathRef, VolumeURL | None]) -> None:
     where = output.location
     for ref in inputs:
         relation = where.relation(ref.location)
@@ -70,19 +73,20 @@ def _check_against_inputs(output: PathRef, inputs: Sequence[PathRef]) -> None:
             raise ConfigError(
                 f"{output.field} {output.url!r} {_WORDS[relation]} the input {ref.field} {ref.url!r}; volseg "
                 "never writes into its inputs.", f"choose a path for {output.field} outside every input.")
-        if ref.kind != "volume":
-            continue
-        container = _container(ref)
+        container = containers.get(ref)
         if container is not None and where.relation(location_of(container)) == "inside":
+            shown = container.path.rstrip("/") if container.scheme == "file" else container.location
             raise ConfigError(
-                f"{output.field} {output.url!r} lies inside {container.location}, the dataset that holds the input "
+                f"{output.field} {output.url!r} lies inside {shown}, the dataset that holds the input "
                 f"{ref.field}; volseg never adds files to an input's dataset.",
-                f"choose a path for {output.field} outside {container.location}.")
+                f"choose a path for {output.field} outside {shown}.")
 
 
 def _container(ref: PathRef) -> VolumeURL | None:
     try:
         return container_of(ref.url)
+    except StorageUnreachableError:  # named after the input, not the folder above it that was probed
+        raise unreachable(parse_url(ref.url)) from None
     except VolsegError:  # an input that cannot be read is reported when it is opened
         return None
 
@@ -99,7 +103,7 @@ def check_writable(ref: PathRef) -> None:
     if ref.kind == "volume" and path.is_file():
         raise ConfigError(f"{ref.field} {ref.url!r} is a regular file, not a volume folder.",
                           f"choose another path for {ref.field}.")
-    ancestor = path if path.exists() else path.parent
+    ancestor = path if path.is_dir() else path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from volseg.errors import PointsError
+from volseg.errors import PointsError, VolsegError
 from volseg.geometry import Box, PointSet
 
 _UNIT_TO_NM = {"m": 1e9, "mm": 1e6, "um": 1e3, "µm": 1e3, "nm": 1.0, "pm": 1e-3}
@@ -67,8 +67,12 @@ def read_points(
 
 
 def _read_csv(path: Path) -> PointSet:
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    try:  # utf-8-sig: a spreadsheet's byte-order mark is not part of the header
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise PointsError(f"{path} is not a text CSV ({error}).",
+                          "save the points as UTF-8 text, one z,y,x per line.") from None
     if not rows:
         return PointSet(np.zeros((0, 3)))
     columns = [0, 1, 2]
@@ -99,7 +103,10 @@ def _is_number(text: str) -> bool:
 def _read_neuroglancer(path: Path, voxel_size_nm: Sequence[float], voxel_offset: Sequence[int],
                        layer: str | None) -> PointSet:
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(path.read_bytes())
+    except UnicodeDecodeError as error:
+        raise PointsError(f"{path} is not a text JSON file ({error}).",
+                          "export the annotation layer from Neuroglancer again (JSON is UTF-8 text).") from None
     except json.JSONDecodeError as error:
         raise PointsError(f"{path} is not valid JSON ({error}).",
                           "export the annotation layer from Neuroglancer again.") from None
@@ -138,42 +145,60 @@ _PROPERTY_BYTES = {"rgb": 3, "rgba": 4, "uint8": 1, "int8": 1, "uint16": 2, "int
 
 def _read_precomputed(url: str, voxel_size_nm: Sequence[float], voxel_offset: Sequence[int]) -> PointSet:
     """Every point of a precomputed annotation collection, from its spatial index (each point is
-    stored in one cell of one level; a point on a cell border may repeat, so points are kept by id)."""
-    import tensorstore as ts
+    stored in one cell of one level; a point on a cell border may repeat, so points are kept by id).
 
-    from volseg.errors import VolsegError
+    Each read waits at most the storage timeout (:func:`volseg.io.storage.storage_timeout_s`);
+    unreachable remote storage raises :class:`~volseg.errors.StorageUnreachableError`, any other
+    failure a one-line :class:`PointsError`."""
+    from volseg.io.storage import open_kvstore, storage_error, wait
     from volseg.io.urls import parse_url
 
+    location = parse_url(url)
     try:
-        store = ts.KvStore.open(parse_url(url.removeprefix("precomputed://")).kvstore()).result()
-        raw = store.read("info").result()
-    except (VolsegError, ValueError) as error:
-        raise PointsError(f"Points {url!r} cannot be opened ({str(error).splitlines()[0]}).",
-                          "give a precomputed annotation directory or URL.") from None
-    if raw.state != "value":
-        raise PointsError(f"Points {url!r} has no info file; it is not a precomputed annotation collection.",
-                          "give a CSV, a Neuroglancer JSON, or a precomputed annotation directory.")
-    info = json.loads(raw.value)
-    if info.get("@type") != "neuroglancer_annotations_v1" or info.get("annotation_type", "").upper() != "POINT":
-        raise PointsError(f"{url}: info is not a point annotation collection (@type {info.get('@type')!r}, "
-                          f"annotation_type {info.get('annotation_type')!r}).",
-                          "give a collection of POINT annotations.")
-    rank = len(info["dimensions"])
-    record = 4 * rank + sum(_PROPERTY_BYTES[p["type"]] for p in info.get("properties", []))
-    record += (-record) % 4  # each annotation's encoding is padded to 4 bytes
-    points: dict[int, np.ndarray] = {}
-    for level in info["spatial"]:
-        if "sharding" in level:
-            raise PointsError(f"{url}: spatial index level {level['key']!r} is sharded; volseg reads unsharded "
-                              "precomputed annotations.", "export the annotations unsharded, or as JSON.")
-        cells = itertools.product(*(range(n) for n in level["grid_shape"]))
-        keys = [f"{level['key']}/{'_'.join(map(str, cell))}" for cell in cells]
-        for pending in [store.read(key) for key in keys]:
-            chunk = pending.result()
-            if chunk.state == "value":
-                points.update(_decode_points(bytes(chunk.value), rank, record))
+        store = open_kvstore(location)
+        info = _annotation_info(url, wait(store.read("info"), location).value or None)
+        rank = len(info["dimensions"])
+        record = 4 * rank + sum(_PROPERTY_BYTES[p["type"]] for p in info.get("properties", []))
+        record += (-record) % 4  # each annotation's encoding is padded to 4 bytes
+        points: dict[int, np.ndarray] = {}
+        for level in info["spatial"]:
+            for chunk in [store.read(key) for key in _cell_keys(url, level)]:
+                data = wait(chunk, location).value
+                points.update(_decode_points(bytes(data), rank, record) if data else {})
+    except ValueError as error:
+        if isinstance(error, VolsegError):  # already one line (PointsError, UnsupportedURLError)
+            raise
+        raise storage_error(error, location, f"Points {url!r} cannot be read", PointsError,
+                            "give a precomputed annotation directory or URL.") from None
     coords = np.stack([points[k] for k in sorted(points)]) if points else np.zeros((0, rank))
     return _to_voxels(coords.astype(np.float64), info["dimensions"], voxel_size_nm, voxel_offset, url)
+
+
+def _annotation_info(url: str, raw: bytes | None) -> dict[str, Any]:
+    """The ``info`` of a precomputed point-annotation collection (``None``: there is none)."""
+    if raw is None:
+        raise PointsError(f"Points {url!r} has no info file; it is not a precomputed annotation collection.",
+                          "give a CSV, a Neuroglancer JSON, or a precomputed annotation directory.")
+    try:
+        info = json.loads(raw)
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError of a binary file
+        raise PointsError(f"{url}: info is not JSON text ({error}).",
+                          "give a precomputed annotation collection (its info is a JSON file).") from None
+    found = info if isinstance(info, dict) else {}
+    if found.get("@type") != "neuroglancer_annotations_v1" or str(found.get("annotation_type", "")).upper() != "POINT":
+        raise PointsError(f"{url}: info is not a point annotation collection (@type {found.get('@type')!r}, "
+                          f"annotation_type {found.get('annotation_type')!r}).",
+                          "give a collection of POINT annotations.")
+    return found
+
+
+def _cell_keys(url: str, level: dict[str, Any]) -> list[str]:
+    """The keys of every cell of one (unsharded) level of the spatial index."""
+    if "sharding" in level:
+        raise PointsError(f"{url}: spatial index level {level['key']!r} is sharded; volseg reads unsharded "
+                          "precomputed annotations.", "export the annotations unsharded, or as JSON.")
+    cells = itertools.product(*(range(n) for n in level["grid_shape"]))
+    return [f"{level['key']}/{'_'.join(map(str, cell))}" for cell in cells]
 
 
 def _decode_points(data: bytes, rank: int, record: int) -> dict[int, np.ndarray]:
@@ -188,7 +213,10 @@ def _annotation_layers(state: Any, name: str | None, path: Path) -> list[dict[st
     if isinstance(state, dict) and "layers" in state:
         layers = state["layers"]
         layers = list(layers.values()) if isinstance(layers, dict) else list(layers)
-        layers = [lay for lay in layers if lay.get("type") == "annotation"]
+        layers = [lay for lay in layers if isinstance(lay, dict) and lay.get("type") == "annotation"]
+        if not layers:
+            raise PointsError(f"{path} is a Neuroglancer state without an annotation layer.",
+                              "add the points as an annotation layer in Neuroglancer and export the state again.")
     elif isinstance(state, dict) and ("annotations" in state or state.get("type") == "annotation"):
         layers = [state]
     else:

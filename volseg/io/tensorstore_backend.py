@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from volseg.errors import VolsegError, VolumeFormatError
+from volseg.errors import StorageUnreachableError, VolsegError, VolumeFormatError
 from volseg.geometry import Box
 from volseg.io import ome_zarr
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
-from volseg.io.storage import CONTEXT, parse_json, read_json, read_keys, update_json
+from volseg.io.storage import CONTEXT, parse_json, read_json, read_keys, storage_error, update_json, wait
 from volseg.io.units import nm_per_unit
 from volseg.io.urls import VolumeURL
 from volseg.io.volume import OpenedArray, ResultFuture, VolumeGeometry, as_zyx
@@ -85,12 +85,14 @@ def open_tensorstore(url: VolumeURL, fmt: str, mode: str, scale: int | None) -> 
     return _open_precomputed(url, mode, scale)
 
 
-def _ts_open(spec: dict[str, Any], mode: str, where: str) -> ts.TensorStore:
+def _ts_open(spec: dict[str, Any], mode: str, url: VolumeURL) -> ts.TensorStore:
+    """Open the array ``spec`` at ``url`` (with :data:`~volseg.io.storage.CONTEXT`, which its chunk I/O
+    keeps), waiting at most the storage timeout; failures raise one line naming ``url``."""
     try:
-        return ts.open(spec, read=True, write=mode == "r+", open=True, context=CONTEXT).result()
+        return wait(ts.open(spec, read=True, write=mode == "r+", open=True, context=CONTEXT), url)
     except ValueError as err:
-        raise VolumeFormatError(
-            f"tensorstore could not open {where} as {spec['driver']}: {err}",
+        raise storage_error(
+            err, url, f"tensorstore could not open {url.url} as {spec['driver']}", VolumeFormatError,
             "check that the URL points at an array of that format (not a group or a partial copy).",
         ) from err
 
@@ -156,7 +158,7 @@ def _open_zarr(url: VolumeURL, fmt: str, mode: str, scale: int | None) -> Opened
         array_url = url
         reserved = ZARR_PLACEMENT_KEYS
     driver = "zarr3" if fmt == "zarr3" else "zarr"
-    store = _ts_open({"driver": driver, "kvstore": array_url.kvstore()}, mode, array_url.url)
+    store = _ts_open({"driver": driver, "kvstore": array_url.kvstore()}, mode, array_url)
     _check_labels(store, array_url.url)
     if ome is not None:
         if store.rank != (4 if ome.has_channels else 3):
@@ -217,6 +219,8 @@ def _with_inherited_voxel_size(url: VolumeURL, fmt: str, attributes: dict[str, A
         return attributes
     try:
         inherited = _zarr_node(parent, fmt).attributes
+    except StorageUnreachableError:  # no answer: reading the array itself would not answer either
+        raise
     except VolsegError:  # no readable group above: keep the array's own attributes
         return attributes
     found = next((k for k in VOXEL_SIZE_KEYS if k in inherited), None)
@@ -266,7 +270,7 @@ def create_zarr(
             "dimension_separator": "/",
         }
         spec = {"driver": "zarr", "kvstore": array_url.kvstore(), "metadata": metadata}
-    _ts_create(spec, array_url.url)
+    _ts_create(spec, array_url)
     version = "0.5" if fmt == "zarr3" else "0.4"
     ome = ome_zarr.image_attributes(
         version, geometry.voxel_size_nm, geometry.voxel_offset, geometry.num_channels is not None, name
@@ -313,13 +317,15 @@ def _zarr3_metadata(geometry: VolumeGeometry) -> dict[str, Any]:
     }
 
 
-def _ts_create(spec: dict[str, Any], where: str) -> None:
+def _ts_create(spec: dict[str, Any], url: VolumeURL) -> None:
+    """Create the array ``spec`` at ``url`` (or open it, if it exists with the same metadata), waiting
+    at most the storage timeout; failures raise one line naming ``url``."""
     try:
-        ts.open(spec, create=True, open=True, context=CONTEXT).result()
+        wait(ts.open(spec, create=True, open=True, context=CONTEXT), url)
     except ValueError as err:
-        raise VolumeFormatError(
-            f"Could not create {where}: {err}",
-            "if something already exists there, choose another output path or delete it.",
+        raise storage_error(
+            err, url, f"Could not create {url.url}", VolumeFormatError,
+            "choose another output path in a folder you may write (not under a file), or delete what exists there.",
         ) from err
 
 
@@ -348,7 +354,7 @@ def _open_n5(url: VolumeURL, mode: str, scale: int | None) -> OpenedArray:
             size_xyz = [s * f for s, f in zip(size_xyz, factors, strict=True)]
     else:
         _single_scale(scale, url.url)
-    store = _ts_open({"driver": "n5", "kvstore": dataset_url.kvstore()}, mode, dataset_url.url)
+    store = _ts_open({"driver": "n5", "kvstore": dataset_url.kvstore()}, mode, dataset_url)
     _check_rank(store.rank, tuple(reversed(store.shape)), dataset_url.url)
     _check_n5_axes(dataset_attrs.get("axes", attributes.get("axes")), store.rank, dataset_url.url)
     view = store.T
@@ -409,7 +415,7 @@ def create_n5(url: VolumeURL, geometry: VolumeGeometry, attributes: dict[str, An
         "voxel_offset": list(geometry.voxel_offset[::-1]),
         **attributes,
     }
-    _ts_create({"driver": "n5", "kvstore": url.kvstore(), "metadata": metadata}, url.url)
+    _ts_create({"driver": "n5", "kvstore": url.kvstore(), "metadata": metadata}, url)
 
 
 # --- Neuroglancer precomputed ----------------------------------------------------------------------
@@ -431,7 +437,7 @@ def _open_precomputed(url: VolumeURL, mode: str, scale: int | None) -> OpenedArr
             "open it read-only, or write to an unsharded precomputed or a sharded zarr v3 volume.",
         )
     spec = {"driver": "neuroglancer_precomputed", "kvstore": url.kvstore(), "scale_index": level}
-    store = _ts_open(spec, mode, url.url)
+    store = _ts_open(spec, mode, url)
     num_channels = int(info.get("num_channels", 1))
     origin = store.translate_to[0, 0, 0, 0]
     view = origin[..., 0].T if num_channels == 1 else origin.T
@@ -473,4 +479,4 @@ def create_precomputed(url: VolumeURL, geometry: VolumeGeometry, kind: str) -> N
         "multiscale_metadata": multiscale,
         "scale_metadata": scale,
     }
-    _ts_create(spec, url.url)
+    _ts_create(spec, url)
