@@ -322,3 +322,18 @@ def test_the_thread_count_is_part_of_the_run_signature(user, capsys):
     other = user("out.zarr/prob", execution={"executor": "serial", "threads": 1})
     code, err = run_cli(["run", str(other), "--no-progress"], capsys)
     assert_user_error(code, err, "another volseg run")
+
+
+def test_a_resume_on_another_kind_of_device_is_refused(user, tmp_path, capsys):
+    """A run started on one device kind and continued on another would mix two sets of floats in one
+    output (a GPU cannot run here: the stamp of a run started on a GPU is written by hand)."""
+    config = user("out.zarr/prob", execution={"executor": "serial", "block": [4, 32, 32]})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    volume = open_volume("out.zarr/prob", "r+")
+    volume.update_attributes({"volseg": {**volume.attributes["volseg"], "device": "cuda"}})
+    before = tree_digest(tmp_path / "out.zarr")
+    code, err = run_cli(["run", str(config), "--no-progress"], capsys)
+    assert_user_error(code, err, "started on cuda", "cpu")
+    assert tree_digest(tmp_path / "out.zarr") == before
+    assert main(["run", str(config), "--no-progress", "--overwrite"]) == 0
+    assert open_volume("out.zarr/prob").attributes["volseg"]["device"] == "cpu"

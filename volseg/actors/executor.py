@@ -96,6 +96,7 @@ class RayExecutor:
                  max_attempts: int = 3, threads: int | None = None) -> None:
         self.num_actors = actors
         self.threads = threads or max(1, int(cpus_per_actor))
+        self.device_kind = "cuda" if gpus_per_actor else "cpu"
         self.cpus_per_actor = cpus_per_actor
         self.gpus_per_actor = gpus_per_actor
         self.in_flight = in_flight

@@ -26,11 +26,13 @@ from volseg.inference.ledger import BlockLedger
 from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
 from volseg.inference.segment import (
     SegmentationPlan,
+    check_device,
     check_existing_outputs,
     make_job,
     open_outputs,
     plan_segmentation,
     replan_instances,
+    resolve_device,
 )
 
 
@@ -135,7 +137,9 @@ def open_executor(config: Config) -> Iterator[Any]:
     execution = config.execution
     if execution.executor == "serial":
         with torch_threads(execution.threads):
-            yield SerialExecutor(execution.prefetch, execution.max_attempts)
+            executor = SerialExecutor(execution.prefetch, execution.max_attempts)
+            executor.device_kind = resolve_device(config.inference.device).type
+            yield executor
         return
     from volseg.actors.cluster import check_fits, connected
     from volseg.actors.executor import RayExecutor, plan_actors
@@ -204,7 +208,8 @@ def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunRe
         if plan.instances is not None:
             replan_instances(plan, overwrite)
         with open_executor(config) as executor:
-            targets = open_outputs(plan)
+            check_device(plan, executor.device_kind, overwrite)
+            targets = open_outputs(plan, executor.device_kind)
             ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature, tuple(leases.tokens().values()))
             if overwrite:
                 ledger.clear()

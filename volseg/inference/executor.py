@@ -79,6 +79,7 @@ class SerialExecutor:
     def __init__(self, prefetch: int = 2, max_attempts: int = 3) -> None:
         self.prefetch = prefetch
         self.max_attempts = max_attempts
+        self.device_kind = "cpu"  # where blocks are computed (``cuda`` when the stages' model is on a GPU)
 
     def run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None = None,
             ledger: BlockLedger | None = None) -> RunStats:

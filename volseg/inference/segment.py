@@ -18,7 +18,7 @@ import torch
 
 import volseg
 from volseg.config import Config
-from volseg.errors import AlignmentError, ConfigError, VolumeFormatError
+from volseg.errors import AlignmentError, ConfigError, OutputExistsError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, Coord, PointSet
 from volseg.inference.instances import InstancePlan, plan_instances
 from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
@@ -319,13 +319,32 @@ def _sample_boxes(roi: Box, chunk: Coord) -> list[Box]:
     return list(dict.fromkeys(boxes))
 
 
-def open_outputs(plan: SegmentationPlan) -> list[OutputTarget]:
-    """Create (or reopen, when the geometry matches) every output and stamp the run signature."""
+def check_device(plan: SegmentationPlan, device: str, overwrite: bool) -> None:
+    """Refuse to resume on another kind of device (``cpu``, ``cuda``) than the one that wrote the
+    blocks already done: the floats would differ from block to block within one output."""
+    if overwrite:
+        return
+    for spec in plan.outputs:
+        existing = create_volume(**_creation_arguments(plan, spec), dry_run=True)
+        stamp = existing.attributes.get(SIGNATURE_KEY) if existing is not None else None
+        found = stamp.get("device") if isinstance(stamp, dict) and stamp.get("signature") == plan.signature else None
+        if found not in (None, device):
+            raise OutputExistsError(
+                f"output.{spec.name} {spec.url!r} was started on {found}, and this run would continue it on {device}; "
+                "the two compute slightly different floats, which one output must not mix.",
+                f"resume it on {found} (inference.device, execution.gpus_per_actor), or pass --overwrite to start "
+                "it again.")
+
+
+def open_outputs(plan: SegmentationPlan, device: str | None = None) -> list[OutputTarget]:
+    """Create (or reopen, when the geometry matches) every output and stamp the run signature (and the
+    kind of ``device`` computing its blocks)."""
     num_classes = plan.predictor.num_classes
     targets = []
     for spec in plan.outputs:
         stamp = {SIGNATURE_KEY: {
             "signature": plan.signature,
+            "device": device,
             "version": volseg.__version__,
             "output": spec.name,
             "channels": ["probability"] * num_classes + ["density"],
