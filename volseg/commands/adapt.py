@@ -26,7 +26,7 @@ from volseg.commands.train import (
 from volseg.config import Config
 from volseg.errors import ConfigError
 from volseg.inference.segment import check_input_dtype, check_not_empty
-from volseg.io.guard import PathRef
+from volseg.io.guard import PathRef, points_ref
 from volseg.io.points import read_points
 from volseg.models import build_model
 from volseg.models.checkpoint import load_checkpoint, read_card
@@ -69,7 +69,7 @@ def adapt_paths(config: Config) -> list[PathRef]:
         inputs += [*volume_ref("adapt.source.raw", cfg.source.raw),
                    *volume_ref("adapt.source.labels", cfg.source.labels)]
     if cfg.target.points is not None:
-        inputs.append(PathRef("adapt.target.points", cfg.target.points.removeprefix("precomputed://"), "file"))
+        inputs.append(points_ref("adapt.target.points", cfg.target.points))
     return inputs + checkpoint_refs("adapt.init", cfg.init)
 
 

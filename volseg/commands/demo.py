@@ -70,7 +70,8 @@ def _stamp(url: str) -> dict | None:
     return volume.attributes.get("volseg_synthetic") or {}
 
 
-def _already_written(cfg: SyntheticConfig) -> bool:
+def already_generated(cfg: SyntheticConfig) -> bool:
+    """Whether ``cfg``'s volumes exist as the demo generated them from this very config."""
     return all(_stamp(f"{cfg.url}/{name}") == cfg.model_dump() for name in ("raw", "mito"))
 
 
@@ -112,7 +113,7 @@ def demo(config: Config, progress: bool = True) -> DemoResult:
     config.require("synthetic", "train", "adapt", "input", "output", "eval", command="demo")
     assert config.synthetic and config.train and config.adapt and config.output and config.eval
     for cfg in config.synthetic:
-        if not _already_written(cfg):
+        if not already_generated(cfg):
             write_synthetic(cfg)
     trained = []
     if not Path(config.train.checkpoint).is_file():

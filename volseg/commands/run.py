@@ -31,7 +31,6 @@ from volseg.inference.segment import (
     make_job,
     open_outputs,
     plan_segmentation,
-    replan_instances,
     resolve_device,
 )
 
@@ -205,8 +204,6 @@ def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunRe
     plan = plan_segmentation(config, overwrite)
     with holding(output_urls(plan), config.execution.lease_seconds) as leases:
         check_existing_outputs(plan, overwrite)  # another run may have written them since the plan
-        if plan.instances is not None:
-            replan_instances(plan, overwrite)
         with open_executor(config) as executor:
             check_device(plan, executor.device_kind, overwrite)
             targets = open_outputs(plan, executor.device_kind)

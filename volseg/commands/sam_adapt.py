@@ -38,7 +38,7 @@ from volseg.config import Config, SamAdaptConfig
 from volseg.errors import ConfigError
 from volseg.geometry import Box, read_box
 from volseg.inference.segment import check_input_dtype
-from volseg.io.guard import PathRef
+from volseg.io.guard import PathRef, points_ref
 from volseg.io.points import read_points
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import load_checkpoint
@@ -162,7 +162,7 @@ def sam_adapt_paths(config: Config) -> list[PathRef]:
         inputs += [*volume_ref("sam_adapt.target.raw", cfg.target.raw),
                    *volume_ref("sam_adapt.target.labels", cfg.target.labels)]
         if cfg.target.points is not None:
-            inputs.append(PathRef("sam_adapt.target.points", cfg.target.points.removeprefix("precomputed://"), "file"))
+            inputs.append(points_ref("sam_adapt.target.points", cfg.target.points))
     if cfg.sam_checkpoint is not None:
         inputs.append(PathRef("sam_adapt.sam_checkpoint", cfg.sam_checkpoint, "file"))
     return inputs + checkpoint_refs("sam_adapt.init", cfg.init)

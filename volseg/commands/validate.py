@@ -35,9 +35,9 @@ def validate(config: Config, overwrite: bool = False) -> list[str]:
 
 
 def _synthetic_ready(config: Config) -> bool:
-    from volseg.commands.demo import _already_written
+    from volseg.commands.demo import already_generated
 
-    return all(_already_written(cfg) for cfg in config.synthetic or [])
+    return all(already_generated(cfg) for cfg in config.synthetic or [])
 
 
 def _run_lines(config: Config, overwrite: bool) -> list[str]:

@@ -26,7 +26,7 @@ from volseg.inference.ledger import SIGNATURE_KEY, check_signature
 from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.io import choose_output_chunks, create_volume
-from volseg.io.guard import PathRef, check_outputs
+from volseg.io.guard import PathRef, check_outputs, points_ref
 from volseg.io.points import read_points
 from volseg.io.volume import VolumeGeometry
 from volseg.models import input_contract
@@ -153,7 +153,7 @@ def run_paths(config: Config) -> tuple[list[PathRef], list[PathRef]]:
         inputs += [PathRef("model.checkpoint", config.model.checkpoint, "file"),
                    PathRef("model.checkpoint (card)", str(card_path(config.model.checkpoint)), "file")]
     if config.prompts is not None and config.prompts.points is not None:
-        inputs.append(PathRef("prompts.points", config.prompts.points.removeprefix("precomputed://"), "file"))
+        inputs.append(points_ref("prompts.points", config.prompts.points))
     outputs = []
     if config.output is not None:
         outputs.append(PathRef("output.probabilities", config.output.probabilities))
@@ -222,17 +222,14 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
 
 
 def check_existing_outputs(plan: SegmentationPlan, overwrite: bool) -> None:
-    """Check every semantic output that exists (geometry and run signature) without writing; run
-    again once the run holds its outputs, in case another run wrote them since the plan."""
+    """Check every output that exists (geometry and run signature) without writing; run again once
+    the run holds its outputs, in case another run wrote them since the plan."""
     for spec in plan.outputs:
         existing = create_volume(**_creation_arguments(plan, spec), dry_run=True)
         if existing is not None:
             check_signature(existing, spec.url, f"output.{spec.name}", plan.signature, overwrite)
-
-
-def replan_instances(plan: SegmentationPlan, overwrite: bool) -> InstancePlan:
-    """The instance plan checked again against storage (see :func:`check_existing_outputs`)."""
-    return _plan_instances(plan, overwrite)
+    if plan.instances is not None:
+        _plan_instances(plan, overwrite)
 
 
 def _plan_instances(plan: SegmentationPlan, overwrite: bool) -> InstancePlan:

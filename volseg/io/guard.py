@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -38,9 +39,14 @@ class PathRef:
     url: str
     kind: Kind = "volume"
 
-    @property
+    @cached_property
     def location(self) -> Location:
         return location_of(self.url)
+
+
+def points_ref(field: str, points: str) -> PathRef:
+    """A points file, or a precomputed annotation folder or URL (``precomputed://`` dropped)."""
+    return PathRef(field, points.removeprefix("precomputed://"), "file")
 
 
 _WORDS = {"same": "is the same place as", "inside": "lies inside", "contains": "contains"}
