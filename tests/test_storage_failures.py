@@ -149,3 +149,25 @@ def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path: Path):
     path = tmp_path / "clicks.csv"
     path.write_bytes("x,y,z\n3,2,1\n".encode("utf-8-sig"))
     assert read_points(path).zyx.tolist() == [[1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize(("section", "url", "credentials"), [
+    ("input", "gs://volseg-no-such-bucket/em.zarr/raw", "GOOGLE_APPLICATION_CREDENTIALS"),
+    ("output", "s3://volseg-no-such-bucket/out.zarr", "AWS_ACCESS_KEY_ID"),
+])
+def test_the_command_line_prints_one_line_for_an_unreachable_bucket(tmp_path, run_config, section, url, credentials):
+    """The real command in its own process: tensorstore's native log lines (credential lookup, the AWS SDK)
+    are not printed beside volseg's one line (VOLSEG_NATIVE_LOGS=1 would keep them)."""
+    import os
+    import subprocess
+    import sys
+
+    output = {"probabilities": url, "chunk": [2, 16, 16]}
+    config = run_config(**({"input": {"url": url}} if section == "input" else {"output": output}))
+    path = write_config(tmp_path / "run.yaml", config)
+    env = {k: v for k, v in os.environ.items() if k != "VOLSEG_NATIVE_LOGS"}
+    proc = subprocess.run([sys.executable, "-m", "volseg.cli", "validate", str(path)], capture_output=True, text=True,
+                          env={**env, STORAGE_TIMEOUT_ENV: "2"}, timeout=120, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert url.split("/")[2] in lines[0] and credentials in lines[0]

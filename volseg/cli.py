@@ -218,6 +218,9 @@ COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt
 def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # before any I/O thread starts (see volseg.allocator)
     args = _parser().parse_args(argv)
+    from volseg.io import storage
+
+    storage.drop_native_logs = True  # a storage failure is one volseg line, not tensorstore's log too
     try:
         return COMMANDS[args.command](args)
     except VolsegError as error:

@@ -22,10 +22,13 @@ import json
 import math
 import os
 import re
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import tensorstore as ts
@@ -122,10 +125,68 @@ def wait(future: _Pending[T], url: VolumeURL, deadline: float | None = None) -> 
     """
     end = storage_deadline() if deadline is None else deadline
     try:
-        return future.result(timeout=max(end - time.monotonic(), 0.0))
+        with native_logs_dropped(url):
+            return future.result(timeout=max(end - time.monotonic(), 0.0))
     except TimeoutError:
         future.cancel()
         raise unreachable(url) from None
+
+
+#: Set by the command line: while it waits on remote storage, the log lines that tensorstore's native
+#: code (and the AWS SDK inside it) writes to stderr are dropped, e.g. ``E1129 16:53:08.068 3037
+#: google_auth_provider.cc:188] Could not find the credentials file``: the one-line volseg error says
+#: what failed and how to fix it. ``VOLSEG_NATIVE_LOGS=1`` keeps them.
+drop_native_logs = False
+NATIVE_LOGS_ENV = "VOLSEG_NATIVE_LOGS"
+_NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [^\]\s]+\] ")
+_redirect_lock = threading.Lock()
+_redirect_depth = 0
+_redirect: tuple[int, Any] | None = None
+
+
+@contextmanager
+def native_logs_dropped(url: VolumeURL) -> Iterator[None]:
+    """Send file descriptor 2 to a temporary file while waiting on remote storage; afterwards write
+    back every line that is not a native log line (see :data:`drop_native_logs`)."""
+    if not drop_native_logs or url.scheme not in REMOTE_SCHEMES or os.environ.get(NATIVE_LOGS_ENV):
+        yield
+        return
+    _enter_redirect()
+    try:
+        yield
+    finally:
+        _leave_redirect()
+
+
+def _enter_redirect() -> None:
+    global _redirect, _redirect_depth
+    with _redirect_lock:
+        if _redirect_depth == 0:
+            sys.stderr.flush()
+            sink = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _leave_redirect
+            _redirect = (os.dup(2), sink)
+            os.dup2(sink.fileno(), 2)
+        _redirect_depth += 1
+
+
+def _leave_redirect() -> None:
+    global _redirect, _redirect_depth
+    with _redirect_lock:
+        _redirect_depth -= 1
+        if _redirect_depth or _redirect is None:
+            return
+        saved, sink = _redirect
+        _redirect = None
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sink.seek(0)
+        kept = [line for line in sink.read().decode(errors="replace").splitlines(keepends=True)
+                if not _NATIVE_LOG_LINE.match(line)]
+        sink.close()
+    if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()
 
 
 def run_bounded(function: Callable[[], T], url: VolumeURL) -> T:
@@ -219,7 +280,8 @@ def open_kvstore(url: VolumeURL, deadline: float | None = None) -> ts.KvStore:
     Raises :class:`~volseg.errors.StorageUnreachableError` if that takes past ``deadline`` (default:
     the storage timeout from now) and tensorstore's ``ValueError`` for an invalid store.
     """
-    return wait(ts.KvStore.open(url.kvstore(), context=PROBE_CONTEXT), url, deadline)
+    with native_logs_dropped(url):  # opening may already look for credentials
+        return wait(ts.KvStore.open(url.kvstore(), context=PROBE_CONTEXT), url, deadline)
 
 
 def read_keys(url: VolumeURL, keys: Iterable[str]) -> dict[str, bytes | None]:

@@ -26,7 +26,16 @@ from volseg.errors import StorageUnreachableError, VolsegError, VolumeFormatErro
 from volseg.geometry import Box
 from volseg.io import ome_zarr
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
-from volseg.io.storage import CONTEXT, parse_json, read_json, read_keys, storage_error, update_json, wait
+from volseg.io.storage import (
+    CONTEXT,
+    native_logs_dropped,
+    parse_json,
+    read_json,
+    read_keys,
+    storage_error,
+    update_json,
+    wait,
+)
 from volseg.io.units import nm_per_unit
 from volseg.io.urls import VolumeURL
 from volseg.io.volume import OpenedArray, ResultFuture, VolumeGeometry, as_zyx
@@ -89,7 +98,8 @@ def _ts_open(spec: dict[str, Any], mode: str, url: VolumeURL) -> ts.TensorStore:
     """Open the array ``spec`` at ``url`` (with :data:`~volseg.io.storage.CONTEXT`, which its chunk I/O
     keeps), waiting at most the storage timeout; failures raise one line naming ``url``."""
     try:
-        return wait(ts.open(spec, read=True, write=mode == "r+", open=True, context=CONTEXT), url)
+        with native_logs_dropped(url):
+            return wait(ts.open(spec, read=True, write=mode == "r+", open=True, context=CONTEXT), url)
     except ValueError as err:
         raise storage_error(
             err, url, f"tensorstore could not open {url.url} as {spec['driver']}", VolumeFormatError,
@@ -321,7 +331,8 @@ def _ts_create(spec: dict[str, Any], url: VolumeURL) -> None:
     """Create the array ``spec`` at ``url`` (or open it, if it exists with the same metadata), waiting
     at most the storage timeout; failures raise one line naming ``url``."""
     try:
-        wait(ts.open(spec, create=True, open=True, context=CONTEXT), url)
+        with native_logs_dropped(url):
+            wait(ts.open(spec, create=True, open=True, context=CONTEXT), url)
     except ValueError as err:
         raise storage_error(
             err, url, f"Could not create {url.url}", VolumeFormatError,
