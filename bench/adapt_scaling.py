@@ -29,13 +29,13 @@ from pathlib import Path
 import ray
 import torch
 
-from volseg.actors.training import TrainingJob, train_distributed
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData, TrainingInputs, train_promptdas
 from volseg.config import ClusterConfig
 from volseg.data.synthetic import generate_volume
 from volseg.io import create_volume, open_volume
 from volseg.models import ModelSpec, build_model
+from volseg.training.distributed import TrainingJob, train_distributed
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import DomainData, TrainingInputs, train_promptdas
 
 SCALES = {
     "full": {"model": {"encoder": "vit_tiny8", "decoder_dim": 128, "decoder_heads": 4, "decoder_mlp": 512,

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData, train_promptdas
 from volseg.allocator import keep_freed_memory
 from volseg.geometry import Box, PointSet
 from volseg.inference.blockwise import predict_box
@@ -34,6 +32,8 @@ from volseg.io import open_volume
 from volseg.io.points import read_points
 from volseg.metrics import Confusion
 from volseg.models import ModelSpec, build_model, input_contract
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import DomainData, train_promptdas
 
 SCALES = {
     # The CNN encoder learns in minutes on a CPU where a ViT from scratch does not (supervised on Lucchi,

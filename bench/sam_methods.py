@@ -35,15 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptation import SCALES, Row, data_dir, print_table
 from adaptation import score as adaptation_score
 
-from volseg.adapt.all_in_sam import AllInSamSettings, all_in_sam
-from volseg.adapt.dfg import DfgSettings, dfg_adapt
-from volseg.adapt.dfg_boxes import BoxSearchSettings
-from volseg.adapt.pseudo_labels import density_peaks, nms_radius
-from volseg.adapt.sam_prompt_learning import learn_sam_prompts
-from volseg.adapt.sam_tuning import SamTuneSettings
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData, train_promptdas
-from volseg.adapt.weak_labels import instances_at_points, weak_labels_from_instances, weak_labels_from_points
 from volseg.allocator import keep_freed_memory
 from volseg.errors import ConfigError
 from volseg.geometry import Box, PointSet
@@ -52,7 +43,16 @@ from volseg.io.points import read_points
 from volseg.metrics import Confusion
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.checkpoint import load_checkpoint, read_card
-from volseg.models.sam import SamSegmenter, load_sam
+from volseg.models.sam.model import SamSegmenter, load_sam
+from volseg.training.promptdas.pseudo_labels import density_peaks, nms_radius
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import DomainData, train_promptdas
+from volseg.training.sam.all_in_sam import AllInSamSettings, all_in_sam
+from volseg.training.sam.dfg import DfgSettings, dfg_adapt
+from volseg.training.sam.dfg_boxes import BoxSearchSettings
+from volseg.training.sam.prompt_learning import learn_sam_prompts
+from volseg.training.sam.tuning import SamTuneSettings
+from volseg.training.sam.weak_labels import instances_at_points, weak_labels_from_instances, weak_labels_from_points
 
 #: Prompt-DAS as bench/adaptation.py trains it on a CPU (its source-only row is this baseline).
 PROMPTDAS = ModelSpec("promptdas", options=SCALES["cpu"]["model"])

@@ -10,34 +10,34 @@ import pytest
 import torch
 from torch import nn
 
-from volseg.adapt.augment import AugmentSettings, GeometricTransform
-from volseg.adapt.batches import Slices, concat_batches, labelled_batch, pseudo_labelled_batch
-from volseg.adapt.contrastive import (
+from volseg.data.synthetic import generate_volume
+from volseg.errors import ConfigError
+from volseg.geometry import PointSet
+from volseg.metrics import dice
+from volseg.models import ModelSpec, build_model
+from volseg.models.promptdas.model import PromptDASOutput
+from volseg.training.augment import AugmentSettings, GeometricTransform
+from volseg.training.crops import CropSampler
+from volseg.training.promptdas.batches import Slices, concat_batches, labelled_batch, pseudo_labelled_batch
+from volseg.training.promptdas.contrastive import (
     BACKGROUND,
     FOREGROUND,
     UNUSED,
     prompt_contrastive_loss,
     sample_contrastive_points,
 )
-from volseg.adapt.prompts import merge_points, pad_points, random_subset
-from volseg.adapt.pseudo_labels import (
+from volseg.training.promptdas.prompts import merge_points, pad_points, random_subset
+from volseg.training.promptdas.pseudo_labels import (
     density_peaks,
     keep_components_with_centres,
     nms_radius,
     segmentation_pseudo_labels,
 )
-from volseg.adapt.replicas import SampleRandom
-from volseg.adapt.sampler import CropSampler
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.targets import gaussian_density, instance_centres_2d
-from volseg.adapt.teacher import EMATeacher, ema_decay
-from volseg.adapt.trainer import DomainData, PromptDASTrainer, train_promptdas
-from volseg.data.synthetic import generate_volume
-from volseg.errors import ConfigError
-from volseg.geometry import PointSet
-from volseg.metrics import dice
-from volseg.models import ModelSpec, build_model
-from volseg.models.promptdas import PromptDASOutput
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.teacher import EMATeacher, ema_decay
+from volseg.training.promptdas.trainer import DomainData, PromptDASTrainer, train_promptdas
+from volseg.training.replicas import SampleRandom
+from volseg.training.targets import gaussian_density, instance_centres_2d
 
 NO_INTENSITY = AugmentSettings(weak_intensity=0.0, brightness=0.0, contrast=0.0, gamma=1.0, noise_sigma=0.0,
                                blur_sigma_vx=0.0, elastic_alpha_vx=2.0)

@@ -21,16 +21,16 @@ import pytest
 import torch
 
 from tests.conftest import TINY_PROMPTDAS, write_config
-from volseg.adapt.loop import TrainHistory
-from volseg.adapt.replicas import Replica
-from volseg.adapt.resume import load_state, save_state
-from volseg.adapt.trainer import PromptDASTrainer, train_promptdas
 from volseg.cli import main
 from volseg.commands.adapt import adapt_inputs
 from volseg.config import load_config
 from volseg.errors import ConfigError
 from volseg.models.checkpoint import read_card
 from volseg.models.registry import ModelSpec
+from volseg.training.loop import TrainHistory
+from volseg.training.promptdas.trainer import PromptDASTrainer, train_promptdas
+from volseg.training.replicas import Replica
+from volseg.training.resume import load_state, save_state
 
 MODEL = {"name": TINY_PROMPTDAS.name, "options": dict(TINY_PROMPTDAS.options)}
 
@@ -39,11 +39,11 @@ MODEL = {"name": TINY_PROMPTDAS.name, "options": dict(TINY_PROMPTDAS.options)}
 def source_trained(small_dataset, tmp_path_factory) -> Path:
     """A tiny Prompt-DAS after 60 source steps (~4 s): its teacher detects centres (3 per crop) and is
     confident on 90% of the pixels (δ 0.3 / 0.45), so every UDA loss term is exercised."""
-    from volseg.adapt.settings import AdaptSettings
-    from volseg.adapt.trainer import DomainData
     from volseg.io import open_volume
     from volseg.models import build_model
     from volseg.models.checkpoint import save_checkpoint
+    from volseg.training.promptdas.settings import AdaptSettings
+    from volseg.training.promptdas.trainer import DomainData
 
     torch.manual_seed(0)
     model = build_model(TINY_PROMPTDAS)
@@ -157,7 +157,7 @@ def test_resuming_from_a_saved_state_ends_where_the_uninterrupted_run_ends(uda_c
 
 
 def test_the_training_job_pickles(uda_config):
-    from volseg.actors.training import TrainingJob
+    from volseg.training.distributed import TrainingJob
 
     config = load_config(uda_config("job", 2))
     job = TrainingJob(partial(adapt_inputs, config), ModelSpec.from_json(TINY_PROMPTDAS.to_json()), {"mode": "uda"},
@@ -172,7 +172,7 @@ def test_train_hands_its_job_to_ray_train_and_saves_what_comes_back(tmp_path, sm
     """`volseg train` with workers: 2, Ray Train replaced by running the job's own inputs in-process: the
     job builds the same inputs as the single-process path, and the checkpoint's card names the data,
     the config and the distributed run."""
-    from volseg.actors import training
+    from volseg.training import distributed as training
 
     jobs = []
 
@@ -247,7 +247,7 @@ def killed_run(ray_cluster, source_trained, small_dataset, tmp_path_factory):
     run serves both tests: starting a Ray Train worker group takes ~20 s on 2 busy cores.)"""
     import dataclasses
 
-    from volseg.actors import training
+    from volseg.training import distributed as training
 
     folder = tmp_path_factory.mktemp("killed")
     adapt = {"mode": "uda", "source": {"raw": {"url": f"{small_dataset}/raw"},

@@ -7,7 +7,7 @@ import torch
 
 from volseg.errors import CheckpointError, ConfigError
 from volseg.models import ModelSpec, build_model
-from volseg.models.encoders import ViTEncoder
+from volseg.models.promptdas.encoders import ViTEncoder
 
 TINY = {"encoder": "vit_tiny8", "decoder_dim": 64, "decoder_heads": 4, "decoder_mlp": 128, "projection_dim": 16}
 

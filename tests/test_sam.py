@@ -9,15 +9,6 @@ import torch
 from scipy import ndimage
 
 from tests.conftest import TINY_PROMPTDAS, write_config
-from volseg.adapt.all_in_sam import AllInSamSettings, all_in_sam
-from volseg.adapt.dfg import DfgSettings, dfg_adapt
-from volseg.adapt.dfg_boxes import BoxSearchSettings, box_contains, first_stable, grow_box, mask_iou, search_box
-from volseg.adapt.sam_masks import clean_object_mask, paint_objects
-from volseg.adapt.sam_prompt_learning import learn_sam_prompts
-from volseg.adapt.sam_tuning import SamTuneSettings
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData
-from volseg.adapt.weak_labels import instances_at_points, weak_labels_from_instances
 from volseg.cli import main
 from volseg.commands.run import run
 from volseg.config import parse_config
@@ -26,9 +17,18 @@ from volseg.errors import CheckpointError, ConfigError
 from volseg.io import open_volume
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import load_checkpoint, save_checkpoint
-from volseg.models.sam import SamSegmenter
-from volseg.models.sam_input import decode_image, encode_image, masks_to_image, points_to_sam
-from volseg.models.sam_prompt_parts import block_with_prefix
+from volseg.models.sam.input import decode_image, encode_image, masks_to_image, points_to_sam
+from volseg.models.sam.model import SamSegmenter
+from volseg.models.sam.prompt_parts import block_with_prefix
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import DomainData
+from volseg.training.sam.all_in_sam import AllInSamSettings, all_in_sam
+from volseg.training.sam.dfg import DfgSettings, dfg_adapt
+from volseg.training.sam.dfg_boxes import BoxSearchSettings, box_contains, first_stable, grow_box, mask_iou, search_box
+from volseg.training.sam.masks import clean_object_mask, paint_objects
+from volseg.training.sam.prompt_learning import learn_sam_prompts
+from volseg.training.sam.tuning import SamTuneSettings
+from volseg.training.sam.weak_labels import instances_at_points, weak_labels_from_instances
 
 TINY_SAM = ModelSpec("sam", options={"variant": "tiny"})
 

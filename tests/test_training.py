@@ -7,10 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from volseg.adapt.loop import SupervisedSettings, poly_lr, train_supervised
-from volseg.adapt.losses import dice_loss, segmentation_loss
-from volseg.adapt.sampler import CropSampler
-from volseg.adapt.targets import density_target, gaussian_density, instance_centres_2d
 from volseg.data.synthetic import generate_volume
 from volseg.errors import ConfigError
 from volseg.geometry import Box
@@ -19,6 +15,10 @@ from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.metrics import dice
 from volseg.models import ModelSpec, build_model, input_contract
+from volseg.training.crops import CropSampler
+from volseg.training.loop import SupervisedSettings, poly_lr, train_supervised
+from volseg.training.losses import dice_loss, segmentation_loss
+from volseg.training.targets import density_target, gaussian_density, instance_centres_2d
 
 
 def test_centres_lie_inside_even_ring_shaped_objects():

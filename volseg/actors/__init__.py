@@ -1,4 +1,5 @@
-"""Ray: predictor actors pinned to GPUs, the block scheduler, and distributed training (Ray Train).
+"""Ray: joining or starting a cluster, and predictor actors pinned to GPUs running blocks.
 
-This is the only package that imports ray; importing it does not (submodules do).
+With :mod:`volseg.training.distributed` (Ray Train), the only code that imports ray; importing this
+package does not (its submodules do).
 """

@@ -2,7 +2,7 @@
 
 Starts from ``adapt.init`` (a source-trained checkpoint), trains on crops sampled straight from the
 volumes, in one process or, with ``cluster.workers`` > 1, data-parallel under Ray Train (the same loop,
-see :mod:`volseg.actors.training`), and writes a checkpoint whose card records the mode, the data
+see :mod:`volseg.training.distributed`), and writes a checkpoint whose card records the mode, the data
 (source, target, points), the starting checkpoint, the settings and the workers.
 """
 
@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData, TrainingInputs
 from volseg.commands.train import (
     TrainResult,
     check_training_outputs,
@@ -30,6 +28,8 @@ from volseg.io.guard import PathRef, points_ref
 from volseg.io.points import read_points
 from volseg.models import build_model
 from volseg.models.checkpoint import load_checkpoint, read_card
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import DomainData, TrainingInputs
 
 
 def adapt_inputs(config: Config) -> TrainingInputs:

@@ -17,14 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from volseg.adapt.all_in_sam import AllInSamSettings, all_in_sam
-from volseg.adapt.dfg import DfgSettings, dfg_adapt
-from volseg.adapt.dfg_boxes import BoxSearchSettings
-from volseg.adapt.sam_prompt_learning import learn_sam_prompts
-from volseg.adapt.sam_tuning import SamTuneSettings
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData
-from volseg.adapt.weak_labels import WeakLabels, weak_labels_from_instances, weak_labels_from_points
 from volseg.commands.progress import StepProgress
 from volseg.commands.train import (
     TrainResult,
@@ -42,7 +34,15 @@ from volseg.io.guard import PathRef, points_ref
 from volseg.io.points import read_points
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import load_checkpoint
-from volseg.models.sam import SamSegmenter, load_sam
+from volseg.models.sam.model import SamSegmenter, load_sam
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import DomainData
+from volseg.training.sam.all_in_sam import AllInSamSettings, all_in_sam
+from volseg.training.sam.dfg import DfgSettings, dfg_adapt
+from volseg.training.sam.dfg_boxes import BoxSearchSettings
+from volseg.training.sam.prompt_learning import learn_sam_prompts
+from volseg.training.sam.tuning import SamTuneSettings
+from volseg.training.sam.weak_labels import WeakLabels, weak_labels_from_instances, weak_labels_from_points
 
 #: Mean-teacher density targets for dfg: Gaussians of this width (as `volseg adapt`'s default).
 DFG_DENSITY_SIGMA_NM = 40.0

@@ -2,7 +2,7 @@
 
 Prompt-DAS trains in the paper's source mode (each crop prompted by a random subset, 0 … all, of its
 instance centres), in one process or, with ``cluster.workers`` > 1, data-parallel under Ray Train (the same
-loop, see :mod:`volseg.actors.training`); other models train with the plain supervised loop, in one process.
+loop, see :mod:`volseg.training.distributed`); other models train with the plain supervised loop, in one process.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from volseg.adapt.loop import SupervisedSettings, TrainHistory, train_supervised
-from volseg.adapt.replicas import Replica
-from volseg.adapt.sampler import CropSampler
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.trainer import DomainData, TrainingInputs, train_promptdas
 from volseg.commands.progress import StepProgress
 from volseg.config import Config, TrainConfig, VolumeRef
 from volseg.errors import ConfigError, VolumeFormatError
@@ -35,6 +30,11 @@ from volseg.models.checkpoint import (
     curve_path,
     save_checkpoint,
 )
+from volseg.training.crops import CropSampler
+from volseg.training.loop import SupervisedSettings, TrainHistory, train_supervised
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import DomainData, TrainingInputs, train_promptdas
+from volseg.training.replicas import Replica
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def train_and_save(config: Config, prepare: Callable[[], TrainingInputs], inputs
             bar.close()
         return save_trained(output, result.model, config.model.spec, {**card, "workers": 1}, result.history, title,
                             overwrite)
-    from volseg.actors.training import TrainingJob, train_distributed
+    from volseg.training.distributed import TrainingJob, train_distributed
 
     per_worker = len(Replica(0, workers).shard(inputs.settings.batch_size))
     run = train_distributed(TrainingJob(prepare, config.model.spec, card, output, config.cluster))

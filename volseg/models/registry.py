@@ -100,8 +100,8 @@ def register(name: str, build: Callable[..., nn.Module], contract: Callable[[Mod
 BUILTIN_MODULES = {
     "unet": "volseg.models.unet",
     "convnet": "volseg.models.convnet",
-    "promptdas": "volseg.models.promptdas",
-    "sam": "volseg.models.sam",
+    "promptdas": "volseg.models.promptdas.model",
+    "sam": "volseg.models.sam.model",
 }
 
 

@@ -11,7 +11,7 @@ streams, spawned from ``SeedSequence(seed, spawn_key=(domain, t, i))``. So a cro
 the same views, whichever replica computes it and whether or not the run was resumed: ``W`` replicas of
 ``batch_size / W`` crops see exactly the batch one process sees, and resuming needs no random state.
 
-The losses are batch statistics (sums over all pixels of the batch, see :mod:`volseg.adapt.losses`); each
+The losses are batch statistics (sums over all pixels of the batch, see :mod:`volseg.training.losses`); each
 sums its statistics over the replicas with :meth:`Replica.total` before dividing, so every replica
 computes the loss of the global batch and, after ``DistributedDataParallel`` averages the gradients, the
 update is the one-process update of the global batch (to float rounding).

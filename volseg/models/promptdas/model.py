@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from volseg.errors import ConfigError
-from volseg.models.encoders import ENCODERS
-from volseg.models.heads import MLP, DensityHead, LayerNorm2d, SegmentationHead, Upscaler
-from volseg.models.prompt_encoder import PromptEncoder
+from volseg.models.promptdas.decoder import TwoWayTransformer
+from volseg.models.promptdas.encoders import ENCODERS
+from volseg.models.promptdas.heads import MLP, DensityHead, LayerNorm2d, SegmentationHead, Upscaler
+from volseg.models.promptdas.prompt_encoder import PromptEncoder
 from volseg.models.registry import InputContract, ModelSpec, register
-from volseg.models.two_way import TwoWayTransformer
 
 
 class PromptDASOutput(NamedTuple):

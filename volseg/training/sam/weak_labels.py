@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from volseg.adapt.targets import innermost_pixels
+from volseg.training.targets import innermost_pixels
 
 
 @dataclass(frozen=True)

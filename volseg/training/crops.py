@@ -38,7 +38,7 @@ class CropSampler:
     ``labels``, when given, is read over the same box; ``points`` (a global :class:`PointSet` of the
     volume, e.g. WDA's sparse annotations) is routed to each crop. Each sampler owns a random stream
     (``seed``); :meth:`box` also draws from a stream it is given (the per-crop streams of data-parallel
-    training, :mod:`volseg.adapt.replicas`).
+    training, :mod:`volseg.training.replicas`).
     """
 
     raw: Any

@@ -1,7 +1,7 @@
 """Losses: segmentation (binary cross-entropy + soft Dice, with an ignore mask) and density MSE.
 
 Both are ratios of sums over the whole batch. ``total`` sums those statistics over data-parallel
-replicas (:meth:`volseg.adapt.replicas.Replica.total`) before the division, so a replica computes the
+replicas (:meth:`volseg.training.replicas.Replica.total`) before the division, so a replica computes the
 loss of the global batch; the default keeps them local (one process).
 """
 

@@ -1,6 +1,6 @@
 """SAM prompt learning (the cryo-EM method, arXiv 2311.16140): SAM stays frozen; only small added parts learn.
 
-The parts are options of :class:`~volseg.models.sam.SamSegmenter`: the *head prompt* (a 2-level U-Net in
+The parts are options of :class:`~volseg.models.sam.model.SamSegmenter`: the *head prompt* (a 2-level U-Net in
 front of SAM), *prefix tokens* (learned tokens every encoder block's attention also reads) and *encoder
 adapters* (bottleneck MLPs after the encoder blocks). They train with a Dice loss on labelled crops,
 prompt-free, while every SAM weight keeps its value and gets no gradient — far less memory than
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from volseg.adapt.loop import StepCallback, TrainHistory
-from volseg.adapt.sam_tuning import SamTuneSettings, labelled_crops, tune_sam
-from volseg.adapt.sampler import CropSampler
-from volseg.adapt.trainer import DomainData
 from volseg.errors import ConfigError
-from volseg.models.sam import SamSegmenter
+from volseg.models.sam.model import SamSegmenter
+from volseg.training.crops import CropSampler
+from volseg.training.loop import StepCallback, TrainHistory
+from volseg.training.promptdas.trainer import DomainData
+from volseg.training.sam.tuning import SamTuneSettings, labelled_crops, tune_sam
 
 
 def learn_sam_prompts(model: SamSegmenter, data: DomainData, settings: SamTuneSettings,

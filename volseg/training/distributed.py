@@ -1,4 +1,4 @@
-"""Data-parallel training under Ray Train: the one training loop of :mod:`volseg.adapt`, on ``W`` workers.
+"""Data-parallel training under Ray Train: the one training loop of :mod:`volseg.training`, on ``W`` workers.
 
 ::
 
@@ -40,14 +40,14 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from torch import nn
 
 from volseg.actors.cluster import connected
-from volseg.adapt.loop import TrainHistory
-from volseg.adapt.replicas import Replica
-from volseg.adapt.resume import load_state, read_history, save_state
-from volseg.adapt.teacher import unwrap
-from volseg.adapt.trainer import PromptDASTrainer, StepHook, TrainingInputs, train_promptdas
 from volseg.config import ClusterConfig
 from volseg.models import ModelSpec
 from volseg.models.checkpoint import load_checkpoint, save_checkpoint
+from volseg.training.loop import TrainHistory
+from volseg.training.promptdas.teacher import unwrap
+from volseg.training.promptdas.trainer import PromptDASTrainer, StepHook, TrainingInputs, train_promptdas
+from volseg.training.replicas import Replica
+from volseg.training.resume import load_state, read_history, save_state
 
 #: The inference model's weights inside a checkpoint directory (its card is ``model.json``).
 MODEL_FILE = "model.safetensors"

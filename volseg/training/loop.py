@@ -1,6 +1,6 @@
 """Training loops (one process): shared bookkeeping, and the supervised loop of non-promptable models.
 
-The Prompt-DAS loop (source training and mean-teacher adaptation) is in :mod:`volseg.adapt.trainer`.
+The Prompt-DAS loop (source training and mean-teacher adaptation) is in :mod:`volseg.training.promptdas.trainer`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from volseg.adapt.augment import flip_rotate, intensity_jitter
-from volseg.adapt.losses import density_loss, segmentation_loss
-from volseg.adapt.sampler import CropSampler
-from volseg.adapt.targets import density_target
 from volseg.allocator import keep_freed_memory
 from volseg.models import InputContract
+from volseg.training.augment import flip_rotate, intensity_jitter
+from volseg.training.crops import CropSampler
+from volseg.training.losses import density_loss, segmentation_loss
+from volseg.training.targets import density_target
 
 #: Called after each step with (step, total steps, loss, steps per second).
 StepCallback = Callable[[int, int, float, float], None]

@@ -36,10 +36,10 @@ from torch import nn
 
 from volseg.errors import ConfigError
 from volseg.models.registry import InputContract, ModelSpec, build_model, register
-from volseg.models.sam_input import boxes_to_sam, encode_image, masks_to_image, points_to_sam
-from volseg.models.sam_prompt_parts import Adapter, HeadPrompt, encode_with_prompts
-from volseg.models.sam_variants import build_sam_module, sam_variant
-from volseg.models.sam_weights import load_sam_weights, read_sam_state
+from volseg.models.sam.input import boxes_to_sam, encode_image, masks_to_image, points_to_sam
+from volseg.models.sam.prompt_parts import Adapter, HeadPrompt, encode_with_prompts
+from volseg.models.sam.variants import build_sam_module, sam_variant
+from volseg.models.sam.weights import load_sam_weights, read_sam_state
 
 
 class SamOutput(NamedTuple):

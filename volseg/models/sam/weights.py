@@ -18,7 +18,7 @@ from torch import nn
 
 from volseg.errors import CheckpointError
 from volseg.models.checkpoint import read_state_dict
-from volseg.models.sam_variants import SAM_VARIANTS, SamVariant
+from volseg.models.sam.variants import SAM_VARIANTS, SamVariant
 
 _PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 _BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.")

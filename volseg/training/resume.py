@@ -3,7 +3,7 @@
 Saved beside a volseg checkpoint as ``trainer.safetensors`` (every tensor: ``student/…``, ``teacher/…``,
 ``optimizer/<param>/<name>``) and ``trainer.json`` (step, teacher updates, optimizer parameter groups,
 the loss history); no pickle. Random state needs no saving: every crop's streams are keyed by step
-(:mod:`volseg.adapt.replicas`), so a resumed run draws what the uninterrupted run would have drawn.
+(:mod:`volseg.training.replicas`), so a resumed run draws what the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from volseg.adapt.loop import TrainHistory
+from volseg.training.loop import TrainHistory
 
 STATE_TENSORS, STATE_CARD = "trainer.safetensors", "trainer.json"
 

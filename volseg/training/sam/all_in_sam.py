@@ -1,11 +1,11 @@
 """All-in-SAM: weak labels → SAM pseudo-masks → adapter fine-tuning → prompt-free inference.
 
-1. Weak labels (:mod:`volseg.adapt.weak_labels`): one box or point per annotated object of a slice.
+1. Weak labels (:mod:`volseg.training.sam.weak_labels`): one box or point per annotated object of a slice.
 2. SAM, prompted with them, draws each object; masks are cleaned to one component per object
-   (:mod:`volseg.adapt.sam_masks`) and united into a pixel pseudo-mask. The model is used as it is before
+   (:mod:`volseg.training.sam.masks`) and united into a pixel pseudo-mask. The model is used as it is before
    tuning: its adapters start as the identity, so this is SAM zero-shot.
 3. The model's adapters (and SAM's mask decoder) train with a Dice loss on those pseudo-masks, with no
-   prompts (:mod:`volseg.adapt.sam_tuning`); SAM's encoder stays frozen.
+   prompts (:mod:`volseg.training.sam.tuning`); SAM's encoder stays frozen.
 4. The tuned model segments without prompts (`volseg run` with no prompts section).
 
 Sparse annotations leave most objects of a slice undrawn, so by default (``supervise="annotated"``) the
@@ -22,12 +22,12 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from volseg.adapt.loop import StepCallback, TrainHistory
-from volseg.adapt.sam_masks import clean_object_mask, paint_objects, sam_object_masks
-from volseg.adapt.sam_tuning import SamTuneSettings, SliceCrops, grey_input, tune_sam
-from volseg.adapt.weak_labels import WeakLabels
 from volseg.errors import ConfigError
-from volseg.models.sam import SamSegmenter
+from volseg.models.sam.model import SamSegmenter
+from volseg.training.loop import StepCallback, TrainHistory
+from volseg.training.sam.masks import clean_object_mask, paint_objects, sam_object_masks
+from volseg.training.sam.tuning import SamTuneSettings, SliceCrops, grey_input, tune_sam
+from volseg.training.sam.weak_labels import WeakLabels
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Tuning the added parts of a frozen SAM with a Dice loss: the loop that prompt learning and All-in-SAM share.
 
 SAM's own weights are frozen (``requires_grad`` off, so they get no gradient and AdamW never sees them);
-only :meth:`~volseg.models.sam.SamSegmenter.added_parameters` (head prompt, prefix tokens, adapters) train,
+only :meth:`~volseg.models.sam.model.SamSegmenter.added_parameters` (head prompt, prefix tokens, adapters) train,
 plus, when asked (All-in-SAM), SAM's mask decoder. The forward is prompt-free, so the tuned model
 segments without prompts at inference. Batches come from a callable, so the same loop trains on labelled
 crops read from storage (:func:`labelled_crops`) and on pseudo-labelled slices held in memory
@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from volseg.adapt.augment import flip_rotate
-from volseg.adapt.loop import StepCallback, TrainHistory, set_poly_lr
-from volseg.adapt.losses import dice_loss
-from volseg.adapt.sampler import CropSampler
 from volseg.errors import ConfigError
 from volseg.models import ModelSpec, input_contract
-from volseg.models.sam import SamSegmenter
+from volseg.models.sam.model import SamSegmenter
+from volseg.training.augment import flip_rotate
+from volseg.training.crops import CropSampler
+from volseg.training.loop import StepCallback, TrainHistory, set_poly_lr
+from volseg.training.losses import dice_loss
 
 #: SAM's input contract: grey scaled to [0, 1] (SAM's own statistics are applied inside the model).
 SAM_INPUT = input_contract(ModelSpec("sam"))

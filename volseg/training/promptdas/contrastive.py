@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from volseg.adapt.losses import Total, local
+from volseg.training.losses import Total, local
 
 #: Label of a contrastive point: on foreground, on background, or padding (no point).
 FOREGROUND, BACKGROUND, UNUSED = 1, 0, -1

@@ -2,7 +2,7 @@
 crops (teacher on the weak view → pseudo-labels and prompts → student's strong view, all aligned).
 
 Every crop slice is one 2D sample, with its own random streams (a :class:`SampleRandom` each, see
-:mod:`volseg.adapt.replicas`), so a sample's views and prompts do not depend on which other samples share
+:mod:`volseg.training.replicas`), so a sample's views and prompts do not depend on which other samples share
 its batch. All maps are ``B×1×Y×X`` float tensors on the CPU.
 """
 
@@ -15,20 +15,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from volseg.adapt.augment import AugmentSettings, GeometricTransform, strong_intensity, weak_view
-from volseg.adapt.contrastive import UNUSED, sample_contrastive_points
-from volseg.adapt.prompts import merge_points, pad_points, random_subset
-from volseg.adapt.pseudo_labels import (
+from volseg.models import InputContract
+from volseg.training.augment import AugmentSettings, GeometricTransform, strong_intensity, weak_view
+from volseg.training.crops import Crop
+from volseg.training.promptdas.contrastive import UNUSED, sample_contrastive_points
+from volseg.training.promptdas.prompts import merge_points, pad_points, random_subset
+from volseg.training.promptdas.pseudo_labels import (
     density_peaks,
     keep_components_with_centres,
     nms_radius,
     segmentation_pseudo_labels,
 )
-from volseg.adapt.replicas import SampleRandom
-from volseg.adapt.sampler import Crop
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.targets import gaussian_density, instance_centres_2d, point_disks
-from volseg.models import InputContract
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.replicas import SampleRandom
+from volseg.training.targets import gaussian_density, instance_centres_2d, point_disks
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class PromptBatch:
 
     ``image`` ``B×1×Y×X`` (model input); ``target``, ``valid`` {0, 1} and ``density`` ``B×1×Y×X``;
     ``points`` ``B×N×2`` (y, x) with ``point_mask`` ``B×N``; ``contrastive_points`` ``B×K×2`` with
-    ``contrastive_labels`` ``B×K`` (see :mod:`volseg.adapt.contrastive`), or None; ``stats``: numbers
+    ``contrastive_labels`` ``B×K`` (see :mod:`volseg.training.promptdas.contrastive`), or None; ``stats``: numbers
     worth logging (e.g. prompts per crop, the valid fraction of pseudo-labels).
     """
 

@@ -12,13 +12,13 @@ steps the optimizer and updates the teacher. Per step::
     AdamW step (poly LR)  →  teacher ← EMA(student)
 
 Nothing is global: every crop of every step has its own random streams, keyed by (``settings.seed``,
-domain, step, index in the global batch) (:mod:`volseg.adapt.replicas`).
+domain, step, index in the global batch) (:mod:`volseg.training.replicas`).
 
 :func:`train_promptdas` is the one training loop, in one process or data-parallel. What differs between
 the two is passed in: a ``DistributedDataParallel`` student (``find_unused_parameters=True``: the
-projector φ is idle in steps without prompts), the :class:`~volseg.adapt.replicas.Replica` (which crops
+projector φ is idle in steps without prompts), the :class:`~volseg.training.replicas.Replica` (which crops
 of each global batch this worker computes; the losses sum their statistics over replicas), an
-``after_step`` hook (reporting, checkpoints) and a :class:`~volseg.adapt.resume.TrainerState` to resume
+``after_step`` hook (reporting, checkpoints) and a :class:`~volseg.training.resume.TrainerState` to resume
 from. The teacher is built from the unwrapped student and updated from its weights after the
 synchronised optimizer step, so it is identical on every replica. ``volseg/actors/training.py`` runs this
 loop under Ray Train.
@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from volseg.adapt.batches import (
+from volseg.errors import ConfigError
+from volseg.geometry import PointSet
+from volseg.models import InputContract, ModelSpec, input_contract
+from volseg.training.crops import CropSampler
+from volseg.training.loop import StepCallback, TrainHistory, set_poly_lr
+from volseg.training.losses import density_loss, segmentation_loss
+from volseg.training.promptdas.batches import (
     PromptBatch,
     Slices,
     concat_batches,
@@ -42,17 +48,11 @@ from volseg.adapt.batches import (
     labelled_batch,
     pseudo_labelled_batch,
 )
-from volseg.adapt.contrastive import prompt_contrastive_loss
-from volseg.adapt.loop import StepCallback, TrainHistory, set_poly_lr
-from volseg.adapt.losses import density_loss, segmentation_loss
-from volseg.adapt.replicas import ONE_PROCESS, SOURCE_STREAM, TARGET_STREAM, Replica, SampleRandom, crop_streams
-from volseg.adapt.resume import TrainerState
-from volseg.adapt.sampler import CropSampler
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.teacher import EMATeacher, unwrap
-from volseg.errors import ConfigError
-from volseg.geometry import PointSet
-from volseg.models import InputContract, ModelSpec, input_contract
+from volseg.training.promptdas.contrastive import prompt_contrastive_loss
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.teacher import EMATeacher, unwrap
+from volseg.training.replicas import ONE_PROCESS, SOURCE_STREAM, TARGET_STREAM, Replica, SampleRandom, crop_streams
+from volseg.training.resume import TrainerState
 
 #: Prompt-DAS's input contract: grey input in [0, 1] (its encoder standardises internally).
 PROMPTDAS_INPUT = input_contract(ModelSpec("promptdas"))

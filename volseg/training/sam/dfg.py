@@ -9,10 +9,10 @@ There is no source data: only the source-trained target model (Prompt-DAS) and u
    and SAM's image embedding, each brought to the slice's pixels and L2-normalised, concatenated; an
    object's prototype is their mean over its seed region, and the similarity map is the cosine to it.
 3. A box grows from each seed under that guidance until SAM's mask stabilises
-   (:mod:`volseg.adapt.dfg_boxes`); unstable objects are dropped; kept masks are cleaned to one
-   component with holes filled (:mod:`volseg.adapt.sam_masks`) and painted into instance labels.
+   (:mod:`volseg.training.sam.dfg_boxes`); unstable objects are dropped; kept masks are cleaned to one
+   component with holes filled (:mod:`volseg.training.sam.masks`) and painted into instance labels.
 4. The pseudo-labelled slices become the labelled domain of volseg's own mean-teacher loop
-   (:func:`volseg.adapt.trainer.train_promptdas`, mode ``uda``), whose unlabelled domain is the target
+   (:func:`volseg.training.promptdas.trainer.train_promptdas`, mode ``uda``), whose unlabelled domain is the target
    volume: the loop is reused through its parameters, not forked.
 """
 
@@ -28,17 +28,17 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from volseg.adapt.dfg_boxes import BoxSearch, BoxSearchSettings, search_box
-from volseg.adapt.loop import StepCallback
-from volseg.adapt.sam_masks import clean_object_mask, paint_objects
-from volseg.adapt.sam_tuning import grey_input
-from volseg.adapt.sampler import CropSampler
-from volseg.adapt.settings import AdaptSettings
-from volseg.adapt.targets import innermost_pixels
-from volseg.adapt.trainer import AdaptResult, DomainData, train_promptdas
 from volseg.errors import ConfigError
-from volseg.models.sam import SamSegmenter
-from volseg.models.sam_input import masks_to_image
+from volseg.models.sam.input import masks_to_image
+from volseg.models.sam.model import SamSegmenter
+from volseg.training.crops import CropSampler
+from volseg.training.loop import StepCallback
+from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.trainer import AdaptResult, DomainData, train_promptdas
+from volseg.training.sam.dfg_boxes import BoxSearch, BoxSearchSettings, search_box
+from volseg.training.sam.masks import clean_object_mask, paint_objects
+from volseg.training.sam.tuning import grey_input
+from volseg.training.targets import innermost_pixels
 
 
 @dataclass(frozen=True)

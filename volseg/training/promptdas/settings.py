@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from volseg.adapt.augment import WIDE, AugmentSettings
 from volseg.config import AdaptConfig
 from volseg.errors import ConfigError
+from volseg.training.augment import WIDE, AugmentSettings
 
 Mode = Literal["source", "supervised-target", "uda", "wda"]
 MODES: tuple[str, ...] = ("source", "supervised-target", "uda", "wda")
@@ -45,7 +45,7 @@ class AdaptSettings:
         (None: ``density_sigma``).
     target_weight: weight of the target terms against the source terms.
     balance_pseudo_labels: the pseudo-label BCE weighs foreground and background equally (see
-        :func:`volseg.adapt.losses.segmentation_loss`); keeps self-training from drifting to background.
+        :func:`volseg.training.losses.segmentation_loss`); keeps self-training from drifting to background.
     pseudo_foreground_share: with ``balance_pseudo_labels``, the foreground's weight in the pseudo-label
         BCE (0.5: equal to the background's). On VNC → Lucchi, 0.5 over-segments (precision 0.51, recall
         0.76) and the unbalanced BCE collapses to background.
@@ -53,7 +53,7 @@ class AdaptSettings:
         weight 1 the density head stays flat (no peak above 0.1 after 200 steps), at 30 it learns peaks.
     augment: the weak and strong views of target crops (and of source crops unless source_augment).
     source_augment: augmentation of labelled crops (None: ``augment``); by default the wider
-        :data:`volseg.adapt.augment.WIDE`, to widen what the source model has seen, while the student's
+        :data:`volseg.training.augment.WIDE`, to widen what the source model has seen, while the student's
         target view must stay recognisable.
     """
 

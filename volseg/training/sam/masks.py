@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from volseg.models.sam import SamSegmenter
+from volseg.models.sam.model import SamSegmenter
 
 
 def clean_object_mask(mask: np.ndarray, seed_yx: np.ndarray | None = None, min_size_vx: int = 0) -> np.ndarray:

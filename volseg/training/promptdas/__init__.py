@@ -1,0 +1,1 @@
+"""Prompt-DAS training: source, oracle, UDA and WDA (mean teacher, pseudo-labels, PCL, prompts)."""
