@@ -13,8 +13,9 @@ from torch import nn
 from volseg.data.synthetic import generate_volume
 from volseg.errors import ConfigError
 from volseg.geometry import PointSet
+from volseg.intensity import measure_intensity
 from volseg.metrics import dice
-from volseg.models import ModelSpec, build_model
+from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.promptdas.model import PromptDASOutput
 from volseg.training.augment import AugmentSettings, GeometricTransform
 from volseg.training.crops import CropSampler
@@ -368,28 +369,48 @@ def test_settings_pickle_and_come_from_the_adapt_config():
 # --- end to end ----------------------------------------------------------------------------------------
 
 
-def test_uda_from_tem_to_fibsem_beats_the_source_only_model(one_thread):
-    """Source training on "tem", then UDA to "fibsem": the EMA teacher segments a held-out fibsem volume
-    (no prompts, whole slices) better than the source-only model. ~45 s on one core."""
+#: The paper's head on dtype-scaled grey values: the synthetic "tem" → "fibsem" gap stays wide open.
+PAPER_UNNORMALISED = ModelSpec("promptdas", options={**SMALL.options, "head": "paper", "intensity": None})
+
+
+def _tem_to_fibsem(spec: ModelSpec, adapt: bool) -> tuple[float, float | None]:
+    """Held-out fibsem Dice (no prompts, whole slices) of the source model trained on "tem" with seed 2
+    of the per-crop streams, and after UDA to "fibsem" (if ``adapt``)."""
     source = generate_volume((8, 256, 256), "tem", seed=1)
     target = generate_volume((16, 192, 192), "fibsem", seed=2)
     held_out = generate_volume((32, 160, 160), "fibsem", seed=3)
+    contract = input_contract(spec)  # the held-out volume normalised by its own grey-value range, as in a run
+    intensity = None if contract.percentiles is None else measure_intensity(held_out.raw, contract.percentiles).bounds
 
     def held_out_dice(model: nn.Module) -> float:
-        image = torch.from_numpy(held_out.raw[::4, None] / np.float32(255))  # 8 slices, 32 voxels apart
+        image = contract.normalize(torch.from_numpy(held_out.raw[::4, None]), intensity)  # 8 slices, 32 apart
         with torch.no_grad():
             probability = torch.sigmoid(model.eval()(image).logits[:, 0]).numpy()
         return dice(probability > 0.5, held_out.mito[::4])
 
-    # Seed 2 of the per-crop streams; over seeds 0-4 the adapted Dice is 0.11 / 0.83 / 0.92 / 0.62 / 0.75 (seed 0:
-    # the source-only model fails on fibsem, 0.08), as seed-sensitive as the old single-stream sampling.
     common = {"batch_size": 4, "crop": (1, 64, 64), "density_sigma": 5.0, "source_density_sigma": 10.0, "seed": 2}
     torch.manual_seed(0)
-    model = build_model(SMALL)
+    model = build_model(spec)
     train_promptdas(model, AdaptSettings(mode="source", steps=200, learning_rate=2e-3, **common),
                     source=DomainData(source.raw, source.labels))
     source_only = held_out_dice(model)
+    if not adapt:
+        return source_only, None
     uda = AdaptSettings(mode="uda", steps=100, learning_rate=5e-4, ema_alpha=0.98, peak_threshold=0.15, **common)
     result = train_promptdas(model, uda, DomainData(source.raw, source.labels), DomainData(target.raw))
-    adapted = held_out_dice(result.model)
+    return source_only, held_out_dice(result.model)
+
+
+def test_uda_from_tem_to_fibsem_beats_the_source_only_model(one_thread):
+    """Where the source model fails on the target (the paper's head, dtype-scaled input), UDA makes it
+    work. ~45 s on one core. Over stream seeds 0-4 the adapted Dice was 0.11 / 0.83 / 0.92 / 0.62 / 0.75."""
+    source_only, adapted = _tem_to_fibsem(PAPER_UNNORMALISED, adapt=True)
     assert adapted > source_only + 0.2 and adapted > 0.55, (source_only, adapted)
+
+
+def test_robust_intensity_and_the_fine_head_close_the_synthetic_gap(one_thread):
+    """The default model (each volume's own grey-value range, full-resolution head) trained on "tem"
+    alone already segments "fibsem": held-out Dice 0.87-0.92 over stream seeds 0-4, where the paper's
+    head on dtype-scaled input gets 0.075 (seed 2) and the fine head alone 0.59."""
+    source_only, _ = _tem_to_fibsem(SMALL, adapt=False)
+    assert source_only > 0.8, source_only

@@ -99,11 +99,38 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 def test_checkpoint_refuses_another_spec_and_garbage(tmp_path):
     spec = ModelSpec("unet", options={"width": 4, "levels": 2})
     path = save_checkpoint(tmp_path / "m.safetensors", build_model(spec), spec, {})
-    with pytest.raises(CheckpointError, match="trained as model"):
+    with pytest.raises(CheckpointError, match=r"other model\.options: width: checkpoint 4, config 8"):
         load_checkpoint(path, ModelSpec("unet", options={"width": 8, "levels": 2}))
+    with pytest.raises(CheckpointError, match="trained as model"):
+        load_checkpoint(path, ModelSpec("convnet"))
     garbage = tmp_path / "g.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(garbage, spec)
     with pytest.raises(CheckpointError, match=r"\.safetensors"):
         save_checkpoint(tmp_path / "m.pt", build_model(spec), spec, {})
+
+
+def test_a_checkpoint_from_before_the_fine_head_names_the_head(tmp_path):
+    """A Prompt-DAS checkpoint whose card names no head (written before heads were selectable) was built
+    with the paper's head on dtype-scaled input: it loads as such when the config says so, and a config
+    that leaves the head to the (new) default is refused with a message naming the head."""
+    import json
+
+    old = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decoder_dim": 32, "decoder_heads": 2,
+                                          "decoder_mlp": 32, "projection_dim": 8})
+    torch.manual_seed(0)
+    paper = build_model(ModelSpec(old.name, options={**old.options, "head": "paper", "intensity": None}))
+    path = save_checkpoint(tmp_path / "old.safetensors", paper, ModelSpec(old.name, options={**old.options,
+                                                                                            "head": "paper"}), {})
+    card = json.loads((tmp_path / "old.json").read_text())
+    card["model"]["options"] = dict(old.options)  # as the cards of earlier versions: no head, no intensity
+    (tmp_path / "old.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="head: checkpoint 'paper', config 'fine'"):
+        load_checkpoint(path, old)
+    loaded = load_checkpoint(path, ModelSpec(old.name, options={**old.options, "head": "paper", "intensity": None}))
+    image = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(image).logits, paper.eval()(image).logits)
+    assert input_contract(ModelSpec(old.name, options={**old.options, "head": "paper", "intensity": None})
+                          ).percentiles is None

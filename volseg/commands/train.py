@@ -194,7 +194,8 @@ def train(config: Config, progress: bool = True, overwrite: bool = False) -> Tra
     settings = SupervisedSettings(cfg.steps, cfg.batch_size, cfg.learning_rate, _sigma_vx(cfg, raw), cfg.seed)
     bar = StepProgress(cfg.steps, "training", progress)
     try:
-        history = train_supervised(model, contract, CropSampler(raw, labels, cfg.crop, cfg.seed), settings,
+        history = train_supervised(model, contract, CropSampler(raw, labels, cfg.crop, cfg.seed,
+                                                                   percentiles=contract.percentiles), settings,
                                    on_step=bar)
     finally:
         bar.close()

@@ -66,6 +66,7 @@ class TorchPredictor:
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         amp_dtype: torch.dtype | None = None,
+        intensity: tuple[float, float] | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -76,6 +77,8 @@ class TorchPredictor:
         self._num_classes = int(num_classes)
         self.batch_size = int(batch_size)
         self.amp_dtype = amp_dtype
+        #: The volume's robust grey-value range (low, high), when the contract normalises by one.
+        self.intensity = intensity
         contract.check_window(self._window)
 
     def to(self, device: str | torch.device) -> None:
@@ -129,7 +132,7 @@ class TorchPredictor:
 
     def _predict_batch(self, batch: np.ndarray, prompts: Sequence[np.ndarray] | None, out: torch.Tensor) -> None:
         """Predict ``batch`` into ``out`` (a CPU view, ``B×(C+1)×Z×Y×X``)."""
-        x = self.contract.normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        x = self.contract.normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), self.intensity)
         # 2D: the Z=1 slices of the windows become the batch; 3D: add the channel axis.
         x = x.reshape(-1, 1, *x.shape[-2:]) if self.contract.dims == 2 else x.unsqueeze(1)
         prompt_tensors = self._prompt_tensors(prompts)

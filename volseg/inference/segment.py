@@ -25,6 +25,7 @@ from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, coun
 from volseg.inference.ledger import SIGNATURE_KEY, check_signature
 from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
+from volseg.intensity import IntensityRange, measure_intensity
 from volseg.io import choose_output_chunks, create_volume
 from volseg.io.guard import PathRef, check_outputs, points_ref
 from volseg.io.points import read_points
@@ -60,6 +61,7 @@ class SegmentationPlan:
     checkpoint_card: dict[str, Any]
     points: PointSet | None = None
     instances: InstancePlan | None = None
+    intensity: IntensityRange | None = None
 
 
 def check_input_dtype(dtype: np.dtype, url: str, field: str) -> None:
@@ -165,9 +167,11 @@ def run_paths(config: Config) -> tuple[list[PathRef], list[PathRef]]:
 
 
 def run_signature(weights: str, config: Config, grid: BlockGrid, windows: WindowGrid,
-                  points: PointSet | None = None) -> str:
-    """Hash of everything that determines the bytes a run writes (prompts by their coordinates)."""
+                  points: PointSet | None = None, intensity: IntensityRange | None = None) -> str:
+    """Hash of everything that determines the bytes a run writes (prompts by their coordinates, the
+    input's grey-value range by its bounds)."""
     payload = {
+        "intensity": None if intensity is None else list(intensity.bounds),
         "weights_sha256": weights,
         "points_sha256": None if points is None else hashlib.sha256(points.zyx.tobytes()).hexdigest(),
         "config": config.output_fingerprint(),
@@ -194,6 +198,10 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     check_input_dtype(source.dtype, config.input.url, "input.url")
     check_not_empty(source, config.input.url, "input.url")
     predictor, card = build_predictor(config)
+    intensity = None
+    if predictor.contract.percentiles is not None:  # once per volume: every block uses the same range
+        intensity = measure_intensity(source, predictor.contract.percentiles)
+        predictor.intensity = intensity.bounds
     windows = WindowGrid(source.shape, config.inference.window, config.inference.stride)
     chunk = config.output.chunk or choose_output_chunks(source.shape, np.dtype(config.output.dtype),
                                                         source.chunk_shape)
@@ -210,10 +218,10 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
         if len(points) and not getattr(predictor.model, "promptable", False):
             raise ConfigError(f"prompts.points gives {len(points)} points, but model {config.model.name!r} "
                               "takes no prompts.", "use model.name: promptdas, or remove the prompts section.")
-    signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows, points)
+    signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows, points, intensity)
     plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
                             None if config.output.shard is None else tuple(config.output.shard),
-                            outputs, signature, card, points)
+                            outputs, signature, card, points, intensity=intensity)
     check_existing_outputs(plan, overwrite)
     if config.instances is not None:
         plan = replace(plan, instances=_plan_instances(plan, overwrite))
@@ -347,6 +355,7 @@ def open_outputs(plan: SegmentationPlan, device: str | None = None) -> list[Outp
             "channels": ["probability"] * num_classes + ["density"],
             "input": plan.config.input.url if plan.config.input else None,
             "checkpoint": plan.config.model.checkpoint,
+            "intensity": None if plan.intensity is None else plan.intensity.to_json(),
         }}
         # stamped when created, so no output ever exists without saying that volseg wrote it
         volume = create_volume(**_creation_arguments(plan, spec), attributes=stamp)

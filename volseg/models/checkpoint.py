@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from volseg.errors import CheckpointError, OutputExistsError
-from volseg.models.registry import ModelSpec, build_model, foreign_loader
+from volseg.models.registry import ModelSpec, build_model, foreign_loader, resolve, saved
 
 CARD_VERSION = 1
 
@@ -97,6 +97,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, card: M
         raise CheckpointError(f"Checkpoint path {str(path)!r} does not end in .safetensors.",
                               "name the checkpoint file like model.safetensors.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    spec = resolve(spec)  # the card names every option, defaults included: later defaults cannot change it
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={"volseg_model": spec.canonical()})
@@ -161,12 +162,8 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> nn.Module:
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist.",
                               "set model.checkpoint to a .safetensors file written by `volseg train`.")
     card = read_card(path)
-    if card.get("model") and ModelSpec.from_json(card["model"]) != spec:
-        raise CheckpointError(
-            f"Checkpoint {str(path)!r} was trained as model {card['model']}, but the config asks for "
-            f"{spec.to_json()}.",
-            "make the config's model section match the checkpoint's card (or train a new checkpoint).",
-        )
+    if card.get("model"):
+        _check_spec(saved(ModelSpec.from_json(card["model"])), resolve(spec), path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
@@ -176,6 +173,22 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> nn.Module:
     _check_fits(model.state_dict(), tensors, path)
     model.load_state_dict(tensors)
     return model
+
+
+def _check_spec(trained: ModelSpec, asked: ModelSpec, path: Path) -> None:
+    """Refuse a config whose (resolved) model spec differs from the checkpoint's, naming the options."""
+    if trained == asked:
+        return
+    if (trained.name, trained.num_classes) != (asked.name, asked.num_classes):
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} was trained as model {trained.to_json()}, but the config asks for "
+            f"{asked.to_json()}.",
+            "make the config's model section match the checkpoint's card (or train a new checkpoint).")
+    keys = sorted(set(trained.options) | set(asked.options), key=str)
+    differ = [f"{k}: checkpoint {trained.options.get(k)!r}, config {asked.options.get(k)!r}" for k in keys
+              if trained.options.get(k) != asked.options.get(k)]
+    raise CheckpointError(f"Checkpoint {str(path)!r} was trained with other model.options: {'; '.join(differ)}.",
+                          "set model.options as the checkpoint's .json card says (or train a new checkpoint).")
 
 
 def read_state_dict(path: Path, what: str, fix: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,32 @@ _INTEGER_SCALE = {torch.uint8: 1.0 / 255.0, torch.uint16: 1.0 / 65535.0}
 class InputContract:
     """What a model expects of its input windows.
 
-    ``dims``: 2 (a window is one z slice, Z = 1) or 3. Raw voxels are scaled to [0, 1] (integers by
-    their dtype's maximum) and standardised with ``mean``/``std``. Window sizes must be multiples of
-    ``size_multiple`` on the axes the model downsamples.
+    ``dims``: 2 (a window is one z slice, Z = 1) or 3. Raw voxels are scaled to [0, 1] and
+    standardised with ``mean``/``std``. The scaling is the dtype's maximum (uint8: 255) unless
+    ``percentiles`` is set: then each volume's own robust range (those percentiles of a sample of it,
+    :mod:`volseg.intensity`) maps to [0, 1]. Window sizes must be multiples of ``size_multiple`` on the
+    axes the model downsamples.
     """
 
     dims: int
     size_multiple: int = 1
     mean: float = 0.5
     std: float = 0.25
+    percentiles: tuple[float, float] | None = None
 
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw voxels → model input: integers scaled to [0, 1] by their dtype's maximum (uint8: 255,
-        uint16: 65535), floats taken as already in [0, 1]; then standardised with ``mean``/``std``."""
-        gain = _INTEGER_SCALE.get(raw.dtype, 1.0) / self.std
-        # One fresh float tensor, scaled and shifted in place (the input is never modified).
-        return raw.to(torch.float32, copy=True).mul_(gain).sub_(self.mean / self.std)
+    def normalize(self, raw: torch.Tensor, intensity: tuple[float, float] | None = None) -> torch.Tensor:
+        """Raw voxels → model input: scaled to [0, 1], then standardised with ``mean``/``std``.
+
+        ``intensity`` ``(low, high)`` in raw units (the volume's robust range) maps ``low`` → 0 and
+        ``high`` → 1, clipping beyond; without it integers are divided by their dtype's maximum (uint8:
+        255, uint16: 65535) and floats are taken as already in [0, 1]."""
+        if intensity is None:
+            gain = _INTEGER_SCALE.get(raw.dtype, 1.0) / self.std
+            # One fresh float tensor, scaled and shifted in place (the input is never modified).
+            return raw.to(torch.float32, copy=True).mul_(gain).sub_(self.mean / self.std)
+        low, high = (float(v) for v in intensity)
+        scaled = raw.to(torch.float32, copy=True).sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)
+        return scaled.sub_(self.mean).mul_(1.0 / self.std)
 
     def check_window(self, window_zyx: Sequence[int]) -> None:
         """Raise :class:`ConfigError` if the model cannot run on windows of ``window_zyx``."""
@@ -79,20 +89,31 @@ class ModelSpec:
 @dataclass(frozen=True)
 class RegisteredModel:
     """``load``: reads weights in a format of the model's own (e.g. SAM's released ``.pth``) for
-    :func:`volseg.models.checkpoint.load_checkpoint`; None: volseg ``.safetensors`` checkpoints only."""
+    :func:`volseg.models.checkpoint.load_checkpoint`; None: volseg ``.safetensors`` checkpoints only.
+
+    ``defaults``: the options a spec gets where it leaves them out; ``legacy``: what checkpoints written
+    before those options existed were built with (their cards do not name them)."""
 
     build: Callable[..., nn.Module]
     contract: Callable[[ModelSpec], InputContract]
     description: str
     load: Callable[[Path, ModelSpec], nn.Module] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    legacy: Mapping[str, Any] = field(default_factory=dict)
 
 
 MODELS: dict[str, RegisteredModel] = {}
 
+#: Options every model takes, which select its input rather than build it: ``intensity``, the
+#: percentiles (low, high) of each volume's robust grey-value range (:mod:`volseg.intensity`), or None
+#: for scaling by the dtype's maximum.
+INPUT_OPTIONS = ("intensity",)
+
 
 def register(name: str, build: Callable[..., nn.Module], contract: Callable[[ModelSpec], InputContract],
-             description: str, load: Callable[[Path, ModelSpec], nn.Module] | None = None) -> None:
-    MODELS[name] = RegisteredModel(build, contract, description, load)
+             description: str, load: Callable[[Path, ModelSpec], nn.Module] | None = None,
+             defaults: Mapping[str, Any] | None = None, legacy: Mapping[str, Any] | None = None) -> None:
+    MODELS[name] = RegisteredModel(build, contract, description, load, dict(defaults or {}), dict(legacy or {}))
 
 
 #: The built-in models' modules, each imported when its model is first asked for (the encoders' timm and
@@ -116,11 +137,25 @@ def _entry(spec: ModelSpec) -> RegisteredModel:
     return MODELS[spec.name]
 
 
+def resolve(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with every option it leaves out set to the model's default (what is built and saved)."""
+    entry = _entry(spec)
+    return ModelSpec(spec.name, spec.num_classes, {**entry.defaults, **dict(spec.options)})
+
+
+def saved(card_spec: ModelSpec) -> ModelSpec:
+    """The resolved spec of a checkpoint whose card says ``card_spec``: options its card does not name
+    take the values of the time before they existed (the model's ``legacy``), then the defaults."""
+    entry = _entry(card_spec)
+    return resolve(ModelSpec(card_spec.name, card_spec.num_classes, {**entry.legacy, **dict(card_spec.options)}))
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """A freshly initialised module for ``spec`` (seed torch first for reproducible weights)."""
     entry = _entry(spec)
+    options = {k: v for k, v in resolve(spec).options.items() if k not in INPUT_OPTIONS}
     try:
-        return entry.build(num_classes=spec.num_classes, **dict(spec.options))
+        return entry.build(num_classes=spec.num_classes, **options)
     except TypeError as error:
         raise ConfigError(
             f"model.options {dict(spec.options)} do not fit model {spec.name!r}: {error}.",
@@ -129,7 +164,17 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def input_contract(spec: ModelSpec) -> InputContract:
-    return _entry(spec).contract(spec)
+    """What the model of ``spec`` expects of its input (with the ``intensity`` option applied)."""
+    resolved = resolve(spec)
+    contract = _entry(spec).contract(resolved)
+    percentiles = resolved.options.get("intensity")
+    if percentiles is None:
+        return contract
+    if (not isinstance(percentiles, Sequence) or len(percentiles) != 2
+            or not 0 <= float(percentiles[0]) < float(percentiles[1]) <= 100):
+        raise ConfigError(f"model.options.intensity {percentiles!r} is not two percentiles low < high in [0, 100].",
+                          "use e.g. [1, 99] (each volume's 1st and 99th percentile become 0 and 1), or null.")
+    return replace(contract, percentiles=(float(percentiles[0]), float(percentiles[1])))
 
 
 def foreign_loader(spec: ModelSpec) -> Callable[[Path, ModelSpec], nn.Module] | None:

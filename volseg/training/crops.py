@@ -9,6 +9,7 @@ import numpy as np
 
 from volseg.errors import ConfigError
 from volseg.geometry import Box, Coord, PointSet, read_box
+from volseg.intensity import measure_intensity
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class CropSampler:
     ``labels``, when given, is read over the same box; ``points`` (a global :class:`PointSet` of the
     volume, e.g. WDA's sparse annotations) is routed to each crop. Each sampler owns a random stream
     (``seed``); :meth:`box` also draws from a stream it is given (the per-crop streams of data-parallel
-    training, :mod:`volseg.training.replicas`).
+    training, :mod:`volseg.training.replicas`). ``percentiles`` (a model's input contract): ``intensity``
+    is then the volume's robust grey-value range (:mod:`volseg.intensity`), to normalise its crops with,
+    as inference normalises the volume's blocks; else None.
     """
 
     raw: Any
@@ -46,6 +49,7 @@ class CropSampler:
     crop: Coord
     seed: int = 0
     points: PointSet | None = None
+    percentiles: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.crop = tuple(int(c) for c in self.crop)
@@ -61,6 +65,7 @@ class CropSampler:
             raise ConfigError(f"train.crop {self.crop} is larger than the volume {shape}.",
                               "choose a crop that fits inside the volume on every axis.")
         self.shape = shape
+        self.intensity = None if self.percentiles is None else measure_intensity(self.raw, self.percentiles).bounds
 
     def box(self, rng: np.random.Generator | None = None) -> Box:
         """A uniformly random crop box, drawn from ``rng`` (default: the sampler's own stream)."""

@@ -84,7 +84,7 @@ def make_batch(sampler: CropSampler, contract: InputContract, n: int, sigma_vx: 
     raw = raw.reshape(-1, *raw.shape[-2:]) if contract.dims == 2 else raw
     mask = (labels > 0).reshape(raw.shape).astype(np.float32)
     density = density_target(mask.reshape(-1, *mask.shape[-2:]), sigma_vx).reshape(mask.shape)
-    image = contract.normalize(torch.from_numpy(raw)).unsqueeze(1)
+    image = contract.normalize(torch.from_numpy(raw), sampler.intensity).unsqueeze(1)
     return image, torch.from_numpy(mask).unsqueeze(1), torch.from_numpy(density).unsqueeze(1)
 
 

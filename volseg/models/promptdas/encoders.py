@@ -1,10 +1,15 @@
-"""Image encoders f_E of Prompt-DAS: a grey slice → a ``B×D×(H/8)×(W/8)`` feature map.
+"""Image encoders f_E of Prompt-DAS: a grey slice → a ``B×D×(H/8)×(W/8)`` feature map, and for the
+fine head also ``B×C2×(H/2)×(W/2)`` and ``B×C4×(H/4)×(W/4)`` features (:meth:`pyramid`).
 
 ``vit_s8`` is the paper's encoder (ViT-S/8: embed 384, depth 12, heads 6, patch 8, no class token, DINO
 weights from a local file). ``vit_tiny8`` (embed 192, depth 4) and ``cnn`` (a ResNet-style CNN of
 stride 8 from timm) train in minutes on a CPU. All take ``B×1×H×W`` grey input in [0, 1]; the grey
 slice is replicated to 3 channels and standardised with ImageNet mean/std inside the encoder, so
 pretrained weights see what they were trained on. Position embeddings are resampled to any token grid.
+
+The fine features come from the CNN trunk's own stride-2 and stride-4 stages, and for a ViT (whose
+patches start at stride 8) from a light convolutional stem beside it, as HQ-SAM and SAM 2 feed early
+high-resolution features to their mask decoders.
 """
 
 from __future__ import annotations
@@ -37,26 +42,54 @@ class GreyToRGB(nn.Module):
         return (image.expand(-1, 3, -1, -1) - self.mean) / self.std
 
 
+class ConvStem(nn.Module):
+    """The fine features beside a ViT: two strided 3×3 conv blocks on the grey image, giving
+    ``B×C2×(H/2)×(W/2)`` and ``B×C4×(H/4)×(W/4)``."""
+
+    def __init__(self, channels: tuple[int, int] = (32, 64)) -> None:
+        super().__init__()
+        c2, c4 = channels
+        self.to_2 = nn.Sequential(nn.Conv2d(1, c2, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, c2), nn.GELU(),
+                                  nn.Conv2d(c2, c2, 3, padding=1, bias=False), nn.GroupNorm(8, c2), nn.GELU())
+        self.to_4 = nn.Sequential(nn.Conv2d(c2, c4, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, c4),
+                                  nn.GELU())
+        self.channels = channels
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s2 = self.to_2(image - 0.5)
+        return s2, self.to_4(s2)
+
+
 class ViTEncoder(nn.Module):
     """A plain ViT with patch 8 and no class token; output ``B×D×(H/8)×(W/8)``.
 
     ``H`` and ``W`` must be multiples of 8; the absolute position embedding (learned for
-    ``pretrain_size``) is resampled bicubically to the input's token grid.
+    ``pretrain_size``) is resampled bicubically to the input's token grid. ``fine``: a
+    :class:`ConvStem` beside it supplies the stride-2 and stride-4 features of :meth:`pyramid`.
     """
 
-    def __init__(self, embed_dim: int, depth: int, num_heads: int, pretrain_size: int = 224) -> None:
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, pretrain_size: int = 224,
+                 fine: bool = False) -> None:
         super().__init__()
         self.rgb = GreyToRGB()
         self.vit = VisionTransformer(
             img_size=pretrain_size, patch_size=STRIDE, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             num_classes=0, global_pool="", class_token=False, dynamic_img_size=True,
         )
+        self.stem = ConvStem() if fine else None
         self.out_channels = embed_dim
+        self.fine_channels = None if self.stem is None else self.stem.channels
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         b, _, h, w = image.shape
         tokens = self.vit.forward_features(self.rgb(image))  # B×(h/8·w/8)×D, or B×h/8×w/8×D
         return tokens.reshape(b, h // STRIDE, w // STRIDE, -1).permute(0, 3, 1, 2).contiguous()
+
+    def pyramid(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stride 8, stride 4, stride 2) features; needs ``fine``."""
+        assert self.stem is not None, "built without fine features"
+        s2, s4 = self.stem(image)
+        return self(image), s4, s2
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         """Load DINO/timm ViT weights from a local ``.safetensors`` or ``.pth`` file.
@@ -86,17 +119,27 @@ class ViTEncoder(nn.Module):
 
 
 class CNNEncoder(nn.Module):
-    """A timm ResNet trunk cut at stride 8, then a 1×1 projection to ``out_channels``."""
+    """A timm ResNet trunk cut at stride 8, then a 1×1 projection to ``out_channels``; ``fine``: its
+    stride-2 and stride-4 stages are the fine features of :meth:`pyramid` (the same trunk either way)."""
 
-    def __init__(self, backbone: str = "resnet18", out_channels: int = 128) -> None:
+    def __init__(self, backbone: str = "resnet18", out_channels: int = 128, fine: bool = False) -> None:
         super().__init__()
         self.rgb = GreyToRGB()
-        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(2,))
-        self.proj = nn.Conv2d(self.trunk.feature_info.channels()[-1], out_channels, 1)
+        indices = (0, 1, 2) if fine else (2,)
+        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices)
+        channels = self.trunk.feature_info.channels()
+        self.proj = nn.Conv2d(channels[-1], out_channels, 1)
         self.out_channels = out_channels
+        self.fine_channels = (channels[0], channels[1]) if fine else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.proj(self.trunk(self.rgb(image))[-1])
+
+    def pyramid(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stride 8, stride 4, stride 2) features; needs ``fine``."""
+        assert self.fine_channels is not None, "built without fine features"
+        s2, s4, s8 = self.trunk(self.rgb(image))
+        return self.proj(s8), s4, s2
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         result = self.trunk.load_state_dict(_read_state_dict(path), strict=False)
@@ -112,9 +155,9 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                            wrappers=("model", "state_dict", "teacher", "student"))
 
 
-#: name → builder of an encoder (all of stride 8).
+#: name → builder of an encoder (all of stride 8; ``fine``: with stride-2 and stride-4 features too).
 ENCODERS = {
-    "vit_s8": lambda: ViTEncoder(embed_dim=384, depth=12, num_heads=6),
-    "vit_tiny8": lambda: ViTEncoder(embed_dim=192, depth=4, num_heads=3),
-    "cnn": lambda: CNNEncoder("resnet18", out_channels=128),
+    "vit_s8": lambda fine=False: ViTEncoder(embed_dim=384, depth=12, num_heads=6, fine=fine),
+    "vit_tiny8": lambda fine=False: ViTEncoder(embed_dim=192, depth=4, num_heads=3, fine=fine),
+    "cnn": lambda fine=False: CNNEncoder("resnet18", out_channels=128, fine=fine),
 }

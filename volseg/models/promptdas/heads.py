@@ -1,4 +1,15 @@
-"""Output heads of Prompt-DAS: segmentation f_S, density f_R and the PCL projection φ."""
+"""Output heads of Prompt-DAS: segmentation f_S, density f_R and the PCL projection φ, on one of two
+upscalers of the decoder's stride-8 image embedding:
+
+* ``paper`` (:class:`Upscaler`): two transposed convolutions to stride 2; the segmentation logits and
+  the density are interpolated ×2 to the input resolution (the published head);
+* ``fine`` (:class:`FineUpscaler`): three transposed convolutions to full resolution, adding the
+  encoder's stride-4 and stride-2 features and a full-resolution view of the image on the way (as
+  SAM 2 and HQ-SAM fuse early encoder features into their mask features), so boundaries and small
+  organelles are predicted from pixels, not from stride-8 tokens::
+
+      embedding D×h/8 ─▶ ×2 ─(+ s4 features)─▶ ×2 ─(+ s2 features)─▶ ×2 ─(+ image conv)─▶ D/8×H×W
+"""
 
 from __future__ import annotations
 
@@ -53,31 +64,63 @@ class Upscaler(nn.Module):
         return self.net(x)
 
 
-class SegmentationHead(nn.Module):
-    """Mask token → hypernetwork vector; its dot product with the upscaled map gives logits at half the
-    input resolution, upsampled ×2 to ``B×1×H×W``."""
+class FineUpscaler(nn.Module):
+    """``B×D×h×w`` (stride 8) → ``B×(D/8)×8h×8w`` (full resolution), fusing the stride-4 and stride-2
+    encoder features (``fine_channels``: their channels) and the image itself (see the module docstring)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, fine_channels: tuple[int, int]) -> None:
+        super().__init__()
+        c2, c4 = fine_channels
+        d4, d8 = dim // 4, dim // 8
+        self.up4 = nn.ConvTranspose2d(dim, d4, 2, stride=2)
+        self.skip4 = nn.Conv2d(c4, d4, 1)
+        self.norm4 = LayerNorm2d(d4)
+        self.up2 = nn.ConvTranspose2d(d4, d8, 2, stride=2)
+        self.skip2 = nn.Conv2d(c2, d8, 1)
+        self.norm2 = LayerNorm2d(d8)
+        self.up1 = nn.ConvTranspose2d(d8, d8, 2, stride=2)
+        self.skip1 = nn.Conv2d(1, d8, 3, padding=1)
+        self.refine = nn.Sequential(nn.Conv2d(d8, d8, 3, padding=1), nn.GroupNorm(min(8, d8), d8), nn.GELU())
+
+    def forward(self, x: torch.Tensor, s4: torch.Tensor, s2: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm4(self.up4(x) + self.skip4(s4)))
+        x = F.gelu(self.norm2(self.up2(x) + self.skip2(s2)))
+        x = F.gelu(self.up1(x) + self.skip1(image - 0.5))
+        return x + self.refine(x)
+
+
+class SegmentationHead(nn.Module):
+    """Mask token → hypernetwork vector; its dot product with the upscaled map gives logits, upsampled
+    ×``scale`` (2 on the paper's half-resolution map, 1 on the fine one) to ``B×1×H×W``."""
+
+    def __init__(self, dim: int, scale: int = 2) -> None:
         super().__init__()
         self.hyper = MLP(dim, dim, dim // 8, 3)
+        self.scale = scale
 
     def forward(self, mask_token: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
         weights = self.hyper(mask_token)  # B×(D/8)
         logits = torch.einsum("bc,bchw->bhw", weights, upscaled).unsqueeze(1)
-        return F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
+        if self.scale == 1:
+            return logits
+        return F.interpolate(logits, scale_factor=self.scale, mode="bilinear", align_corners=False)
 
 
 class DensityHead(nn.Module):
-    """Convs + GroupNorm on the upscaled map → a full-resolution ``B×1×H×W`` centre density."""
+    """Convs + GroupNorm on the upscaled map → a full-resolution ``B×1×H×W`` centre density (upsampled
+    ×``scale`` before its last layer)."""
 
-    def __init__(self, dim: int, width: int = 32) -> None:
+    def __init__(self, dim: int, width: int = 32, scale: int = 2) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(dim // 8, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU(),
         )
         self.out = nn.Conv2d(width, 1, 1)
+        self.scale = scale
 
     def forward(self, upscaled: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(self.net(upscaled), scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.net(upscaled)
+        if self.scale != 1:
+            x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return self.out(x)

@@ -9,7 +9,10 @@ centre-density map::
     contrastive points B×K×2 ───┘   (contrastive tokens hidden) ├─ f_R: upscaled map → density
                                                                 └─ φ: prompt / contrastive token embeddings
 
-``H`` and ``W`` must be multiples of 8. Points are pixel (y, x) in the image.
+``H`` and ``W`` must be multiples of 8. Points are pixel (y, x) in the image. ``head`` selects the
+upscaler and heads (:mod:`volseg.models.promptdas.heads`): ``fine`` (default) predicts both maps at
+full resolution from the decoder's embedding fused with the encoder's stride-4 and stride-2 features;
+``paper`` is the published head (stride 2, interpolated).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import nn
 from volseg.errors import ConfigError
 from volseg.models.promptdas.decoder import TwoWayTransformer
 from volseg.models.promptdas.encoders import ENCODERS
-from volseg.models.promptdas.heads import MLP, DensityHead, LayerNorm2d, SegmentationHead, Upscaler
+from volseg.models.promptdas.heads import MLP, DensityHead, FineUpscaler, LayerNorm2d, SegmentationHead, Upscaler
 from volseg.models.promptdas.prompt_encoder import PromptEncoder
 from volseg.models.registry import InputContract, ModelSpec, register
 
@@ -43,7 +46,8 @@ class PromptDAS(nn.Module):
 
     def __init__(self, num_classes: int = 1, encoder: str = "vit_tiny8", decoder_dim: int = 256,
                  decoder_depth: int = 2, decoder_heads: int = 8, decoder_mlp: int = 2048,
-                 projection_dim: int = 128, encoder_weights: str | None = None, dims: int = 2) -> None:
+                 projection_dim: int = 128, encoder_weights: str | None = None, dims: int = 2,
+                 head: str = "fine") -> None:
         super().__init__()
         if dims != 2:
             raise ConfigError(f"model.options.dims is {dims}, but Prompt-DAS is a 2D model.",
@@ -51,7 +55,11 @@ class PromptDAS(nn.Module):
         if encoder not in ENCODERS:
             raise ConfigError(f"model.options.encoder {encoder!r} is not an encoder of Prompt-DAS.",
                               f"use one of: {', '.join(sorted(ENCODERS))}.")
-        self.encoder = ENCODERS[encoder]()
+        if head not in HEADS:
+            raise ConfigError(f"model.options.head {head!r} is not a head of Prompt-DAS.",
+                              f"use one of: {', '.join(HEADS)}.")
+        self.head = head
+        self.encoder = ENCODERS[encoder](fine=head == "fine")
         if encoder_weights:
             self.encoder.load_pretrained(encoder_weights)
         d = decoder_dim
@@ -63,9 +71,10 @@ class PromptDAS(nn.Module):
         self.mask_tokens = nn.Parameter(torch.randn(1, num_classes, d) * 0.02)
         self.contrastive_embedding = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.decoder = TwoWayTransformer(d, decoder_depth, decoder_heads, decoder_mlp, downsample=2)
-        self.upscaler = Upscaler(d)
-        self.segmentation_head = SegmentationHead(d)
-        self.density_head = DensityHead(d)
+        scale = 1 if head == "fine" else 2
+        self.upscaler = FineUpscaler(d, self.encoder.fine_channels) if head == "fine" else Upscaler(d)
+        self.segmentation_head = SegmentationHead(d, scale)
+        self.density_head = DensityHead(d, scale=scale)
         self.projector = MLP(d, d, projection_dim, 3)
         self.num_classes = num_classes
 
@@ -75,7 +84,8 @@ class PromptDAS(nn.Module):
         """``image`` B×1×H×W in [0, 1]; ``points`` B×N×2 pixel (y, x) with ``point_mask`` B×N bool
         (all valid if omitted); ``contrastive_points`` B×K×2 (training only)."""
         b, _, h, w = image.shape
-        features = self.neck(self.encoder(image))
+        fine = self.encoder.pyramid(image) if self.head == "fine" else None
+        features = self.neck(fine[0] if fine is not None else self.encoder(image))
         image_pe = self.prompt_encoder.dense(tuple(features.shape[-2:]), image.device)
         tokens = [self.mask_tokens.expand(b, -1, -1)]
         visible = [torch.ones(b, self.num_classes, dtype=torch.bool, device=image.device)]
@@ -90,7 +100,7 @@ class PromptDAS(nn.Module):
             visible.append(torch.zeros(contrastive_points.shape[:2], dtype=torch.bool, device=image.device))
         tokens_out, image_out = self.decoder(features, image_pe, torch.cat(tokens, 1), torch.cat(visible, 1))
         image_out = image_out.transpose(1, 2).reshape(features.shape)
-        upscaled = self.upscaler(image_out)
+        upscaled = self.upscaler(image_out) if fine is None else self.upscaler(image_out, fine[1], fine[2], image)
         logits = torch.cat([self.segmentation_head(tokens_out[:, c], upscaled) for c in range(self.num_classes)], 1)
         density = self.density_head(upscaled)
         c = self.num_classes
@@ -104,5 +114,11 @@ def _contract(spec: ModelSpec) -> InputContract:
     return InputContract(dims=2, size_multiple=8, mean=0.0, std=1.0)
 
 
+#: The upscalers and heads Prompt-DAS can be built with (see :mod:`volseg.models.promptdas.heads`).
+HEADS = ("fine", "paper")
+
 register("promptdas", PromptDAS, _contract,
-         "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn)")
+         "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn)",
+         # new models: the full-resolution head and each volume's robust grey-value range; checkpoints
+         # whose cards name neither were built with the paper's head on dtype-scaled input
+         defaults={"head": "fine", "intensity": [1.0, 99.0]}, legacy={"head": "paper", "intensity": None})

@@ -98,10 +98,12 @@ class Slices:
     points: list[np.ndarray]
 
 
-def crop_slices(crops: Sequence[Crop], contract: InputContract) -> Slices:
-    """Cut crops (``Z×Y×X`` each) into their ``z`` slices, in order."""
+def crop_slices(crops: Sequence[Crop], contract: InputContract, intensity: tuple[float, float] | None = None
+                ) -> Slices:
+    """Cut crops (``Z×Y×X`` each) into their ``z`` slices, in order, normalised with the volume's
+    ``intensity`` range (see :meth:`InputContract.normalize`)."""
     raw = np.concatenate([c.raw for c in crops])
-    images = contract.normalize(torch.from_numpy(np.ascontiguousarray(raw))).unsqueeze(1)
+    images = contract.normalize(torch.from_numpy(np.ascontiguousarray(raw)), intensity).unsqueeze(1)
     labels = None if any(c.labels is None for c in crops) else np.concatenate([c.labels for c in crops])
     points = [c.points_in_slice(z) for c in crops for z in range(c.raw.shape[0])]
     return Slices(images, labels, points)

@@ -116,8 +116,9 @@ class PromptDASTrainer:
         self.replica = replica
         self.shard = replica.shard(settings.batch_size)
         uses_source, uses_target = settings.mode != "supervised-target", settings.mode != "source"
-        self.source = _sampler(source if uses_source else None, settings, labelled=True)
-        self.target = _sampler(target if uses_target else None, settings, labelled=settings.mode == "supervised-target")
+        self.source = _sampler(source if uses_source else None, settings, True, contract)
+        self.target = _sampler(target if uses_target else None, settings, settings.mode == "supervised-target",
+                               contract)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
         self.teacher = EMATeacher(model, settings.ema_alpha) if settings.mode in ("uda", "wda") else None
@@ -138,7 +139,7 @@ class PromptDASTrainer:
             box, samples = crop_streams(self.settings.seed, domain, self.step_index, index, sampler.crop[0])
             crops.append(sampler.crop_at(sampler.box(box)))
             randoms += samples
-        return crop_slices(crops, self.contract), randoms
+        return crop_slices(crops, self.contract, sampler.intensity), randoms
 
     def make_batches(self) -> dict[str, PromptBatch]:
         """This step's batches: ``source`` (labelled source crops), ``target`` (labelled target crops, the
@@ -277,8 +278,9 @@ def _check_domains(settings: AdaptSettings, source: DomainData | None, target: D
         raise ConfigError(f"adapt mode {mode!r} needs {what}.", f"give {what}, or choose another mode.")
 
 
-def _sampler(domain: DomainData | None, settings: AdaptSettings, labelled: bool) -> CropSampler | None:
+def _sampler(domain: DomainData | None, settings: AdaptSettings, labelled: bool, contract: InputContract
+             ) -> CropSampler | None:
     if domain is None:
         return None
     labels = domain.labels if labelled else None
-    return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points)
+    return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points, contract.percentiles)
