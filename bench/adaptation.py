@@ -1,26 +1,44 @@
-"""Prompt-DAS adaptation on real EM: VNC (serial-section TEM, labelled source) → Lucchi (FIB-SEM target).
+"""Prompt-DAS on real EM, VNC (serial-section TEM, labelled source) → Lucchi (FIB-SEM target), against a
+plain MONAI U-Net given the same crops, augmentation and CPU seconds, scored on held-out slices only.
 
-    uv run python bench/adaptation.py                       # data from ../shared/data or $VOLSEG_DATA
-    uv run python bench/adaptation.py --scale paper         # ViT-S/8, 384 crops (for a GPU)
+    uv run --group bench python bench/adaptation.py --seed 0        # one seed → bench/results/adaptation/seed0.json
+    uv run --group bench python bench/adaptation.py --seed 1 --rows source,oracle,peer_source,peer_oracle
+    uv run --group bench python bench/adaptation.py --merge          # the table: mean ± std over the seeds run
 
-Trains, side by side under one printed CPU/GPU budget, and prints Dice and IoU on the Lucchi volume for:
-  source-only                  trained on VNC with its labels
-  UDA                          + mean-teacher adaptation to Lucchi, no target labels
-  WDA (15% points)             + the sparse points file of Lucchi (one point on 15% of the 2D instances)
-  WDA + test-time points       the WDA model, with the same points given as prompts at inference
-  supervised-target (oracle)   trained on Lucchi's labels
-Lucchi's labels are used only to score (and by the oracle). Scoring uses every ``--eval-every``-th slice
-of the whole Lucchi volume (all of it with --eval-every 1), blockwise, with the global window grid.
+Data: ``../shared/data`` (or ``$VOLSEG_DATA``). Lucchi is split at z = 100: adaptation, the WDA points and
+the oracle's labels come from slices z < 100 only; every row is scored on all slices z ≥ 100, blockwise
+over the global window grid, and test-time points are the points file's points with z ≥ 100. Rows:
+
+  source            volseg, trained on VNC with its labels (source-only)
+  uda               + mean-teacher adaptation to Lucchi z < 100, no target labels
+  wda               + the 15% points of Lucchi z < 100
+  wda_points        the WDA model with the z ≥ 100 points as prompts at test time
+  oracle            volseg trained on the labels of Lucchi z < 100
+  peer_source       MONAI BasicUNet on VNC, per-volume standardisation, the CPU seconds of ``source``
+  peer_oracle       the same on Lucchi z < 100, the CPU seconds of ``oracle``
+  oracle_paper      ``oracle`` with the paper's head (stride 2, interpolated) instead of the fine head
+  source_raw        ``source`` without robust intensity normalisation (grey values / 255)
+
+Each row reports Dice, IoU, the 2D objects it predicts on the scored slices (8-connected components) against
+the true number, and its training wall and CPU seconds. A row of a seed is computed once and kept in that
+seed's JSON; ``--force`` recomputes. The source model of a seed is kept beside it for uda / wda.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import cc3d
+import numpy as np
 import torch
 
 from volseg.allocator import keep_freed_memory
@@ -28,17 +46,24 @@ from volseg.geometry import Box, PointSet
 from volseg.inference.blockwise import predict_box
 from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
+from volseg.intensity import measure_intensity
 from volseg.io import open_volume
 from volseg.io.points import read_points
 from volseg.metrics import Confusion
 from volseg.models import ModelSpec, build_model, input_contract
+from volseg.models.checkpoint import load_checkpoint, save_checkpoint
+from volseg.training.augment import WIDE, AugmentSettings, GeometricTransform, strong_intensity
+from volseg.training.crops import CropSampler
+from volseg.training.losses import segmentation_loss
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.trainer import DomainData, train_promptdas
+from volseg.training.replicas import SampleRandom
+
+#: Lucchi slices below this are the target's training data; from it on, the held-out test slices.
+HOLD_OUT_Z = 100
 
 SCALES = {
-    # The CNN encoder learns in minutes on a CPU where a ViT from scratch does not (supervised on Lucchi,
-    # 400 steps: CNN Dice 0.72 at crop 256 and 0.63 at crop 128, vit_tiny8 0.50 at crop 128). A foreground
-    # share of 0.3 in the pseudo-label BCE: 0.5 over-segments Lucchi, the unbalanced BCE collapses to background.
+    # The CNN encoder learns in minutes on a CPU where a ViT from scratch does not.
     "cpu": {"model": {"encoder": "cnn", "decoder_dim": 128, "decoder_heads": 4, "decoder_mlp": 512,
                       "projection_dim": 64},
             "crop": 256, "window": 256, "stride": 192, "source_steps": 600, "adapt_steps": 300, "batch": 4,
@@ -46,11 +71,25 @@ SCALES = {
     "paper": {"model": {"encoder": "vit_s8"}, "crop": 384, "window": 384, "stride": 128,
               "source_steps": 4000, "adapt_steps": 4000, "batch": 8,
               "source_lr": 2e-4, "adapt_lr": 1e-4, "foreground_share": 0.5},
+    # only to check that every row runs (with --slices 2): no number of it means anything
+    "smoke": {"model": {"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32,
+                        "projection_dim": 8},
+              "crop": 64, "window": 128, "stride": 96, "source_steps": 3, "adapt_steps": 2, "batch": 2,
+              "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3},
+}
+ROWS = ("source", "uda", "wda", "wda_points", "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw")
+TITLES = {
+    "source": "source-only", "uda": "UDA", "wda": "WDA (15% points, z < 100)",
+    "wda_points": "WDA + test-time points (z ≥ 100)", "oracle": "supervised-target (oracle)",
+    "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
+    "oracle_paper": "oracle, paper's head", "source_raw": "source-only, grey values / 255",
 }
 
 
 @dataclass
 class Row:
+    """A row of the older benches' tables (bench/sam_methods.py): name, foreground confusion, seconds."""
+
     name: str
     score: Confusion
     train_seconds: float
@@ -60,106 +99,371 @@ def data_dir() -> Path:
     return Path(os.environ.get("VOLSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def score(model: torch.nn.Module, raw, labels, slices: list[int], window: int, stride: int,
-          points: PointSet | None = None, roi: int = 0, model_name: str = "promptdas",
-          batch_size: int = 8) -> Confusion:
-    """Foreground confusion over the chosen slices (or their top-left ``roi``², 0: whole), blended over the
-    global window grid, ``batch_size`` windows at a time; ``model_name``'s input contract (Prompt-DAS or SAM)."""
-    device = next(model.parameters()).device
-    predictor = TorchPredictor(model.eval(), input_contract(ModelSpec(model_name)), (1, window, window), 1,
-                               device=device, batch_size=batch_size)
-    windows = WindowGrid(raw.shape, (1, window, window), (1, stride, stride))
+class SubVolume:
+    """The slices ``z0 ≤ z < z1`` of a volume, indexed from 0 (a training domain that never sees the rest)."""
+
+    def __init__(self, volume: Any, z0: int, z1: int) -> None:
+        self.volume, self.z0 = volume, z0
+        self.shape = (z1 - z0, *tuple(volume.shape)[1:])
+
+    def read(self, box: Box) -> np.ndarray:
+        return self.volume.read(Box((box.start[0] + self.z0, *box.start[1:]), (box.stop[0] + self.z0, *box.stop[1:])))
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Score:
+    """Foreground confusion and 2D object counts over the scored slices."""
+
+    confusion: Confusion = field(default_factory=Confusion)
+    objects: int = 0
+    true_objects: int = 0
+
+    def add(self, predicted: np.ndarray, truth: np.ndarray) -> None:
+        self.confusion = self.confusion + Confusion.of(predicted, truth)
+        self.objects += _components(predicted)
+        self.true_objects += _components(truth)
+
+
+def _components(mask: np.ndarray) -> int:
+    return int(cc3d.connected_components(np.ascontiguousarray(mask[0]).astype(np.uint8), connectivity=8).max())
+
+
+def score_predictor(predictor: Any, raw: Any, labels: Any, slices: Sequence[int], points: PointSet | None = None,
+                    roi: int = 0) -> Score:
+    """Blended predictions of each slice (or its top-left ``roi``², 0: whole) over the global window grid."""
+    windows = WindowGrid(raw.shape, predictor.window, _stride(predictor))
     stop_yx = tuple(min(roi, s) if roi else s for s in raw.shape[1:])
-    counts = Confusion()
+    result = Score()
     for z in slices:
         plane = Box((z, 0, 0), (z + 1, *stop_yx))
         blended = predict_box(raw, predictor, windows, plane, points=points)
-        counts = counts + Confusion.of(blended[0] > 0.5, labels.read(plane) > 0)
-    return counts
+        result.add(blended[0] > 0.5, labels.read(plane) > 0)
+    return result
+
+
+def _stride(predictor: Any) -> tuple[int, int, int]:
+    return getattr(predictor, "stride", (1, predictor.window[1] * 3 // 4, predictor.window[2] * 3 // 4))
+
+
+def volseg_predictor(model: torch.nn.Module, raw: Any, window: int, stride: int, model_name: str = "promptdas",
+                     spec: ModelSpec | None = None, batch_size: int = 8) -> TorchPredictor:
+    """A predictor of ``model`` normalising ``raw`` as a run would (its own grey-value range, if the
+    model's contract says so)."""
+    contract = input_contract(spec or ModelSpec(model_name))
+    intensity = None if contract.percentiles is None else measure_intensity(raw, contract.percentiles).bounds
+    predictor = TorchPredictor(model.eval(), contract, (1, window, window), 1, device=next(model.parameters()).device,
+                               batch_size=batch_size, intensity=intensity)
+    predictor.stride = (1, stride, stride)
+    return predictor
+
+
+def score(model: torch.nn.Module, raw, labels, slices: list[int], window: int, stride: int,
+          points: PointSet | None = None, roi: int = 0, model_name: str = "promptdas",
+          batch_size: int = 8) -> Confusion:
+    """Foreground confusion over the chosen slices (bench/sam_methods.py's scoring)."""
+    predictor = volseg_predictor(model, raw, window, stride, model_name, batch_size=batch_size)
+    return score_predictor(predictor, raw, labels, slices, points, roi).confusion
 
 
 def print_table(rows: list[Row], first_column: str) -> None:
-    """The rows as a Markdown table: name, Dice, IoU, training seconds."""
+    """The rows as a Markdown table: name, Dice, IoU, training seconds (bench/sam_methods.py)."""
     print(f"| {first_column:<44} | {'Dice':>6} | {'IoU':>6} | {'train s':>8} |")
     print(f"|{'-' * 46}|{'-' * 8}|{'-' * 8}|{'-' * 10}|")
     for row in rows:
         print(f"| {row.name:<44} | {row.score.dice:6.3f} | {row.score.iou:6.3f} | {row.train_seconds:8.0f} |")
 
 
+# --- the peer: MONAI BasicUNet ----------------------------------------------------------------------------
+
+
+class PeerPredictor:
+    """A :class:`volseg.inference.predictor.Predictor` around a 2D U-Net on per-volume standardised input."""
+
+    def __init__(self, net: torch.nn.Module, mean: float, std: float, window: int, stride: int) -> None:
+        self.net, self.mean, self.std = net.eval(), mean, std
+        self.window, self.stride, self.num_classes = (1, window, window), (1, stride, stride), 1
+
+    def predict(self, windows: np.ndarray, prompts: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        x = (torch.from_numpy(windows.astype(np.float32)) / 255 - self.mean) / self.std
+        with torch.no_grad():
+            logits = torch.cat([self.net(part) for part in x.reshape(-1, 1, *x.shape[-2:]).split(8)])
+        out = np.zeros((len(windows), 2, *windows.shape[1:]), np.float32)
+        out[:, 0] = torch.sigmoid(logits).reshape(len(windows), *windows.shape[1:]).numpy()
+        return out
+
+
+def standardisation(volume: Any) -> tuple[float, float]:
+    """Mean and standard deviation of a volume's grey values / 255 (over the same lattice sample as volseg)."""
+    from volseg.intensity import sample_boxes
+
+    values = np.concatenate([volume.read(b).ravel() for b in sample_boxes(volume.shape)]) / 255.0
+    return float(values.mean()), float(values.std())
+
+
+def train_peer(domain: DomainData, crop: int, batch: int, cpu_seconds: float, seed: int, augment: AugmentSettings,
+               learning_rate: float = 1e-3) -> tuple[torch.nn.Module, tuple[float, float], float]:
+    """A MONAI BasicUNet trained on ``domain``'s labelled crops (the crops and augmentation volseg's
+    source training draws) for ``cpu_seconds`` of process CPU time, poly LR decay over that budget."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(seed)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
+    mean, std = standardisation(domain.raw)
+    sampler = CropSampler(domain.raw, domain.labels, (1, crop, crop), seed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
+    begin, wall, step = time.process_time(), time.perf_counter(), 0
+    net.train()
+    while (used := time.process_time() - begin) < cpu_seconds:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * (1 - used / cpu_seconds) ** 0.9
+        raw, labels = sampler.batch(batch)
+        image = torch.from_numpy(raw.reshape(-1, 1, crop, crop).astype(np.float32) / 255)
+        mask = torch.from_numpy((labels.reshape(-1, 1, crop, crop) > 0).astype(np.float32))
+        image, mask = _augmented(image, mask, seed, step, augment)
+        loss = segmentation_loss(net((image - mean) / std), mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+    return net.eval(), (mean, std), time.perf_counter() - wall
+
+
+def _augmented(image: torch.Tensor, mask: torch.Tensor, seed: int, step: int, augment: AugmentSettings
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """volseg's strong view of labelled crops: elastic warp, rot90, flip, then intensity changes."""
+    images, masks = [], []
+    for i in range(len(image)):
+        random = SampleRandom.from_seed(np.random.SeedSequence(seed, spawn_key=(7, step, i)))
+        transform = GeometricTransform.random(random.generator, tuple(image.shape[-2:]), augment.elastic_alpha_vx,
+                                              augment.elastic_grid)
+        images.append(strong_intensity(random.generator, transform.apply(image[i])[None], augment)[0])
+        masks.append(transform.apply(mask[i], "nearest"))
+    return torch.stack(images), torch.stack(masks)
+
+
+# --- one seed ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What every row of one seed shares: data, recipe, device, and where results go."""
+
+    seed: int
+    scale: dict[str, Any]
+    out: Path
+    device: torch.device
+    slices: int = 0  # score only this many held-out slices (0: all; smoke tests only)
+    source: DomainData = field(init=False)
+    target_raw: Any = field(init=False)
+    target_labels: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        root = data_dir()
+        self.source = DomainData(open_volume(str(root / "vnc.zarr/raw")), open_volume(str(root / "vnc.zarr/mito")))
+        self.target_raw = open_volume(str(root / "lucchi_train.zarr/raw"))
+        self.target_labels = open_volume(str(root / "lucchi_train.zarr/mito"))
+        points = read_points(root / "lucchi_train_points_15pct.csv", self.target_raw.voxel_size_nm,
+                             self.target_raw.voxel_offset, self.target_raw.bounds)
+        z = points.zyx[:, 0]
+        self.train_points = PointSet(points.zyx[z < HOLD_OUT_Z - 0.5])
+        self.test_points = PointSet(points.zyx[z >= HOLD_OUT_Z - 0.5])
+        self.target_train = SubVolume(self.target_raw, 0, HOLD_OUT_Z)
+        self.target_train_labels = SubVolume(self.target_labels, 0, HOLD_OUT_Z)
+        self.test_slices = list(range(HOLD_OUT_Z, self.target_raw.shape[0]))[: self.slices or None]
+        self.path = self.out / f"seed{self.seed}.json"
+        self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    # -- recipe
+    def spec(self, **options: Any) -> ModelSpec:
+        return ModelSpec("promptdas", options={**self.scale["model"], **options})
+
+    def settings(self, mode: str, **extra: Any) -> AdaptSettings:
+        s = self.scale
+        sigma_target = 40.0 / self.target_raw.voxel_size_nm[2]
+        common = {"batch_size": s["batch"], "crop": (1, s["crop"], s["crop"]), "seed": self.seed,
+                  "density_sigma": sigma_target, "source_density_sigma": 40.0 / self.source.raw.voxel_size_nm[2]}
+        if mode in ("source", "supervised-target"):
+            return AdaptSettings(mode=mode, steps=s["source_steps"], learning_rate=s["source_lr"], **common, **extra)
+        return AdaptSettings(mode=mode, steps=s["adapt_steps"], learning_rate=s["adapt_lr"],
+                             pseudo_foreground_share=s["foreground_share"], **common, **extra)
+
+    def recipe_key(self, spec: ModelSpec, settings: AdaptSettings) -> str:
+        text = json.dumps([spec.to_json(), repr(settings)], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    # -- training
+    def fresh(self, spec: ModelSpec) -> torch.nn.Module:
+        torch.manual_seed(self.seed)
+        return build_model(spec).to(self.device)
+
+    def trained(self, spec: ModelSpec, settings: AdaptSettings, source: DomainData | None,
+                target: DomainData | None, init: torch.nn.Module | None = None) -> tuple[torch.nn.Module, float, float]:
+        model = self.fresh(spec)
+        if init is not None:
+            model.load_state_dict(init.state_dict())
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = train_promptdas(model, settings, source, target)
+        return result.model, time.perf_counter() - wall, time.process_time() - cpu
+
+    def source_model(self) -> tuple[torch.nn.Module, float, float]:
+        """The seed's source model (trained once, then read back from its checkpoint)."""
+        spec, settings = self.spec(), self.settings("source")
+        path = self.out / f"seed{self.seed}_source_{self.recipe_key(spec, settings)}.safetensors"
+        if path.exists():
+            card = json.loads(path.with_suffix(".json").read_text())
+            return load_checkpoint(path, spec).to(self.device), card["train_s"], card["cpu_s"]
+        model, wall, cpu = self.trained(spec, settings, self.source, None)
+        save_checkpoint(path, model, spec, {"train_s": wall, "cpu_s": cpu})
+        return model, wall, cpu
+
+    # -- rows
+    def record(self, name: str, result: Score, wall: float, cpu: float, **extra: Any) -> None:
+        c = result.confusion
+        self.results[name] = {"dice": c.dice, "iou": c.iou, "objects": result.objects,
+                              "true_objects": result.true_objects, "train_s": wall, "cpu_s": cpu, **extra}
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.results, indent=1) + "\n")
+        print(f"seed {self.seed} {name}: Dice {c.dice:.3f} IoU {c.iou:.3f}, objects {result.objects} "
+              f"(true {result.true_objects}), train {wall:.0f} s / {cpu:.0f} CPU s", flush=True)
+
+    def score_model(self, model: torch.nn.Module, spec: ModelSpec, points: PointSet | None = None) -> Score:
+        s = self.scale
+        predictor = volseg_predictor(model, self.target_raw, s["window"], s["stride"], spec=spec)
+        return score_predictor(predictor, self.target_raw, self.target_labels, self.test_slices, points)
+
+    def row(self, name: str) -> None:
+        ROW_RUNNERS[name](self)
+
+    def needs(self, name: str) -> dict[str, Any]:
+        if name not in self.results:
+            self.row(name)
+        return self.results[name]
+
+
+def _source(bench: Bench) -> None:
+    model, wall, cpu = bench.source_model()
+    bench.record("source", bench.score_model(model, bench.spec()), wall, cpu)
+
+
+def _adapted(bench: Bench, mode: str) -> tuple[torch.nn.Module, float, float]:
+    source, source_wall, source_cpu = bench.source_model()
+    target = DomainData(bench.target_train, points=bench.train_points if mode == "wda" else None)
+    model, wall, cpu = bench.trained(bench.spec(), bench.settings(mode), bench.source, target, init=source)
+    return model, source_wall + wall, source_cpu + cpu
+
+
+def _uda(bench: Bench) -> None:
+    model, wall, cpu = _adapted(bench, "uda")
+    bench.record("uda", bench.score_model(model, bench.spec()), wall, cpu)
+
+
+def _wda(bench: Bench) -> None:
+    model, wall, cpu = _adapted(bench, "wda")
+    bench.record("wda", bench.score_model(model, bench.spec()), wall, cpu)
+    bench.record("wda_points", bench.score_model(model, bench.spec(), bench.test_points), wall, cpu,
+                 test_points=len(bench.test_points))
+
+
+def _oracle(bench: Bench, name: str = "oracle", **options: Any) -> None:
+    spec = bench.spec(**options)
+    target = DomainData(bench.target_train, bench.target_train_labels)
+    model, wall, cpu = bench.trained(spec, bench.settings("supervised-target"), None, target)
+    bench.record(name, bench.score_model(model, spec), wall, cpu)
+
+
+def _source_raw(bench: Bench) -> None:
+    spec = bench.spec(intensity=None)
+    model, wall, cpu = bench.trained(spec, bench.settings("source"), bench.source, None)
+    bench.record("source_raw", bench.score_model(model, spec), wall, cpu)
+
+
+def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
+    budget = bench.needs(faces)["cpu_s"]  # the CPU seconds of the volseg row it faces
+    net, (mean, std), wall = train_peer(domain, bench.scale["crop"], bench.scale["batch"], budget, bench.seed, WIDE)
+    test_mean, test_std = standardisation(bench.target_raw)  # per-volume standardisation of the test volume
+    predictor = PeerPredictor(net, test_mean, test_std, bench.scale["window"], bench.scale["stride"])
+    result = score_predictor(predictor, bench.target_raw, bench.target_labels, bench.test_slices)
+    bench.record(name, result, wall, budget, train_standardisation=[mean, std])
+
+
+ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
+    "source": _source, "uda": _uda, "wda": _wda, "wda_points": _wda, "oracle": _oracle,
+    "peer_source": lambda b: _peer(b, "peer_source", "source", b.source),
+    "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
+    "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),
+    "source_raw": _source_raw,
+}
+
+
+# --- the table ----------------------------------------------------------------------------------------------
+
+
+def merge(out: Path) -> None:
+    """Mean ± std over every seed's JSON in ``out``, per row, and volseg ÷ peer."""
+    seeds = {int(p.stem.removeprefix("seed")): json.loads(p.read_text()) for p in sorted(out.glob("seed*.json"))
+             if p.stem.removeprefix("seed").isdigit()}
+    if not seeds:
+        print(f"no results in {out}: run with --seed N first")
+        return
+    print(f"VNC → Lucchi, held-out Lucchi slices z ≥ {HOLD_OUT_Z}; seeds {sorted(seeds)} (mean ± std over the seeds "
+          "that ran each row)\n")
+    print(f"| {'row':<38} | seeds | {'Dice':>13} | {'IoU':>13} | {'2D objects / true':>17} | {'train s':>7} |")
+    print(f"|{'-' * 40}|-------|{'-' * 15}|{'-' * 15}|{'-' * 19}|{'-' * 9}|")
+    means = {}
+    for name in ROWS:
+        runs = [r[name] for r in seeds.values() if name in r]
+        if not runs:
+            continue
+        dice, iou = [r["dice"] for r in runs], [r["iou"] for r in runs]
+        means[name] = statistics.fmean(dice)
+        objects = statistics.fmean(r["objects"] for r in runs)
+        true = statistics.fmean(r["true_objects"] for r in runs)
+        print(f"| {TITLES[name]:<38} | {len(runs):>5} | {_mean_std(dice)} | {_mean_std(iou)} | "
+              f"{objects:>8.0f} / {true:<6.0f} | {statistics.fmean(r['train_s'] for r in runs):7.0f} |")
+    for ours, peer in (("source", "peer_source"), ("oracle", "peer_oracle")):
+        if ours in means and peer in means:
+            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {means[ours] / means[peer]:.3f} Dice")
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--eval-every", type=int, default=8, help="score every N-th Lucchi slice")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "adaptation")
+    parser.add_argument("--merge", action="store_true", help="print the table of every seed run so far")
+    parser.add_argument("--force", action="store_true", help="recompute rows the seed's JSON already has")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--slices", type=int, default=0, help="score only the first N held-out slices (smoke tests)")
     args = parser.parse_args()
-    keep_freed_memory()
-    root = data_dir()
-    if not (root / "vnc.zarr").exists():
-        print(f"no data at {root}: set VOLSEG_DATA to the folder with vnc.zarr and lucchi_train.zarr")
+    if args.merge:
+        merge(args.out)
         return
-    s = SCALES[args.scale]
-    source = DomainData(open_volume(str(root / "vnc.zarr/raw")), open_volume(str(root / "vnc.zarr/mito")))
-    target_raw = open_volume(str(root / "lucchi_train.zarr/raw"))
-    target_labels = open_volume(str(root / "lucchi_train.zarr/mito"))
-    points = read_points(root / "lucchi_train_points_15pct.csv", target_raw.voxel_size_nm, target_raw.voxel_offset,
-                         target_raw.bounds)
-    slices = list(range(0, target_raw.shape[0], args.eval_every))
-    spec = ModelSpec("promptdas", options=s["model"])
-    crop = (1, s["crop"], s["crop"])
-    sigma = {"source": 40.0 / source.raw.voxel_size_nm[2], "target": 40.0 / target_raw.voxel_size_nm[2]}
-    common = {"batch_size": s["batch"], "crop": crop, "seed": args.seed, "density_sigma": sigma["target"],
-              "source_density_sigma": sigma["source"]}
-    device = torch.device(args.device)
+    keep_freed_memory()
+    if not (data_dir() / "vnc.zarr").exists():
+        print(f"no data at {data_dir()}: set VOLSEG_DATA to the folder with vnc.zarr and lucchi_train.zarr")
+        return
+    bench = Bench(args.seed, SCALES[args.scale], args.out, torch.device(args.device), args.slices)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; use {', '.join(ROWS)}")
     begin = time.perf_counter()
-    rows: list[Row] = []
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(args.seed)
-        return build_model(spec).to(device)
-
-    def evaluate(name: str, model: torch.nn.Module, seconds: float, prompts: PointSet | None = None) -> None:
-        rows.append(Row(name, score(model, target_raw, target_labels, slices, s["window"], s["stride"], prompts),
-                        seconds))
-        print(f"{name}: Dice {rows[-1].score.dice:.3f} ({time.perf_counter() - begin:.0f} s so far)", flush=True)
-
-    t = time.perf_counter()
-    source_model = fresh()
-    train_promptdas(source_model, AdaptSettings(mode="source", steps=s["source_steps"],
-                                                learning_rate=s["source_lr"], **common), source=source)
-    source_seconds = time.perf_counter() - t
-    evaluate("source-only", source_model, source_seconds)
-    state = {k: v.clone() for k, v in source_model.state_dict().items()}
-
-    for mode, target in (("uda", DomainData(target_raw)), ("wda", DomainData(target_raw, points=points))):
-        model = fresh()
-        model.load_state_dict(state)
-        t = time.perf_counter()
-        adapted = train_promptdas(model, AdaptSettings(mode=mode, steps=s["adapt_steps"],
-                                                       learning_rate=s["adapt_lr"],
-                                                       pseudo_foreground_share=s["foreground_share"], **common),
-                                  source, target).model
-        seconds = source_seconds + time.perf_counter() - t
-        evaluate(f"{mode.upper()}" + (" (15% points)" if mode == "wda" else ""), adapted, seconds)
-        if mode == "wda":
-            evaluate("WDA + the same points as test-time prompts", adapted, seconds, points)
-
-    t = time.perf_counter()
-    oracle = fresh()
-    train_promptdas(oracle, AdaptSettings(mode="supervised-target", steps=s["source_steps"],
-                                          learning_rate=s["source_lr"], **common),
-                    target=DomainData(target_raw, target_labels))
-    evaluate("supervised-target (oracle)", oracle, time.perf_counter() - t)
-
-    total = time.perf_counter() - begin
-    print(f"\nVNC → Lucchi, Prompt-DAS {dict(spec.options)}, crop {crop}, window {s['window']}/{s['stride']}, "
-          f"device {device} ({torch.get_num_threads()} threads); scored on {len(slices)} of {target_raw.shape[0]} "
-          f"slices (every {args.eval_every}th); budget used {total / 60:.1f} min")
-    print_table(rows, "model")
-    gap = rows[-1].score.dice - rows[0].score.dice
-    wda = next(r for r in rows if r.name.startswith("WDA ("))
-    closed = (wda.score.dice - rows[0].score.dice) / gap if gap > 0 else float("nan")
-    print(f"WDA closes {closed:.0%} of the source-only → oracle Dice gap")
+    done: set[str] = set()
+    for name in rows:
+        if (args.force or name not in bench.results) and name not in done:
+            bench.row(name)
+            done |= {name, *({"wda", "wda_points"} if name in ("wda", "wda_points") else ())}
+    print(f"seed {args.seed}: {len(rows)} rows in {(time.perf_counter() - begin) / 60:.1f} min "
+          f"({torch.get_num_threads()} torch threads, device {args.device})")
 
 
 if __name__ == "__main__":
