@@ -213,3 +213,14 @@ def test_ray_gives_the_same_numbers(known, threads_report, ray_cluster):
     assert on_ray.scheduler.startswith("dask on ray") and threads_report.scheduler == "dask threads"
     assert on_ray.slices == threads_report.slices and on_ray.ap75 == threads_report.ap75
     assert values(on_ray) == [pytest.approx(row) for row in EXPECTED]
+
+
+def test_a_roi_scores_only_its_slices(known, tmp_path):
+    """``roi`` on both volumes: held-out slices scored alone, as if the volumes held nothing else."""
+    prediction, labels = known
+    roi = {"roi": {"start": [3, 0, 0], "stop": [5, 40, 36]}}
+    config = parse_config({"eval": {"labels": {"url": labels, **roi}, "prediction": {"url": prediction, **roi},
+                                    "report": str(tmp_path / "held_out.json")}})
+    report = evaluate(config, progress=False)
+    assert [s.z for s in report.slices] == [0, 1]
+    assert values(report) == [pytest.approx(EXPECTED[3]), pytest.approx(EXPECTED[4])]

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from volseg.allocator import keep_freed_memory
 from volseg.errors import USER_ERROR_EXIT_CODE, VolsegError
+from volseg.threads import torch_threads
 
 DEMO_CONFIG = "configs/demo.yaml"
 #: Exit code of a run whose blocks did not all succeed (the rest are written; a rerun resumes).
@@ -136,15 +137,22 @@ def _train(args: argparse.Namespace) -> int:
     from volseg.commands.train import train
     from volseg.config import load_config
 
-    _print(_trained_lines(train(load_config(args.config), progress=not args.no_progress, overwrite=args.overwrite)))
+    config = load_config(args.config)
+    with torch_threads(config.train.threads if config.train is not None else None):
+        _print(_trained_lines(train(config, progress=not args.no_progress, overwrite=args.overwrite)))
     return 0
 
 
 def _trained_lines(result: Any) -> list[str]:
     """Summary of a `train` or `adapt` result: checkpoint, steps, time, final loss, curve."""
     history = result.history
-    return [f"checkpoint {result.checkpoint} ({len(history.losses)} steps, {history.seconds:.1f} s, "
-            f"final loss {history.losses[-1]:.4f})", f"loss curve {result.curve}"]
+    lines = [f"checkpoint {result.checkpoint} ({len(history.losses)} steps, {history.seconds:.1f} s, "
+             f"final loss {history.losses[-1]:.4f})", f"loss curve {result.curve}"]
+    guard = history.guard or {}
+    if guard.get("stopped_at") is not None:
+        lines.append(f"adaptation stopped at step {guard['stopped_at']}: {guard['reason']}; kept the teacher of "
+                     f"step {guard['kept_step']} (the last healthy check)")
+    return lines
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -168,7 +176,9 @@ def _adapt(args: argparse.Namespace) -> int:
     from volseg.commands.adapt import adapt
     from volseg.config import load_config
 
-    _print(_trained_lines(adapt(load_config(args.config), progress=not args.no_progress, overwrite=args.overwrite)))
+    config = load_config(args.config)
+    with torch_threads(config.adapt.threads if config.adapt is not None else None):
+        _print(_trained_lines(adapt(config, progress=not args.no_progress, overwrite=args.overwrite)))
     return 0
 
 
@@ -176,7 +186,9 @@ def _sam_adapt(args: argparse.Namespace) -> int:
     from volseg.commands.sam_adapt import sam_adapt
     from volseg.config import load_config
 
-    result = sam_adapt(load_config(args.config), progress=not args.no_progress, overwrite=args.overwrite)
+    config = load_config(args.config)
+    with torch_threads(config.sam_adapt.threads if config.sam_adapt is not None else None):
+        result = sam_adapt(config, progress=not args.no_progress, overwrite=args.overwrite)
     _print([*_trained_lines(result.trained), *result.lines])
     return 0
 

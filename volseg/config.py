@@ -27,22 +27,6 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class VolumeRef(Section):
-    """A volume: its URL (local path, file://, memory://, gs://, s3://, http(s)://, with an optional
-    Neuroglancer-style format prefix zarr:// zarr2:// zarr3:// n5:// precomputed://), for OME-Zarr
-    the scale level to read, and for precomputed the library that reads it."""
-
-    url: str = Field(min_length=1)
-    scale: int | None = Field(default=None, ge=0)
-    backend: Literal["auto", "tensorstore", "cloudvolume"] = "auto"
-
-    def open(self) -> Any:
-        """The volume, opened read-only (a :class:`volseg.io.Volume`)."""
-        from volseg.io import open_volume
-
-        return open_volume(self.url, "r", scale=self.scale, backend=self.backend)
-
-
 class RoiConfig(Section):
     """The region to segment, in voxels (z, y, x), half-open; defaults to the whole volume."""
 
@@ -54,6 +38,34 @@ class RoiConfig(Section):
         if any(b >= e for b, e in zip(self.start, self.stop, strict=True)):
             raise ValueError(f"roi.start {self.start} must be below roi.stop {self.stop} on every axis")
         return self
+
+
+class VolumeRef(Section):
+    """A volume: its URL (local path, file://, memory://, gs://, s3://, http(s)://, with an optional
+    Neuroglancer-style format prefix zarr:// zarr2:// zarr3:// n5:// precomputed://), for OME-Zarr
+    the scale level to read, and for precomputed the library that reads it. ``roi`` (training and
+    eval): the region of the volume that is used (crops, intensity statistics, points, scores), e.g.
+    the slices a model may learn from, keeping the rest for testing."""
+
+    url: str = Field(min_length=1)
+    scale: int | None = Field(default=None, ge=0)
+    backend: Literal["auto", "tensorstore", "cloudvolume"] = "auto"
+    roi: RoiConfig | None = None
+
+    def open(self, field: str = "volume") -> Any:
+        """The volume, opened read-only (a :class:`volseg.io.Volume`); only its ``roi`` when one is set.
+        ``field`` names it in the error of a roi outside the volume."""
+        from volseg.geometry import Box
+        from volseg.io import open_volume
+
+        volume = open_volume(self.url, "r", scale=self.scale, backend=self.backend)
+        if self.roi is None:
+            return volume
+        box = Box(self.roi.start, self.roi.stop)
+        if not volume.bounds.contains(box):
+            raise ConfigError(f"{field}.roi {box} reaches outside {self.url!r}, whose shape is {volume.shape}.",
+                              f"keep {field}.roi.stop within {volume.shape}.")
+        return volume.region(box)
 
 
 class ModelConfig(Section):
@@ -203,6 +215,7 @@ class TrainConfig(Section):
     learning_rate: float = Field(default=2e-3, gt=0)
     density_sigma_nm: float = Field(default=40.0, gt=0)
     seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
     checkpoint: str = Field(min_length=1)
 
 
@@ -236,10 +249,29 @@ class TargetConfig(Section):
     labels: VolumeRef | None = None
 
 
+class GuardConfig(Section):
+    """The adaptation guard (:mod:`volseg.training.promptdas.guard`): every ``every`` steps the teacher is
+    checked on ``probes`` target crops; after ``patience`` unhealthy checks in a row (predicted foreground
+    outside ``[min_ratio, max_ratio]`` × the source model's, teacher–student Dice under ``min_agreement``,
+    or centred objects under ``min_centred_ratio`` × the source model's share) adaptation stops and keeps
+    the last healthy teacher. ``enabled: false`` only records the signals."""
+
+    enabled: bool = True
+    every: int = Field(default=25, ge=1)
+    probes: int = Field(default=8, ge=1)
+    min_ratio: float = Field(default=0.3, gt=0.0)
+    max_ratio: float = Field(default=3.0, gt=1.0)
+    min_agreement: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_centred_ratio: float = Field(default=0.5, ge=0.0)
+    patience: int = Field(default=2, ge=1)
+
+
 class AdaptConfig(Section):
     """Mean-teacher domain adaptation of a source-trained Prompt-DAS checkpoint (`volseg adapt`).
 
-    Values the paper leaves open (METHOD.md, *choose*) are fields here with the defaults volseg uses."""
+    Values the paper leaves open (METHOD.md, *choose*) are fields here with the defaults volseg uses;
+    their meaning is that of :class:`volseg.training.promptdas.settings.AdaptSettings`. ``threads``:
+    torch threads of the training process (None: torch's default, one per core)."""
 
     mode: Literal["uda", "wda", "supervised-target"] = "uda"
     source: LabelledVolume | None = None
@@ -256,7 +288,19 @@ class AdaptConfig(Section):
     pcl_temperature: float = Field(default=0.5, gt=0.0)
     peak_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
     density_sigma_nm: float = Field(default=40.0, gt=0)
+    pseudo_foreground_share: float = Field(default=0.5, gt=0.0, lt=1.0)
+    balance_pseudo_labels: bool = True
+    density_weight: float = Field(default=30.0, ge=0.0)
+    target_weight: float = Field(default=1.0, ge=0.0)
+    require_centre: bool = False
+    student_prompts: Literal["all", "subset"] = "subset"
+    density_pseudo_target: Literal["peaks", "teacher"] = "peaks"
+    contrastive_points: int = Field(default=16, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    poly_power: float = Field(default=0.9, ge=0.0)
+    guard: GuardConfig = GuardConfig()
     seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
     checkpoint: str = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -307,6 +351,7 @@ class SamAdaptConfig(Section):
     dfg_step_vx: int = Field(default=4, ge=1)
     dfg_max_steps: int = Field(default=16, ge=1)
     min_size_vx: int = Field(default=16, ge=0)
+    threads: int | None = Field(default=None, ge=1)
     checkpoint: str = Field(min_length=1)
 
     @model_validator(mode="after")

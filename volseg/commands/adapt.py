@@ -21,8 +21,9 @@ from volseg.commands.train import (
     train_and_save,
     volume_ref,
 )
-from volseg.config import Config
+from volseg.config import Config, VolumeRef
 from volseg.errors import ConfigError
+from volseg.geometry import Box, PointSet
 from volseg.inference.segment import check_input_dtype, check_not_empty
 from volseg.io.guard import PathRef, points_ref
 from volseg.io.points import read_points
@@ -38,12 +39,12 @@ def adapt_inputs(config: Config) -> TrainingInputs:
     cfg = config.adapt
     assert cfg is not None
     spec = config.model.spec
-    target_raw = cfg.target.raw.open()
+    target_raw = cfg.target.raw.open("adapt.target.raw")
     check_input_dtype(target_raw.dtype, cfg.target.raw.url, "adapt.target.raw.url")
     check_not_empty(target_raw, cfg.target.raw.url, "adapt.target.raw.url")
     points = None
     if cfg.target.points is not None:
-        points = read_points(cfg.target.points, target_raw.voxel_size_nm, target_raw.voxel_offset, target_raw.bounds)
+        points = points_in_roi(cfg.target.points, cfg.target.raw)
     target_labels = None
     if cfg.target.labels is not None:
         target_raw, target_labels = open_labelled(cfg.target.raw, cfg.target.labels, "adapt.target")
@@ -51,13 +52,23 @@ def adapt_inputs(config: Config) -> TrainingInputs:
     if cfg.source is not None:
         source = DomainData(*open_labelled(cfg.source.raw, cfg.source.labels, "adapt.source"))
     if cfg.init is not None:
-        model = load_checkpoint(cfg.init, spec)
+        model = load_checkpoint(cfg.init, spec, "adapt.init")
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(spec)
     settings = AdaptSettings.from_config(cfg, target_voxel_nm=float(target_raw.voxel_size_nm[2]),
                                          source_voxel_nm=None if source is None else float(source.raw.voxel_size_nm[2]))
     return TrainingInputs(model, settings, source, DomainData(target_raw, target_labels, points))
+
+
+def points_in_roi(points_file: str, ref: VolumeRef) -> PointSet:
+    """The points of a file over the whole volume of ``ref``, keeping (in its ``roi``'s coordinates) the
+    ones inside its ``roi``: the points of the slices held out for testing are not training points."""
+    whole = VolumeRef(url=ref.url, scale=ref.scale, backend=ref.backend).open()
+    points = read_points(points_file, whole.voxel_size_nm, whole.voxel_offset, whole.bounds)
+    if ref.roi is None:
+        return points
+    return PointSet(points.inside(Box(ref.roi.start, ref.roi.stop)))
 
 
 def adapt_paths(config: Config) -> list[PathRef]:

@@ -33,6 +33,7 @@ from volseg.inference.segment import (
     plan_segmentation,
     resolve_device,
 )
+from volseg.threads import torch_threads
 
 
 @dataclass
@@ -152,19 +153,6 @@ def open_executor(config: Config) -> Iterator[Any]:
             executor.description = (f"Ray, {actors} actor{'s' * (actors > 1)} × "
                                     f"{f'{gpus:g} GPU' if gpus else f'{cpus:g} CPU'}")
             yield executor
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Compute with ``threads`` torch threads inside the block, as each Ray actor does."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def checked(on_done: Callable[[Block, float, str], None], leases: Leases) -> Callable[[Block, float, str], None]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from volseg.commands.adapt import points_in_roi
 from volseg.commands.progress import StepProgress
 from volseg.commands.train import (
     TrainResult,
@@ -31,7 +32,6 @@ from volseg.errors import ConfigError
 from volseg.geometry import Box, read_box
 from volseg.inference.segment import check_input_dtype
 from volseg.io.guard import PathRef, points_ref
-from volseg.io.points import read_points
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import load_checkpoint
 from volseg.models.sam.model import SamSegmenter, load_sam
@@ -88,7 +88,7 @@ def _weak_slices(cfg: SamAdaptConfig, raw: Any) -> tuple[list[int], list[WeakLab
         zs = _choose([z for z in range(raw.shape[0]) if _plane(sparse, z).any()], cfg)
         return zs, [weak_labels_from_instances(_plane(sparse, z)) for z in zs]
     assert cfg.target.points is not None
-    points = read_points(cfg.target.points, raw.voxel_size_nm, raw.voxel_offset, raw.bounds)
+    points = points_in_roi(cfg.target.points, cfg.target.raw)
     z_of = np.rint(points.zyx[:, 0]).astype(int)
     zs = _choose(sorted(set(z_of.tolist())), cfg)
     return zs, [weak_labels_from_points(points.zyx[z_of == z, 1:]) for z in zs]
@@ -135,7 +135,7 @@ def _train(cfg: SamAdaptConfig, config: Config, bar: StepProgress) -> tuple[nn.M
         return model, history, data, [f"SAM pseudo-masks: {pseudo.kept} of {pseudo.prompted} weakly labelled "
                                       f"objects kept, on {len(zs)} slices ({cfg.prompt} prompts)"]
     assert cfg.init is not None
-    target_model = load_checkpoint(cfg.init, spec)
+    target_model = load_checkpoint(cfg.init, spec, "sam_adapt.init")
     sam = sam_model(ModelSpec("sam", options={"variant": cfg.sam_variant}), cfg.sam_checkpoint, cfg.seed)
     search = BoxSearchSettings(step_vx=cfg.dfg_step_vx, feature_threshold=cfg.dfg_feature_threshold,
                                stable_iou=cfg.dfg_stable_iou, max_steps=cfg.dfg_max_steps)

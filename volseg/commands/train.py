@@ -44,14 +44,19 @@ class TrainResult:
     curve: Path
 
 
-def save_loss_curve(losses: list[float], path: Path, title: str) -> Path:
-    """Plot the per-step loss (and a moving average) to a PNG."""
+def save_loss_curve(losses: list[float], path: Path, title: str, guard: dict[str, Any] | None = None) -> Path:
+    """Plot the per-step loss (and a moving average) to a PNG; with the adaptation ``guard``'s report,
+    its signals below (foreground ratio, confidence, agreement, centred share; the stop marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if guard is not None and guard.get("checks"):
+        fig, (ax, below) = plt.subplots(2, 1, figsize=(6, 6), dpi=100, sharex=True)
+        _plot_guard(below, guard)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
     window = max(1, len(losses) // 20)
@@ -67,6 +72,17 @@ def save_loss_curve(losses: list[float], path: Path, title: str) -> Path:
     return path
 
 
+def _plot_guard(ax: Any, guard: dict[str, Any]) -> None:
+    checks = guard["checks"]
+    steps = [c["step"] for c in checks]
+    for name in ("ratio", "confidence", "agreement", "centred_ratio"):
+        ax.plot(steps, [c[name] for c in checks], marker=".", label=name.replace("_", " "))
+    if guard.get("stopped_at") is not None:
+        ax.axvline(guard["stopped_at"], color="red", lw=1, label="stopped")
+    ax.set_xlabel("step")
+    ax.set_ylabel("guard signals")
+    ax.legend(fontsize=7)
+
 def save_trained(path: str, model: nn.Module, spec: ModelSpec, card: dict[str, Any], history: TrainHistory,
                  title: str, overwrite: bool = False) -> TrainResult:
     """Write the checkpoint with its card (steps, final loss and time added) and the loss curve beside it;
@@ -74,7 +90,7 @@ def save_trained(path: str, model: nn.Module, spec: ModelSpec, card: dict[str, A
     summary = history.card()
     card = {**card, **summary, "metrics": {**card.get("metrics", {}), **summary["metrics"]}}
     checkpoint = save_checkpoint(path, model, spec, card, replace=overwrite)
-    curve = save_loss_curve(history.losses, curve_path(checkpoint), title)
+    curve = save_loss_curve(history.losses, curve_path(checkpoint), title, history.guard)
     return TrainResult(checkpoint, history, curve)
 
 
@@ -112,7 +128,7 @@ def train_inputs(config: Config) -> list[PathRef]:
 
 def open_labelled(raw_ref: Any, labels_ref: Any, field: str) -> tuple[Any, Any]:
     """Open a raw volume and its labels, checking dtype and that they cover the same voxels."""
-    raw, labels = raw_ref.open(), labels_ref.open()
+    raw, labels = raw_ref.open(f"{field}.raw"), labels_ref.open(f"{field}.labels")
     check_input_dtype(raw.dtype, raw_ref.url, f"{field}.raw.url")
     check_not_empty(raw, raw_ref.url, f"{field}.raw.url")
     if labels.shape != raw.shape:

@@ -92,7 +92,7 @@ def _sam_adapt_line(config: Config, overwrite: bool) -> str:
         if ref is not None:
             ref.open()
     if cfg.init is not None:
-        load_checkpoint(cfg.init, config.model.spec)
+        load_checkpoint(cfg.init, config.model.spec, "sam_adapt.init")
     if cfg.sam_checkpoint is not None and not Path(cfg.sam_checkpoint).is_file():
         raise CheckpointError(f"sam_adapt.sam_checkpoint {cfg.sam_checkpoint!r} does not exist.",
                               "give the path of SAM's released .pth weights (e.g. sam_vit_b_01ec64.pth).")

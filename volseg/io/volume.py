@@ -120,12 +120,15 @@ class VolumeSpec:
     mode: Mode = "r"
     scale: int | None = None
     backend: BackendName = "auto"
+    #: ``(start, stop)`` (z, y, x) of a read-only region of the volume (see :meth:`Volume.region`).
+    region: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
 
     def open(self) -> Volume:
         """Open the volume this spec describes (see :func:`volseg.io.open_volume`)."""
         from volseg.io.opening import open_volume
 
-        return open_volume(self.url, self.mode, scale=self.scale, backend=self.backend)
+        volume = open_volume(self.url, self.mode, scale=self.scale, backend=self.backend)
+        return volume if self.region is None else volume.region(Box(*self.region))
 
 
 class Volume:
@@ -186,6 +189,23 @@ class Volume:
 
     def __reduce__(self) -> tuple[Any, tuple[VolumeSpec]]:
         return (VolumeSpec.open, (self.spec,))
+
+    def region(self, box: Box) -> Volume:
+        """A read-only view of ``box`` of this volume, indexed from the box's start (its voxel offset
+        moves with it, so it stays in place physically): e.g. the slices a model may train on."""
+        if not self.bounds.contains(box) or box.size == 0:
+            raise GeometryMismatchError(f"The region {box} is not a non-empty part of {self.url} {self.bounds}.",
+                                        "give a region inside the volume's shape (z, y, x, 0-based, half-open).")
+        geometry = replace(self.geometry, shape=box.shape,
+                           voxel_offset=tuple(o + s for o, s in zip(self.voxel_offset, box.start, strict=True)))
+        start = tuple(int(s) for s in box.start)
+        base = self.spec.region[0] if self.spec.region is not None else (0, 0, 0)
+        absolute = tuple(b + s for b, s in zip(base, start, strict=True))
+        spec = replace(self.spec, mode="r", region=(absolute, tuple(a + n for a, n in zip(absolute, box.shape,
+                                                                                             strict=True))))
+        return Volume(spec=spec, format=self.format, geometry=geometry, array=_ShiftedArray(self._array, start),
+                      attribute_store=self._attributes, writable=False, backend=self.backend,
+                      ome_version=self.ome_version, scale=self.scale, kind=self.kind)
 
     def array_shape(self, box: Box) -> tuple[int, ...]:
         """The shape of the array that :meth:`read` returns for ``box``: (z, y, x) or (c, z, y, x)."""
@@ -278,6 +298,23 @@ class Volume:
                 "is not part of them).",
                 "clip the box to the bounds, e.g. box.intersect(volume.bounds).",
             )
+
+
+class _ShiftedArray:
+    """An :class:`ArrayBackend` whose box ``b`` is box ``b + start`` of another (a region's view)."""
+
+    def __init__(self, array: ArrayBackend, start: tuple[int, ...]) -> None:
+        self._array, self._start = array, start
+
+    def _shift(self, box: Box) -> Box:
+        return Box(tuple(b + s for b, s in zip(box.start, self._start, strict=True)),
+                   tuple(e + s for e, s in zip(box.stop, self._start, strict=True)))
+
+    def read(self, box: Box) -> ResultFuture[np.ndarray]:
+        return self._array.read(self._shift(box))
+
+    def write(self, box: Box, array: np.ndarray, handover: bool = False) -> ResultFuture[None]:
+        raise VolumeFormatError("A region of a volume is read-only.", "write to the volume itself.")
 
 
 def _absolute(spec: VolumeSpec) -> VolumeSpec:

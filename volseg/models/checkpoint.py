@@ -147,7 +147,7 @@ def read_card(path: str | Path) -> dict[str, Any]:
                               "restore the card from the training run or delete it.") from None
 
 
-def load_checkpoint(path: str | Path, spec: ModelSpec) -> nn.Module:
+def load_checkpoint(path: str | Path, spec: ModelSpec, field: str = "model.checkpoint") -> nn.Module:
     """A model built from ``spec`` with the weights at ``path``.
 
     Refuses, naming the mismatch, a file that is missing or unreadable, a card whose model spec
@@ -159,8 +159,8 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> nn.Module:
     if load_foreign is not None:  # e.g. SAM's released .pth weights
         return load_foreign(path, spec)
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint {str(path)!r} does not exist.",
-                              "set model.checkpoint to a .safetensors file written by `volseg train`.")
+        raise CheckpointError(f"Checkpoint {str(path)!r} ({field}) does not exist.",
+                              f"set {field} to a .safetensors file written by `volseg train`.")
     card = read_card(path)
     if card.get("model"):
         _check_spec(saved(ModelSpec.from_json(card["model"])), resolve(spec), path)

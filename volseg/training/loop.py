@@ -44,6 +44,8 @@ class TrainHistory:
     losses: list[float] = field(default_factory=list)
     components: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    #: What the adaptation guard saw (:class:`volseg.training.promptdas.guard.GuardReport` as JSON), if one ran.
+    guard: dict[str, Any] | None = None
 
     def record(self, loss: float, components: dict[str, float] | None = None) -> None:
         self.losses.append(loss)
@@ -53,15 +55,19 @@ class TrainHistory:
     def card(self) -> dict[str, Any]:
         """What a checkpoint card says about the run: ``steps`` and ``metrics`` (``final_loss``, the mean
         of the last 20 losses, and ``seconds``)."""
-        return {"steps": len(self.losses),
-                "metrics": {"final_loss": float(np.mean(self.losses[-20:])), "seconds": self.seconds}}
+        card: dict[str, Any] = {"steps": len(self.losses),
+                                "metrics": {"final_loss": float(np.mean(self.losses[-20:])), "seconds": self.seconds}}
+        if self.guard is not None:
+            card["adaptation_guard"] = self.guard
+        return card
 
     def to_json(self) -> dict[str, Any]:
-        return {"losses": self.losses, "components": self.components, "seconds": self.seconds}
+        return {"losses": self.losses, "components": self.components, "seconds": self.seconds, "guard": self.guard}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainHistory:
-        return cls(list(data["losses"]), {k: list(v) for k, v in data["components"].items()}, data["seconds"])
+        return cls(list(data["losses"]), {k: list(v) for k, v in data["components"].items()}, data["seconds"],
+                   data.get("guard"))
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:

@@ -29,6 +29,8 @@ from volseg.errors import ConfigError
 
 #: The ``domain`` key of the crop streams.
 SOURCE_STREAM, TARGET_STREAM = 0, 1
+#: The stream of the adaptation guard's probe crops (:mod:`volseg.training.promptdas.guard`).
+GUARD_STREAM = 2
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Literal
 from volseg.config import AdaptConfig
 from volseg.errors import ConfigError
 from volseg.training.augment import WIDE, AugmentSettings
+from volseg.training.promptdas.guard import GuardSettings
 
 Mode = Literal["source", "supervised-target", "uda", "wda"]
 MODES: tuple[str, ...] = ("source", "supervised-target", "uda", "wda")
@@ -55,6 +56,8 @@ class AdaptSettings:
     source_augment: augmentation of labelled crops (None: ``augment``); by default the wider
         :data:`volseg.training.augment.WIDE`, to widen what the source model has seen, while the student's
         target view must stay recognisable.
+    guard: the label-free checks of uda / wda that stop a run drifting into collapse
+        (:mod:`volseg.training.promptdas.guard`).
     """
 
     mode: Mode = "uda"
@@ -84,6 +87,7 @@ class AdaptSettings:
     poly_power: float = 0.9
     augment: AugmentSettings = dataclasses.field(default_factory=AugmentSettings)
     source_augment: AugmentSettings | None = WIDE
+    guard: GuardSettings = dataclasses.field(default_factory=GuardSettings)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,6 +120,7 @@ class AdaptSettings:
         """Settings of an ``adapt:`` config section; σ converted from nm with the in-plane voxel sizes."""
         fields = {f.name for f in dataclasses.fields(cls)} & set(type(config).model_fields)
         values = {name: getattr(config, name) for name in fields}
+        values["guard"] = GuardSettings(**config.guard.model_dump())
         values["density_sigma"] = config.density_sigma_nm / target_voxel_nm
         if source_voxel_nm is not None:
             values["source_density_sigma"] = config.density_sigma_nm / source_voxel_nm

@@ -49,9 +49,18 @@ from volseg.training.promptdas.batches import (
     pseudo_labelled_batch,
 )
 from volseg.training.promptdas.contrastive import prompt_contrastive_loss
+from volseg.training.promptdas.guard import AdaptationGuard
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.teacher import EMATeacher, unwrap
-from volseg.training.replicas import ONE_PROCESS, SOURCE_STREAM, TARGET_STREAM, Replica, SampleRandom, crop_streams
+from volseg.training.replicas import (
+    GUARD_STREAM,
+    ONE_PROCESS,
+    SOURCE_STREAM,
+    TARGET_STREAM,
+    Replica,
+    SampleRandom,
+    crop_streams,
+)
 from volseg.training.resume import TrainerState
 
 #: Prompt-DAS's input contract: grey input in [0, 1] (its encoder standardises internally).
@@ -90,7 +99,8 @@ class TrainingInputs:
 
 @dataclass(frozen=True)
 class AdaptResult:
-    """The model to use for inference (eval mode) and the training history."""
+    """The model to use for inference (eval mode) and the training history (with the guard's report,
+    for uda / wda)."""
 
     model: nn.Module
     history: TrainHistory
@@ -206,6 +216,22 @@ class PromptDASTrainer:
             components.update({f"{name}_{key}": value for key, value in batch.stats.items()})
         return StepResult(float(loss.detach()), components)
 
+    def guard(self) -> AdaptationGuard | None:
+        """The adaptation guard of uda / wda: probes are ``settings.guard.probes`` target crops from a stream
+        of their own (the same on every replica)."""
+        if self.teacher is None or self.target is None:
+            return None
+        s = self.settings
+        crops = [self.target.crop_at(self.target.box(crop_streams(s.seed, GUARD_STREAM, 0, i, 1)[0]))
+                 for i in range(s.guard.probes)]
+        probes = crop_slices(crops, self.contract, self.target.intensity).images
+        return AdaptationGuard(probes, s.guard, peak_threshold=s.peak_threshold, sigma_vx=s.density_sigma)
+
+    def guarded_stop(self, guard: AdaptationGuard) -> bool:
+        """Check the teacher now; True (teacher restored to its last healthy weights) when the run must stop."""
+        assert self.teacher is not None
+        return guard.update(self.step_index, self.teacher.model, unwrap(self.model))
+
     def state(self, history: TrainHistory) -> TrainerState:
         """The state to resume from after this step (live tensors: save it before the next step)."""
         teacher = self.teacher
@@ -247,8 +273,11 @@ def train_promptdas(model: nn.Module, settings: AdaptSettings, source: DomainDat
     if resume is not None:
         trainer.restore(resume)
         history = resume.history
+    guard = trainer.guard()
     first, earlier, begin = trainer.step_index, history.seconds, time.perf_counter()
     while trainer.step_index < settings.steps:
+        if guard is not None and trainer.step_index % settings.guard.every == 0 and trainer.guarded_stop(guard):
+            break
         result = trainer.step()
         history.record(result.loss, result.components)
         elapsed = time.perf_counter() - begin
@@ -257,6 +286,10 @@ def train_promptdas(model: nn.Module, settings: AdaptSettings, source: DomainDat
             on_step(trainer.step_index, settings.steps, result.loss, (trainer.step_index - first) / elapsed)
         if after_step is not None:
             after_step(trainer, history)
+    if guard is not None:
+        if trainer.step_index == settings.steps:
+            trainer.guarded_stop(guard)  # a last check: a run that collapsed late gives back its last healthy teacher
+        history.guard = guard.report.to_json()
     model.eval()
     inference = trainer.inference_model
     inference.eval()
