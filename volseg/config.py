@@ -252,9 +252,10 @@ class TargetConfig(Section):
 class GuardConfig(Section):
     """The adaptation guard (:mod:`volseg.training.promptdas.guard`): every ``every`` steps the teacher is
     checked on ``probes`` target crops; after ``patience`` unhealthy checks in a row (predicted foreground
-    outside ``[min_ratio, max_ratio]`` × the source model's, teacher–student Dice under ``min_agreement``,
-    or centred objects under ``min_centred_ratio`` × the source model's share) adaptation stops and keeps
-    the last healthy teacher. ``enabled: false`` only records the signals."""
+    under ``min_ratio`` × the source model's or above ``max_ratio`` × the larger of the source model's and
+    ``floor_foreground``, teacher–student Dice under ``min_agreement``, or centred objects under
+    ``min_centred_ratio`` × the source model's share where that share is at least ``floor_centred``)
+    adaptation stops and keeps the last healthy teacher. ``enabled: false`` only records the signals."""
 
     enabled: bool = True
     every: int = Field(default=25, ge=1)
@@ -264,6 +265,8 @@ class GuardConfig(Section):
     min_agreement: float = Field(default=0.5, ge=0.0, le=1.0)
     min_centred_ratio: float = Field(default=0.5, ge=0.0)
     patience: int = Field(default=2, ge=1)
+    floor_foreground: float = Field(default=0.1, ge=0.0, le=1.0)
+    floor_centred: float = Field(default=0.1, ge=0.0, le=1.0)
 
 
 class AdaptConfig(Section):

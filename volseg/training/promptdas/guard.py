@@ -15,8 +15,13 @@ them, every ``every`` steps, step 0 (the source model) included:
 * ``centred``: the fraction of the teacher's foreground components that hold a density peak (blobs
   without a centre are mostly false positives), and its ratio to the source model's.
 
-A check is healthy when ``ratio`` lies in ``[min_ratio, max_ratio]``, ``agreement`` is at least
-``min_agreement`` and ``centred`` has not fallen below ``min_centred_ratio`` of the source model's.
+The first check (the source model) is the reference and healthy by definition. A later check is
+healthy when ``ratio`` is at least ``min_ratio``; when the foreground is at most ``max_ratio`` times
+the source model's or ``floor_foreground``, whichever is larger (a source model that finds almost
+nothing on the target is what adaptation is for: its growth up to that floor is not flooding); when
+``agreement`` is at least ``min_agreement``; and when ``centred`` has not fallen below
+``min_centred_ratio`` of the source model's (checked only where the source model centres at least
+``floor_centred`` of its objects).
 The guard keeps a copy of the teacher at its last healthy check; after ``patience`` unhealthy checks
 in a row the run stops, the teacher goes back to that copy, and the reason is recorded (card, curve,
 command output).
@@ -49,6 +54,8 @@ class GuardSettings:
     min_agreement: float = 0.5
     min_centred_ratio: float = 0.5
     patience: int = 2
+    floor_foreground: float = 0.1
+    floor_centred: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -122,23 +129,30 @@ class AdaptationGuard:
         foreground = probability > self.threshold
         fraction = float(foreground.float().mean())
         centred = self._centred(foreground, density)
-        if self.reference is None:
-            self.reference = (max(fraction, 1e-4), max(centred, 1e-3))
-        ratio, centred_ratio = fraction / self.reference[0], centred / self.reference[1]
+        first = self.reference is None
+        if first:
+            self.reference = (fraction, centred)
+        reference_fraction, reference_centred = self.reference
+        ratio = fraction / max(reference_fraction, 1e-4)
+        centred_ratio = centred / max(reference_centred, 1e-3)
         agreement = _dice(foreground, student_probability > self.threshold)
         confidence = float((2 * probability - 1).abs().mean())
         s = self.settings
         problems = []
-        if ratio < s.min_ratio:
-            problems.append(f"the teacher's foreground fell to {ratio:.2f}× the source model's (collapsing to "
-                            "background)")
-        if ratio > s.max_ratio:
-            problems.append(f"the teacher's foreground grew to {ratio:.1f}× the source model's (flooding)")
-        if agreement < s.min_agreement:
-            problems.append(f"teacher and student agree on only {agreement:.2f} Dice of their foreground")
-        if centred_ratio < s.min_centred_ratio:
-            problems.append(f"only {centred:.0%} of the teacher's objects hold a detected centre "
-                            f"({centred_ratio:.2f}× the source model's share)")
+        if first:
+            pass  # the source model is the reference
+        else:
+            if ratio < s.min_ratio:
+                problems.append(f"the teacher's foreground fell to {ratio:.2f}× the source model's (collapsing to "
+                                "background)")
+            if fraction > s.max_ratio * max(reference_fraction, s.floor_foreground):
+                problems.append(f"the teacher's foreground grew to {fraction:.0%} of the image, {ratio:.1f}× the "
+                                "source model's (flooding)")
+            if agreement < s.min_agreement:
+                problems.append(f"teacher and student agree on only {agreement:.2f} Dice of their foreground")
+            if reference_centred >= s.floor_centred and centred_ratio < s.min_centred_ratio:
+                problems.append(f"only {centred:.0%} of the teacher's objects hold a detected centre "
+                                f"({centred_ratio:.2f}× the source model's share)")
         signals = Signals(step, fraction, ratio, confidence, agreement, centred, centred_ratio, tuple(problems))
         self.report.checks.append(signals)
         return signals
