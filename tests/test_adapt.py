@@ -263,6 +263,10 @@ def test_random_prompt_subsets_cover_none_to_all():
     subsets = [random_subset(points, rng) for _ in range(200)]
     assert {len(s) for s in subsets} == {0, 1, 2, 3, 4}
     assert all(set(map(tuple, s)) <= set(map(tuple, points)) for s in subsets)
+    # unprompted: that share of draws has no prompt at all, the rest are uniform over 0 … M as before
+    empty = [len(random_subset(points, rng, unprompted=0.5)) == 0 for _ in range(2000)]
+    assert 0.55 < np.mean(empty) < 0.65  # 0.5 + 0.5 / 5
+    assert all(len(random_subset(points, rng, unprompted=1.0)) == 0 for _ in range(20))
 
 
 def test_source_batches_prompt_subsets_of_instance_centres_including_none_and_all():

@@ -25,6 +25,7 @@ from volseg.inference.instances import (
     LabelStage,
     RelabelStage,
     label_box,
+    min_size_voxels,
     open_instances,
     plan_instances,
     run_instances,
@@ -208,6 +209,15 @@ def test_min_size_counts_every_piece_of_an_object(tmp_path, scenes) -> None:
     piece_sizes = [np.bincount(connected_instances(expected[block.core.slices] > 0, connectivity=6).ravel())[1:]
                    for block in plan.grid]
     assert np.concatenate(piece_sizes).min() < 300  # a kept object has a piece smaller than min_size_vx
+
+    # the same bound in cubic nanometres drops the same objects
+    nm3 = 300 * float(np.prod(VOXEL_NM))
+    by_volume = InstancesConfig(url=f"{tmp_path}/nm3.zarr", method="connected_components", threshold=0.5,
+                                min_size_nm3=nm3 - 1)
+    plan = _plan(by_volume, plan.probabilities_url, plan.density_url, core)
+    assert plan.min_size_vx == 300
+    _assert_same_partition(_run(plan)[1], expected)
+    assert min_size_voxels(by_volume.model_copy(update={"min_size_nm3": nm3 + 1}), VOXEL_NM) == 301
 
 
 # --- watershed: ARI against the whole-volume pass ---------------------------------------------------------

@@ -128,9 +128,41 @@ def test_a_checkpoint_from_before_the_fine_head_names_the_head(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="head: checkpoint 'paper', config 'fine'"):
         load_checkpoint(path, old)
-    loaded = load_checkpoint(path, ModelSpec(old.name, options={**old.options, "head": "paper", "intensity": None}))
+    published = {**old.options, "head": "paper", "intensity": None, "encoder_norm": "batch"}
+    with pytest.raises(CheckpointError, match="encoder_norm: checkpoint 'batch', config 'group'"):
+        load_checkpoint(path, ModelSpec(old.name, options={**published, "encoder_norm": "group"}))
+    loaded = load_checkpoint(path, ModelSpec(old.name, options=published))
     image = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(image).logits, paper.eval()(image).logits)
     assert input_contract(ModelSpec(old.name, options={**old.options, "head": "paper", "intensity": None})
                           ).percentiles is None
+
+
+def test_the_cnn_encoder_normalises_each_image_by_default_and_old_cnn_checkpoints_keep_batchnorm(tmp_path):
+    """``encoder_norm: group`` (default) has no running statistics, so an image's output does not depend on
+    the batch or on the source domain's means; a card without the option loads as BatchNorm."""
+    import json
+
+    options = {"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32, "projection_dim": 8}
+    torch.manual_seed(0)
+    grouped = build_model(ModelSpec("promptdas", options=options)).train()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in grouped.modules())
+    image, other = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32) * 3
+    with torch.no_grad():  # in training mode too, one image's output is independent of its batch
+        alone, batched = grouped(image).logits, grouped(torch.cat([image, other])).logits[:1]
+    torch.testing.assert_close(alone, batched, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="encoder_norm 'layer'"):
+        build_model(ModelSpec("promptdas", options={**options, "encoder_norm": "layer"}))
+
+    old = build_model(ModelSpec("promptdas", options={**options, "encoder_norm": "batch", "head": "paper"}))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.modules())
+    path = save_checkpoint(tmp_path / "old.safetensors", old, ModelSpec("promptdas", options={**options,
+                           "encoder_norm": "batch", "head": "paper", "intensity": None}), {})
+    card = json.loads((tmp_path / "old.json").read_text())
+    card["model"]["options"] = dict(options)  # a card from before encoder_norm, head and intensity
+    (tmp_path / "old.json").write_text(json.dumps(card))
+    loaded = load_checkpoint(path, ModelSpec("promptdas", options={**options, "encoder_norm": "batch",
+                                                                   "head": "paper", "intensity": None}))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(image).logits, old.eval()(image).logits)

@@ -173,8 +173,10 @@ class InstancesConfig(Section):
     (default ``inference.threshold``); ``watershed`` splits it from density peaks above
     ``seed_threshold`` at least ``min_distance_nm`` apart (needs ``output.density``);
     ``connected_components`` labels touching foreground (``connectivity`` 6, 18 or 26). Objects under
-    ``min_size_vx`` are dropped. ``halo_nm``: context each watershed block sees around its core (default
-    4 × ``min_distance_nm``); it should exceed the largest object's radius."""
+    ``min_size_vx`` voxels or ``min_size_nm3`` cubic nanometres (with the volume's voxel size; the
+    larger bound applies) are dropped, whole, wherever their pieces lie. ``halo_nm``: context each
+    watershed block sees around its core (default 4 × ``min_distance_nm``); it should exceed the largest
+    object's radius."""
 
     url: str = Field(min_length=1)
     method: Literal["watershed", "connected_components"] = "watershed"
@@ -182,6 +184,7 @@ class InstancesConfig(Section):
     seed_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
     min_distance_nm: float = Field(default=100.0, gt=0.0)
     min_size_vx: int = Field(default=0, ge=0)
+    min_size_nm3: float = Field(default=0.0, ge=0.0)
     connectivity: Literal[6, 18, 26] = 6
     halo_nm: float | None = Field(default=None, gt=0.0)
 
@@ -205,7 +208,9 @@ class ClusterConfig(Section):
 
 
 class TrainConfig(Section):
-    """Supervised training on labelled volumes (source domain)."""
+    """Supervised training on labelled volumes (source domain). ``unprompted_share`` (Prompt-DAS): the
+    share of crops trained without point prompts (the others get a random subset of their objects'
+    centres), so that runs without prompts meet a model trained for them."""
 
     raw: VolumeRef
     labels: VolumeRef
@@ -214,6 +219,7 @@ class TrainConfig(Section):
     crop: PositiveTriple = (1, 128, 128)
     learning_rate: float = Field(default=2e-3, gt=0)
     density_sigma_nm: float = Field(default=40.0, gt=0)
+    unprompted_share: float = Field(default=0.5, ge=0.0, le=1.0)
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
     checkpoint: str = Field(min_length=1)
@@ -291,6 +297,7 @@ class AdaptConfig(Section):
     pcl_temperature: float = Field(default=0.5, gt=0.0)
     peak_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
     density_sigma_nm: float = Field(default=40.0, gt=0)
+    unprompted_share: float = Field(default=0.5, ge=0.0, le=1.0)
     pseudo_foreground_share: float = Field(default=0.5, gt=0.0, lt=1.0)
     balance_pseudo_labels: bool = True
     density_weight: float = Field(default=30.0, ge=0.0)

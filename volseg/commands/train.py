@@ -176,7 +176,8 @@ def source_inputs(config: Config, model: nn.Module | None = None) -> TrainingInp
         torch.manual_seed(cfg.seed)
         model = build_model(config.model.spec)
     settings = AdaptSettings(mode="source", steps=cfg.steps, batch_size=cfg.batch_size, crop=cfg.crop,
-                             learning_rate=cfg.learning_rate, density_sigma=_sigma_vx(cfg, raw), seed=cfg.seed)
+                             learning_rate=cfg.learning_rate, density_sigma=_sigma_vx(cfg, raw), seed=cfg.seed,
+                             unprompted_share=cfg.unprompted_share)
     return TrainingInputs(model, settings, DomainData(raw, labels))
 
 

@@ -36,6 +36,7 @@ with the geometry of the probabilities output, so the block cores stay chunk-ali
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -437,8 +438,15 @@ def plan_instances(
     if existing is not None and signature is not None:
         check_signature(existing, settings.url, "instances.url", signature, overwrite)
     instance_grid = BlockGrid(grid.roi, grid.core_shape, params.halo_vx, grid.roi)
-    return InstancePlan(settings.url, probabilities_url, density_url, params, settings.min_size_vx, instance_grid,
-                        creation, signature)
+    return InstancePlan(settings.url, probabilities_url, density_url, params,
+                        min_size_voxels(settings, geometry.voxel_size_nm), instance_grid, creation, signature)
+
+
+def min_size_voxels(settings: InstancesConfig, voxel_size_nm: Sequence[float]) -> int:
+    """The least size of a kept object in voxels: ``min_size_vx``, or ``min_size_nm3`` over the voxel's
+    volume (rounded up), whichever is larger."""
+    from_nm = math.ceil(settings.min_size_nm3 / math.prod(float(v) for v in voxel_size_nm) - 1e-9)
+    return max(settings.min_size_vx, from_nm, 0)
 
 
 def open_instances(plan: InstancePlan) -> Volume:

@@ -22,8 +22,11 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from volseg.errors import CheckpointError
+from volseg.errors import CheckpointError, ConfigError
 from volseg.models.checkpoint import read_state_dict
+
+#: The CNN encoder's normalisations (``model.options.encoder_norm``) as timm norm layers.
+NORMS = {"group": "groupnorm", "batch": "batchnorm2d"}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,13 +123,22 @@ class ViTEncoder(nn.Module):
 
 class CNNEncoder(nn.Module):
     """A timm ResNet trunk cut at stride 8, then a 1×1 projection to ``out_channels``; ``fine``: its
-    stride-2 and stride-4 stages are the fine features of :meth:`pyramid` (the same trunk either way)."""
+    stride-2 and stride-4 stages are the fine features of :meth:`pyramid` (the same trunk either way).
 
-    def __init__(self, backbone: str = "resnet18", out_channels: int = 128, fine: bool = False) -> None:
+    ``norm``: ``group`` (GroupNorm, 32 groups) normalises each image by its own statistics, so a volume
+    from another microscope is not pushed through the source's running means as with ``batch``
+    (BatchNorm, the ResNet's own; the encoder of checkpoints from before the option existed)."""
+
+    def __init__(self, backbone: str = "resnet18", out_channels: int = 128, fine: bool = False,
+                 norm: str = "group") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ConfigError(f"model.options.encoder_norm {norm!r} is not a normalisation of the cnn encoder.",
+                              f"use one of: {', '.join(NORMS)}.")
         self.rgb = GreyToRGB()
         indices = (0, 1, 2) if fine else (2,)
-        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices)
+        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices,
+                                       norm_layer=NORMS[norm])
         channels = self.trunk.feature_info.channels()
         self.proj = nn.Conv2d(channels[-1], out_channels, 1)
         self.out_channels = out_channels
@@ -155,9 +167,10 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                            wrappers=("model", "state_dict", "teacher", "student"))
 
 
-#: name → builder of an encoder (all of stride 8; ``fine``: with stride-2 and stride-4 features too).
+#: name → builder of an encoder (all of stride 8; ``fine``: with stride-2 and stride-4 features too;
+#: ``norm``: the CNN's normalisation, see :class:`CNNEncoder`; ViTs have LayerNorm and ignore it).
 ENCODERS = {
-    "vit_s8": lambda fine=False: ViTEncoder(embed_dim=384, depth=12, num_heads=6, fine=fine),
-    "vit_tiny8": lambda fine=False: ViTEncoder(embed_dim=192, depth=4, num_heads=3, fine=fine),
-    "cnn": lambda fine=False: CNNEncoder("resnet18", out_channels=128, fine=fine),
+    "vit_s8": lambda fine=False, norm="group": ViTEncoder(embed_dim=384, depth=12, num_heads=6, fine=fine),
+    "vit_tiny8": lambda fine=False, norm="group": ViTEncoder(embed_dim=192, depth=4, num_heads=3, fine=fine),
+    "cnn": lambda fine=False, norm="group": CNNEncoder("resnet18", out_channels=128, fine=fine, norm=norm),
 }

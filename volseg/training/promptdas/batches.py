@@ -135,10 +135,10 @@ def _check_randoms(slices: Slices, randoms: Sequence[SampleRandom]) -> None:
 
 
 def labelled_batch(slices: Slices, sigma_vx: float, randoms: Sequence[SampleRandom],
-                   augment: AugmentSettings) -> PromptBatch:
+                   augment: AugmentSettings, unprompted: float = 0.0) -> PromptBatch:
     """A supervised batch: mask = labels > 0, density = Gaussians at the 2D instance centres, and as
-    prompts a uniformly random subset (size 0 … all) of each sample's centres; strongly augmented.
-    ``randoms``: one per sample."""
+    prompts a uniformly random subset (size 0 … all) of each sample's centres, or with probability
+    ``unprompted`` none; strongly augmented. ``randoms``: one per sample."""
     _check_randoms(slices, randoms)
     if slices.labels is None:
         raise ValueError("a labelled batch needs crops with labels")
@@ -146,7 +146,7 @@ def labelled_batch(slices: Slices, sigma_vx: float, randoms: Sequence[SampleRand
     mask = torch.from_numpy((slices.labels > 0).astype(np.float32)).unsqueeze(1)
     density = torch.from_numpy(np.stack([gaussian_density(slices.labels.shape[1:], c, sigma_vx)
                                          for c in centres])).unsqueeze(1)
-    prompts = [random_subset(c, random.rng) for c, random in zip(centres, randoms, strict=True)]
+    prompts = [random_subset(c, random.rng, unprompted) for c, random in zip(centres, randoms, strict=True)]
     image, maps, (prompts,) = _student_views(
         slices.images, {"target": (mask, "nearest", "border"), "density": (density, "bilinear", "border")},
         [prompts], randoms, augment)

@@ -12,13 +12,17 @@ import numpy as np
 import torch
 
 
-def random_subset(points_yx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random number ``k`` in ``0 … M`` of the ``M`` points, chosen without replacement.
+def random_subset(points_yx: np.ndarray, rng: np.random.Generator, unprompted: float = 0.0) -> np.ndarray:
+    """A uniformly random number ``k`` in ``0 … M`` of the ``M`` points, chosen without replacement;
+    with probability ``unprompted``, none at all.
 
     Source prompts are drawn like this so that the model learns to work with any number of prompts,
-    none included (each size has probability ``1 / (M + 1)``).
+    none included (each size has probability ``1 / (M + 1)``, so a crop with many objects is almost
+    never seen unprompted: ``unprompted`` raises that share, as a run without prompts needs).
     """
     points_yx = np.asarray(points_yx, dtype=np.float64).reshape(-1, 2)
+    if unprompted and rng.random() < unprompted:
+        return points_yx[:0]
     k = int(rng.integers(0, len(points_yx) + 1))
     return points_yx[np.sort(rng.choice(len(points_yx), size=k, replace=False))]
 

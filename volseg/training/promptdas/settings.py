@@ -28,6 +28,10 @@ class AdaptSettings:
         pixel is pseudo-foreground / at or below which it is pseudo-background (between: ignored).
     pcl_weight (λ), pcl_temperature (τ): the prompt-guided contrastive loss.
     peak_threshold: the least teacher density that counts as a detected centre.
+    unprompted_share: the share of labelled crops (source, or the target's in ``supervised-target``) trained
+        without prompts; the others get a uniformly random subset (size 0 … all) of their centres. The
+        paper draws every crop's subset uniformly (0); an unprompted run then meets a model that has
+        rarely been asked to segment without help.
     density_sigma: σ in voxels of the Gaussians of the target domain's density targets.
 
     Beyond the config:
@@ -71,6 +75,7 @@ class AdaptSettings:
     pcl_weight: float = 0.1
     pcl_temperature: float = 0.5
     peak_threshold: float = 0.3
+    unprompted_share: float = 0.5
     density_sigma: float = 5.0
     seed: int = 0
     source_density_sigma: float | None = None
@@ -98,6 +103,9 @@ class AdaptSettings:
         if not 0 < self.pseudo_foreground_share < 1:
             raise ConfigError(f"pseudo_foreground_share {self.pseudo_foreground_share} must be in (0, 1).",
                               "e.g. 0.5 (foreground and background weigh the same).")
+        if not 0 <= self.unprompted_share <= 1:
+            raise ConfigError(f"unprompted_share {self.unprompted_share} must be in [0, 1].",
+                              "e.g. 0.5 (half the labelled crops without prompts).")
         if self.steps < 1 or self.batch_size < 1 or self.density_sigma <= 0:
             raise ConfigError(f"steps {self.steps}, batch_size {self.batch_size} and density_sigma "
                               f"{self.density_sigma} must be positive.", "give positive values.")

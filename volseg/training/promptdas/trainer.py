@@ -158,11 +158,12 @@ class PromptDASTrainer:
         batches = {}
         if self.source is not None:
             slices, randoms = self.crops(self.source, SOURCE_STREAM)
-            batches["source"] = labelled_batch(slices, s.sigma_source, randoms, s.labelled_augment)
+            batches["source"] = labelled_batch(slices, s.sigma_source, randoms, s.labelled_augment, s.unprompted_share)
         if self.target is not None:
             slices, randoms = self.crops(self.target, TARGET_STREAM)
             if self.teacher is None:
-                batches["target"] = labelled_batch(slices, s.density_sigma, randoms, s.labelled_augment)
+                batches["target"] = labelled_batch(slices, s.density_sigma, randoms, s.labelled_augment,
+                                                   s.unprompted_share)
             else:
                 batches["pseudo"] = pseudo_labelled_batch(self.teacher.model, slices, s, randoms)
         return {name: batch.to(self.device) for name, batch in batches.items()}
