@@ -18,15 +18,20 @@ over the global window grid, and test-time points are the points file's points w
   peer_oracle       the same on Lucchi z < 100, the CPU seconds of ``oracle``
   oracle_paper      ``oracle`` with the paper's head (stride 2, interpolated) instead of the fine head
   source_raw        ``source`` without robust intensity normalisation (grey values / 255)
+  uda_pushed        UDA with settings that collapse it (``PUSHED``), the adaptation guard off
+  uda_pushed_guarded  the same with the guard on: where it stopped, and the Dice of the teacher it kept
 
 Each row reports Dice, IoU, the 2D objects it predicts on the scored slices (8-connected components) against
-the true number, and its training wall and CPU seconds. A row of a seed is computed once and kept in that
+the true number, and its training wall and CPU seconds. Every row's prediction is post-processed as the
+recipe's ``volseg run`` does (``output.min_area_nm2``: 2D specks under ``min_area_nm2`` removed); the
+JSON also keeps the object count before that (``raw_objects``). A row of a seed is computed once and kept in that
 seed's JSON; ``--force`` recomputes. The source model of a seed is kept beside it for uda / wda.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,6 +49,7 @@ import torch
 from volseg.allocator import keep_freed_memory
 from volseg.geometry import Box, PointSet
 from volseg.inference.blockwise import predict_box
+from volseg.inference.postprocess import min_area_pixels, small_components
 from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.intensity import measure_intensity
@@ -55,6 +61,7 @@ from volseg.models.checkpoint import load_checkpoint, save_checkpoint
 from volseg.training.augment import WIDE, AugmentSettings, GeometricTransform, strong_intensity
 from volseg.training.crops import CropSampler
 from volseg.training.losses import segmentation_loss
+from volseg.training.promptdas.guard import GuardSettings
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.trainer import DomainData, train_promptdas
 from volseg.training.replicas import SampleRandom
@@ -66,24 +73,29 @@ SCALES = {
     # The CNN encoder learns in minutes on a CPU where a ViT from scratch does not.
     "cpu": {"model": {"encoder": "cnn", "decoder_dim": 128, "decoder_heads": 4, "decoder_mlp": 512,
                       "projection_dim": 64},
-            "crop": 256, "window": 256, "stride": 192, "source_steps": 600, "adapt_steps": 300, "batch": 4,
-            "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3},
+            "crop": 256, "window": 256, "stride": 192, "source_steps": 300, "oracle_steps": 600,
+            "adapt_steps": 300, "batch": 4, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3,
+            "min_area_nm2": 5000.0},
     "paper": {"model": {"encoder": "vit_s8"}, "crop": 384, "window": 384, "stride": 128,
-              "source_steps": 4000, "adapt_steps": 4000, "batch": 8,
-              "source_lr": 2e-4, "adapt_lr": 1e-4, "foreground_share": 0.5},
+              "source_steps": 4000, "oracle_steps": 4000, "adapt_steps": 4000, "batch": 8,
+              "source_lr": 2e-4, "adapt_lr": 1e-4, "foreground_share": 0.5, "min_area_nm2": 5000.0},
     # only to check that every row runs (with --slices 2): no number of it means anything
     "smoke": {"model": {"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32,
                         "projection_dim": 8},
-              "crop": 64, "window": 128, "stride": 96, "source_steps": 3, "adapt_steps": 2, "batch": 2,
-              "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3},
+              "crop": 64, "window": 128, "stride": 96, "source_steps": 3, "oracle_steps": 3, "adapt_steps": 2,
+              "batch": 2, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3, "min_area_nm2": 5000.0},
 }
-ROWS = ("source", "uda", "wda", "wda_points", "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw")
+ROWS = ("source", "uda", "wda", "wda_points", "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw",
+        "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "wda": "WDA (15% points, z < 100)",
     "wda_points": "WDA + test-time points (z ≥ 100)", "oracle": "supervised-target (oracle)",
     "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
     "oracle_paper": "oracle, paper's head", "source_raw": "source-only, grey values / 255",
+    "uda_pushed": "UDA pushed to collapse, guard off", "uda_pushed_guarded": "UDA pushed to collapse, guard on",
 }
+#: UDA settings that drive self-training to background: pseudo-foreground needs p ≥ 0.999 and weighs 1%.
+PUSHED = {"delta_f": 0.999, "pseudo_foreground_share": 0.01}
 
 
 @dataclass
@@ -115,13 +127,20 @@ class SubVolume:
 
 @dataclass
 class Score:
-    """Foreground confusion and 2D object counts over the scored slices."""
+    """Foreground confusion and 2D object counts over the scored slices, after the run's post-processing
+    (2D components under ``min_px`` pixels removed, as ``output.min_area_nm2`` does); ``raw_objects``:
+    the count before it."""
 
+    min_px: int = 0
     confusion: Confusion = field(default_factory=Confusion)
     objects: int = 0
+    raw_objects: int = 0
     true_objects: int = 0
 
     def add(self, predicted: np.ndarray, truth: np.ndarray) -> None:
+        self.raw_objects += _components(predicted)
+        if self.min_px > 1:  # one whole slice: every component is seen whole (no open side)
+            predicted = predicted & ~small_components(predicted, (slice(None),) * 3, [], self.min_px)[0]
         self.confusion = self.confusion + Confusion.of(predicted, truth)
         self.objects += _components(predicted)
         self.true_objects += _components(truth)
@@ -132,11 +151,12 @@ def _components(mask: np.ndarray) -> int:
 
 
 def score_predictor(predictor: Any, raw: Any, labels: Any, slices: Sequence[int], points: PointSet | None = None,
-                    roi: int = 0) -> Score:
-    """Blended predictions of each slice (or its top-left ``roi``², 0: whole) over the global window grid."""
+                    roi: int = 0, min_area_nm2: float = 0.0) -> Score:
+    """Blended predictions of each slice (or its top-left ``roi``², 0: whole) over the global window grid,
+    with 2D components under ``min_area_nm2`` removed as a run's ``output.min_area_nm2`` does."""
     windows = WindowGrid(raw.shape, predictor.window, _stride(predictor))
     stop_yx = tuple(min(roi, s) if roi else s for s in raw.shape[1:])
-    result = Score()
+    result = Score(min_area_pixels(min_area_nm2, raw.voxel_size_nm))
     for z in slices:
         plane = Box((z, 0, 0), (z + 1, *stop_yx))
         blended = predict_box(raw, predictor, windows, plane, points=points)
@@ -286,7 +306,8 @@ class Bench:
         common = {"batch_size": s["batch"], "crop": (1, s["crop"], s["crop"]), "seed": self.seed,
                   "density_sigma": sigma_target, "source_density_sigma": 40.0 / self.source.raw.voxel_size_nm[2]}
         if mode in ("source", "supervised-target"):
-            return AdaptSettings(mode=mode, steps=s["source_steps"], learning_rate=s["source_lr"], **common, **extra)
+            steps = s["source_steps"] if mode == "source" else s["oracle_steps"]
+            return AdaptSettings(mode=mode, steps=steps, learning_rate=s["source_lr"], **common, **extra)
         return AdaptSettings(mode=mode, steps=s["adapt_steps"], learning_rate=s["adapt_lr"],
                              pseudo_foreground_share=s["foreground_share"], **common, **extra)
 
@@ -323,7 +344,8 @@ class Bench:
     def record(self, name: str, result: Score, wall: float, cpu: float, **extra: Any) -> None:
         c = result.confusion
         self.results[name] = {"dice": c.dice, "iou": c.iou, "objects": result.objects,
-                              "true_objects": result.true_objects, "train_s": wall, "cpu_s": cpu, **extra}
+                              "raw_objects": result.raw_objects, "true_objects": result.true_objects,
+                              "train_s": wall, "cpu_s": cpu, **extra}
         self.out.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.results, indent=1) + "\n")
         print(f"seed {self.seed} {name}: Dice {c.dice:.3f} IoU {c.iou:.3f}, objects {result.objects} "
@@ -332,7 +354,8 @@ class Bench:
     def score_model(self, model: torch.nn.Module, spec: ModelSpec, points: PointSet | None = None) -> Score:
         s = self.scale
         predictor = volseg_predictor(model, self.target_raw, s["window"], s["stride"], spec=spec)
-        return score_predictor(predictor, self.target_raw, self.target_labels, self.test_slices, points)
+        return score_predictor(predictor, self.target_raw, self.target_labels, self.test_slices, points,
+                               min_area_nm2=s["min_area_nm2"])
 
     def row(self, name: str) -> None:
         ROW_RUNNERS[name](self)
@@ -367,6 +390,22 @@ def _wda(bench: Bench) -> None:
                  test_points=len(bench.test_points))
 
 
+def _pushed(bench: Bench, guarded: bool) -> None:
+    source, source_wall, source_cpu = bench.source_model()
+    settings = dataclasses.replace(bench.settings("uda"), **PUSHED, guard=GuardSettings(enabled=guarded))
+    model = bench.fresh(bench.spec())
+    model.load_state_dict(source.state_dict())
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = train_promptdas(model, settings, bench.source, DomainData(bench.target_train))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    guard = result.history.guard or {}
+    least = min((c["ratio"] for c in guard.get("checks", [])), default=None)
+    bench.record("uda_pushed_guarded" if guarded else "uda_pushed", bench.score_model(result.model, bench.spec()),
+                 source_wall + wall, source_cpu + cpu, steps=len(result.history.losses),
+                 stopped_at=guard.get("stopped_at"), kept_step=guard.get("kept_step"), reason=guard.get("reason"),
+                 least_foreground_ratio=least)
+
+
 def _oracle(bench: Bench, name: str = "oracle", **options: Any) -> None:
     spec = bench.spec(**options)
     target = DomainData(bench.target_train, bench.target_train_labels)
@@ -385,7 +424,8 @@ def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
     net, (mean, std), wall = train_peer(domain, bench.scale["crop"], bench.scale["batch"], budget, bench.seed, WIDE)
     test_mean, test_std = standardisation(bench.target_raw)  # per-volume standardisation of the test volume
     predictor = PeerPredictor(net, test_mean, test_std, bench.scale["window"], bench.scale["stride"])
-    result = score_predictor(predictor, bench.target_raw, bench.target_labels, bench.test_slices)
+    result = score_predictor(predictor, bench.target_raw, bench.target_labels, bench.test_slices,
+                             min_area_nm2=bench.scale["min_area_nm2"])
     bench.record(name, result, wall, budget, train_standardisation=[mean, std])
 
 
@@ -395,6 +435,8 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
     "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),
     "source_raw": _source_raw,
+    "uda_pushed": lambda b: _pushed(b, guarded=False),
+    "uda_pushed_guarded": lambda b: _pushed(b, guarded=True),
 }
 
 
@@ -426,6 +468,12 @@ def merge(out: Path) -> None:
     for ours, peer in (("source", "peer_source"), ("oracle", "peer_oracle")):
         if ours in means and peer in means:
             print(f"\nvolseg ÷ peer, {TITLES[ours]}: {means[ours] / means[peer]:.3f} Dice")
+    for name in ("uda_pushed", "uda_pushed_guarded"):
+        runs = [r[name] for r in seeds.values() if name in r]
+        stops = [r["stopped_at"] for r in runs if r.get("stopped_at") is not None]
+        if runs:
+            print(f"\n{TITLES[name]}: stopped in {len(stops)} of {len(runs)} seeds (at steps {stops}); least "
+                  f"foreground ratio to the source model {[round(r['least_foreground_ratio'], 2) for r in runs]}")
 
 
 def _mean_std(values: list[float]) -> str:

@@ -128,10 +128,7 @@ def test_a_checkpoint_from_before_the_fine_head_names_the_head(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="head: checkpoint 'paper', config 'fine'"):
         load_checkpoint(path, old)
-    published = {**old.options, "head": "paper", "intensity": None, "encoder_norm": "batch"}
-    with pytest.raises(CheckpointError, match="encoder_norm: checkpoint 'batch', config 'group'"):
-        load_checkpoint(path, ModelSpec(old.name, options={**published, "encoder_norm": "group"}))
-    loaded = load_checkpoint(path, ModelSpec(old.name, options=published))
+    loaded = load_checkpoint(path, ModelSpec(old.name, options={**old.options, "head": "paper", "intensity": None}))
     image = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(image).logits, paper.eval()(image).logits)
@@ -139,14 +136,14 @@ def test_a_checkpoint_from_before_the_fine_head_names_the_head(tmp_path):
                           ).percentiles is None
 
 
-def test_the_cnn_encoder_normalises_each_image_by_default_and_old_cnn_checkpoints_keep_batchnorm(tmp_path):
-    """``encoder_norm: group`` (default) has no running statistics, so an image's output does not depend on
-    the batch or on the source domain's means; a card without the option loads as BatchNorm."""
+def test_the_cnn_encoder_takes_groupnorm_and_old_cnn_checkpoints_keep_batchnorm(tmp_path):
+    """``encoder_norm: group`` has no running statistics, so an image's output does not depend on its
+    batch; ``batch`` (the default) is the ResNet's own, and a card without the option loads as it."""
     import json
 
     options = {"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32, "projection_dim": 8}
     torch.manual_seed(0)
-    grouped = build_model(ModelSpec("promptdas", options=options)).train()
+    grouped = build_model(ModelSpec("promptdas", options={**options, "encoder_norm": "group"})).train()
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in grouped.modules())
     image, other = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32) * 3
     with torch.no_grad():  # in training mode too, one image's output is independent of its batch
@@ -155,14 +152,16 @@ def test_the_cnn_encoder_normalises_each_image_by_default_and_old_cnn_checkpoint
     with pytest.raises(ConfigError, match="encoder_norm 'layer'"):
         build_model(ModelSpec("promptdas", options={**options, "encoder_norm": "layer"}))
 
-    old = build_model(ModelSpec("promptdas", options={**options, "encoder_norm": "batch", "head": "paper"}))
+    old = build_model(ModelSpec("promptdas", options={**options, "head": "paper"}))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.modules())
     path = save_checkpoint(tmp_path / "old.safetensors", old, ModelSpec("promptdas", options={**options,
-                           "encoder_norm": "batch", "head": "paper", "intensity": None}), {})
+                           "head": "paper", "intensity": None}), {})
     card = json.loads((tmp_path / "old.json").read_text())
     card["model"]["options"] = dict(options)  # a card from before encoder_norm, head and intensity
     (tmp_path / "old.json").write_text(json.dumps(card))
-    loaded = load_checkpoint(path, ModelSpec("promptdas", options={**options, "encoder_norm": "batch",
-                                                                   "head": "paper", "intensity": None}))
+    with pytest.raises(CheckpointError, match="encoder_norm: checkpoint 'batch', config 'group'"):
+        load_checkpoint(path, ModelSpec("promptdas", options={**options, "head": "paper", "intensity": None,
+                                                              "encoder_norm": "group"}))
+    loaded = load_checkpoint(path, ModelSpec("promptdas", options={**options, "head": "paper", "intensity": None}))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(image).logits, old.eval()(image).logits)

@@ -112,13 +112,20 @@ class InferenceConfig(Section):
 
 class OutputConfig(Section):
     """Where results go. Created with the input's voxel size and offset; an existing output must have
-    the same geometry, or the run is refused."""
+    the same geometry, or the run is refused.
+
+    ``min_area_nm2``: once the probabilities are written, every connected component of foreground
+    (probability > ``inference.threshold``; per z slice, 8-connected in y and x) whose area is under
+    this many square nanometres (in pixels: divided by voxel y × voxel x, rounded up) has its
+    probabilities set to 0, exactly as one whole-volume pass would; the density output is untouched.
+    0 (the default) removes nothing."""
 
     probabilities: str = Field(min_length=1)
     density: str | None = None
     dtype: Literal["float32", "uint8"] = "float32"
     chunk: PositiveTriple | None = None
     shard: PositiveTriple | None = None
+    min_area_nm2: float = Field(default=0.0, ge=0.0)
 
 
 class ExecutionConfig(Section):
@@ -424,11 +431,21 @@ class Config(Section):
             "roi": self.roi.model_dump() if self.roi else None,
             "model": self.model.model_dump(exclude={"checkpoint"}),
             "inference": self.inference.model_dump(exclude={"device", "batch_size"}),
-            "output": {"dtype": self.output.dtype} if self.output else None,
+            "output": self._output_fields(),
             "prompts": self.prompts.model_dump(exclude={"points", "layer"}) if self.prompts else None,
             "instances": self.instances.model_dump(exclude={"url"}) if self.instances else None,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
+
+    def _output_fields(self) -> dict[str, Any] | None:
+        """The output fields that change its bytes; ``min_area_nm2`` only when set, so runs without it
+        keep the signature they had before it existed."""
+        if self.output is None:
+            return None
+        fields: dict[str, Any] = {"dtype": self.output.dtype}
+        if self.output.min_area_nm2:
+            fields["min_area_nm2"] = self.output.min_area_nm2
+        return fields
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

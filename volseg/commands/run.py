@@ -2,7 +2,9 @@
 
 Passes, each a block stage run by the configured executor (serial, or Ray actors) with done-marks in
 the output's ledger: ``segment`` (probabilities and density); or, with ``prompts.auto``, ``density``
-(prompt-free density map), ``peaks`` (global density peaks) and ``segment`` prompted by those peaks.
+(prompt-free density map), ``peaks`` (global density peaks) and ``segment`` prompted by those peaks;
+then ``min-area`` with ``output.min_area_nm2`` (small 2D components zeroed in the probabilities) and the
+instance passes with ``instances``.
 Blocks marked done under the same run signature are skipped; a block that fails every attempt is
 reported by id, the other blocks still finish, and the next run retries only what is missing.
 """
@@ -24,11 +26,13 @@ from volseg.inference.job import BlockStage, OutputTarget
 from volseg.inference.lease import Leases, holding
 from volseg.inference.ledger import BlockLedger
 from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
+from volseg.inference.postprocess import MinAreaStage, min_area_pixels
 from volseg.inference.segment import (
     SegmentationPlan,
     check_device,
     check_existing_outputs,
     make_job,
+    make_min_area,
     open_outputs,
     plan_segmentation,
     resolve_device,
@@ -91,6 +95,7 @@ class RunResult:
             config = plan.config.prompts
             origin = "density peaks (prompts.auto)" if config is not None and config.auto else config.points
             lines.append(f"prompts: {len(self.prompts)} points from {origin}")
+        lines += self.min_area_lines()
         lines.append(f"model {plan.config.model.name} from {plan.config.model.checkpoint}"
                      + _adapted_on(plan.checkpoint_card))
         lines += [f"{spec.name}: {spec.url}" for spec in plan.outputs]
@@ -99,6 +104,17 @@ class RunResult:
         lines.append(f"run signature {plan.signature[:16]}")
         lines.append(self.viewer_line())
         return lines
+
+    def min_area_lines(self) -> list[str]:
+        """What the ``min-area`` pass removed (nothing when it did not run)."""
+        cleaned = next((p for p in self.passes if p.name == MinAreaStage.name), None)
+        output = self.plan.config.output
+        if cleaned is None or output is None:
+            return []
+        zeroed = sum(outcome["zeroed"] for outcome in cleaned.stats.outcomes.values())
+        min_px = min_area_pixels(output.min_area_nm2, self.plan.source.voxel_size_nm)
+        return [f"min area: {zeroed:,} probabilities set to 0, in 2D components under {output.min_area_nm2:g} nm² "
+                f"({min_px} pixels)"]
 
     def viewer_line(self) -> str:
         """Where to look at the result: a Neuroglancer link, or for local volumes `volseg view`."""
@@ -226,6 +242,9 @@ def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: A
     else:
         result.passes.append(run_pass(executor, make_job(plan, targets), plan.grid, ledger, progress,
                                       "segmenting", leases))
+    min_area = make_min_area(plan, _named(plan, targets, "probabilities"))
+    if min_area is not None and not result.failed:
+        result.passes.append(run_pass(executor, min_area, plan.grid, ledger, progress, "min area", leases))
     if plan.instances is not None and not result.failed:
         blocks = plan.instances.grid.num_blocks
         bar = BlockProgress(3 * blocks, 3 * plan.instances.grid.roi.size, progress, "instances")

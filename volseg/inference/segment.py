@@ -23,6 +23,7 @@ from volseg.geometry import BlockGrid, Box, Coord, PointSet
 from volseg.inference.instances import InstancePlan, plan_instances
 from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
 from volseg.inference.ledger import SIGNATURE_KEY, check_signature
+from volseg.inference.postprocess import MinAreaStage, min_area_pixels
 from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.intensity import IntensityRange, measure_intensity
@@ -370,3 +371,14 @@ def make_job(plan: SegmentationPlan, targets: Sequence[OutputTarget], points: Po
     inference = plan.config.inference
     return SegmentationJob(plan.source, targets, plan.predictor, plan.windows, inference.blend,
                            batch_windows=inference.batch_size, points=plan.points if points is None else points)
+
+
+def make_min_area(plan: SegmentationPlan, probabilities: OutputTarget) -> MinAreaStage | None:
+    """The stage removing components under ``output.min_area_nm2`` from the written ``probabilities``
+    (foreground above ``inference.threshold``); ``None`` when that area is under two pixels, which
+    removes nothing."""
+    assert plan.config.output is not None  # checked by plan_segmentation
+    min_px = min_area_pixels(plan.config.output.min_area_nm2, plan.source.voxel_size_nm)
+    if min_px < 2:
+        return None
+    return MinAreaStage(probabilities.volume, plan.config.inference.threshold, min_px)

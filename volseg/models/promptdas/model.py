@@ -12,8 +12,8 @@ centre-density map::
 ``H`` and ``W`` must be multiples of 8. Points are pixel (y, x) in the image. ``head`` selects the
 upscaler and heads (:mod:`volseg.models.promptdas.heads`): ``fine`` (default) predicts both maps at
 full resolution from the decoder's embedding fused with the encoder's stride-4 and stride-2 features;
-``paper`` is the published head (stride 2, interpolated). ``encoder_norm`` (``group`` by default,
-``batch`` as published) is the CNN encoder's normalisation (:class:`~volseg.models.promptdas.encoders.CNNEncoder`).
+``paper`` is the published head (stride 2, interpolated). ``encoder_norm`` (``batch`` as published, or
+``group``) is the CNN encoder's normalisation (:class:`~volseg.models.promptdas.encoders.CNNEncoder`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class PromptDAS(nn.Module):
     def __init__(self, num_classes: int = 1, encoder: str = "vit_tiny8", decoder_dim: int = 256,
                  decoder_depth: int = 2, decoder_heads: int = 8, decoder_mlp: int = 2048,
                  projection_dim: int = 128, encoder_weights: str | None = None, dims: int = 2,
-                 head: str = "fine", encoder_norm: str = "group") -> None:
+                 head: str = "fine", encoder_norm: str = "batch") -> None:
         super().__init__()
         if dims != 2:
             raise ConfigError(f"model.options.dims is {dims}, but Prompt-DAS is a 2D model.",
@@ -120,7 +120,7 @@ HEADS = ("fine", "paper")
 
 register("promptdas", PromptDAS, _contract,
          "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn)",
-         # new models: the full-resolution head, each volume's robust grey-value range and a GroupNorm CNN;
-         # checkpoints whose cards name none of them: the paper's head on dtype-scaled input, BatchNorm
-         defaults={"head": "fine", "intensity": [1.0, 99.0], "encoder_norm": "group"},
+         # new models: the full-resolution head and each volume's robust grey-value range; checkpoints
+         # whose cards name neither were built with the paper's head on dtype-scaled input
+         defaults={"head": "fine", "intensity": [1.0, 99.0], "encoder_norm": "batch"},
          legacy={"head": "paper", "intensity": None, "encoder_norm": "batch"})
