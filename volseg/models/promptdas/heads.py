@@ -80,7 +80,10 @@ class FineUpscaler(nn.Module):
         self.norm2 = LayerNorm2d(d8)
         self.up1 = nn.ConvTranspose2d(d8, d8, 2, stride=2)
         self.skip1 = nn.Conv2d(1, d8, 3, padding=1)
-        self.refine = nn.Sequential(nn.Conv2d(d8, d8, 3, padding=1), nn.GroupNorm(min(8, d8), d8), nn.GELU())
+        # no bias before the GroupNorm: it would be removed by it (its gradient is 0, so Adam would only
+        # turn rounding into updates)
+        self.refine = nn.Sequential(nn.Conv2d(d8, d8, 3, padding=1, bias=False), nn.GroupNorm(min(8, d8), d8),
+                                    nn.GELU())
 
     def forward(self, x: torch.Tensor, s4: torch.Tensor, s2: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm4(self.up4(x) + self.skip4(s4)))
