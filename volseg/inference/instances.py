@@ -445,8 +445,9 @@ def plan_instances(
 def min_size_voxels(settings: InstancesConfig, voxel_size_nm: Sequence[float]) -> int:
     """The least size of a kept object in voxels: ``min_size_vx``, or ``min_size_nm3`` over the voxel's
     volume (rounded up), whichever is larger."""
-    from_nm = math.ceil(settings.min_size_nm3 / math.prod(float(v) for v in voxel_size_nm) - 1e-9)
-    return max(settings.min_size_vx, from_nm, 0)
+    from volseg.inference.postprocess import units_of  # postprocess imports this module
+
+    return max(settings.min_size_vx, units_of(settings.min_size_nm3, math.prod(float(v) for v in voxel_size_nm)))
 
 
 def open_instances(plan: InstancePlan) -> Volume:

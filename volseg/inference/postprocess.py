@@ -52,8 +52,12 @@ SLICE_NEIGHBOURS[1] = True
 def min_area_pixels(min_area_nm2: float, voxel_size_nm: Sequence[float]) -> int:
     """The least area, in pixels, of a kept component: ``min_area_nm2`` over a pixel's area (voxel
     y × voxel x), rounded up. Below 2 nothing is removed (every component has a pixel)."""
-    pixel_nm2 = float(voxel_size_nm[1]) * float(voxel_size_nm[2])
-    return max(0, math.ceil(min_area_nm2 / pixel_nm2 - 1e-9))
+    return units_of(min_area_nm2, float(voxel_size_nm[1]) * float(voxel_size_nm[2]))
+
+
+def units_of(amount: float, unit: float) -> int:
+    """How many ``unit`` make up ``amount``, rounded up (a hair of float error does not add one)."""
+    return max(0, math.ceil(amount / unit - 1e-9))
 
 
 def open_sides(box: Box, bounds: Box) -> list[tuple[slice, ...]]:

@@ -139,9 +139,7 @@ class AdaptationGuard:
         confidence = float((2 * probability - 1).abs().mean())
         s = self.settings
         problems = []
-        if first:
-            pass  # the source model is the reference
-        else:
+        if not first:  # the first check is the source model itself: the reference
             if ratio < s.min_ratio:
                 problems.append(f"the teacher's foreground fell to {ratio:.2f}× the source model's (collapsing to "
                                 "background)")
