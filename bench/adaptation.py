@@ -18,19 +18,24 @@ over the global window grid, and test-time points are the points file's points w
   peer_oracle       the same on Lucchi z < 100, the CPU seconds of ``oracle``
   oracle_paper      ``oracle`` with the paper's head (stride 2, interpolated) instead of the fine head
   source_raw        ``source`` without robust intensity normalisation (grey values / 255)
+  source_uncalibrated  ``source`` scored without BatchNorm statistics calibrated on the test volume
   uda_pushed        UDA with settings that collapse it (``PUSHED``), the adaptation guard off
   uda_pushed_guarded  the same with the guard on: where it stopped, and the Dice of the teacher it kept
 
-Each row reports Dice, IoU, the 2D objects it predicts on the scored slices (8-connected components) against
-the true number, and its training wall and CPU seconds. Every row's prediction is post-processed as the
-recipe's ``volseg run`` does (``output.min_area_nm2``: 2D specks under ``min_area_nm2`` removed); the
-JSON also keeps the object count before that (``raw_objects``). A row of a seed is computed once and kept in that
-seed's JSON; ``--force`` recomputes. The source model of a seed is kept beside it for uda / wda.
+Every volseg row is run as the recipe's ``volseg run`` does (configs/vnc-lucchi/run.yaml): the model's
+BatchNorm statistics re-estimated on the test volume (``inference.calibrate_norms``; the peer, likewise,
+standardises by the test volume's statistics). Each row reports Dice, IoU, the 2D objects it predicts on the
+scored slices (8-connected components) against the true number, and its training wall and CPU seconds. Every
+row's prediction is post-processed as the recipe's ``volseg run`` does (``output.min_area_nm2``: 2D specks
+under ``min_area_nm2`` removed); the JSON also keeps the object count before that (``raw_objects``). A row of
+a seed is computed once and kept in that seed's JSON; ``--force`` recomputes. The source model of a seed is
+kept beside it for uda / wda.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -75,23 +80,26 @@ SCALES = {
                       "projection_dim": 64},
             "crop": 256, "window": 256, "stride": 192, "source_steps": 300, "oracle_steps": 600,
             "adapt_steps": 300, "batch": 4, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3,
-            "min_area_nm2": 5000.0},
+            "min_area_nm2": 5000.0, "calibrate_norms": True},
     "paper": {"model": {"encoder": "vit_s8"}, "crop": 384, "window": 384, "stride": 128,
               "source_steps": 4000, "oracle_steps": 4000, "adapt_steps": 4000, "batch": 8,
-              "source_lr": 2e-4, "adapt_lr": 1e-4, "foreground_share": 0.5, "min_area_nm2": 5000.0},
+              "source_lr": 2e-4, "adapt_lr": 1e-4, "foreground_share": 0.5, "min_area_nm2": 5000.0,
+              "calibrate_norms": False},
     # only to check that every row runs (with --slices 2): no number of it means anything
     "smoke": {"model": {"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32,
                         "projection_dim": 8},
               "crop": 64, "window": 128, "stride": 96, "source_steps": 3, "oracle_steps": 3, "adapt_steps": 2,
-              "batch": 2, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3, "min_area_nm2": 5000.0},
+              "batch": 2, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3, "min_area_nm2": 5000.0,
+              "calibrate_norms": True},
 }
 ROWS = ("source", "uda", "wda", "wda_points", "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw",
-        "uda_pushed", "uda_pushed_guarded")
+        "source_uncalibrated", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "wda": "WDA (15% points, z < 100)",
     "wda_points": "WDA + test-time points (z ≥ 100)", "oracle": "supervised-target (oracle)",
     "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
     "oracle_paper": "oracle, paper's head", "source_raw": "source-only, grey values / 255",
+    "source_uncalibrated": "source-only, norms not calibrated",
     "uda_pushed": "UDA pushed to collapse, guard off", "uda_pushed_guarded": "UDA pushed to collapse, guard on",
 }
 #: UDA settings that drive self-training to background: pseudo-foreground needs p ≥ 0.999 and weighs 1%.
@@ -169,14 +177,19 @@ def _stride(predictor: Any) -> tuple[int, int, int]:
 
 
 def volseg_predictor(model: torch.nn.Module, raw: Any, window: int, stride: int, model_name: str = "promptdas",
-                     spec: ModelSpec | None = None, batch_size: int = 8) -> TorchPredictor:
+                     spec: ModelSpec | None = None, batch_size: int = 8, calibrate_norms: bool = False
+                     ) -> TorchPredictor:
     """A predictor of ``model`` normalising ``raw`` as a run would (its own grey-value range, if the
-    model's contract says so)."""
+    model's contract says so; with ``calibrate_norms``, BatchNorm statistics of ``raw``, on a copy of
+    the model)."""
     contract = input_contract(spec or ModelSpec(model_name))
     intensity = None if contract.percentiles is None else measure_intensity(raw, contract.percentiles).bounds
     predictor = TorchPredictor(model.eval(), contract, (1, window, window), 1, device=next(model.parameters()).device,
                                batch_size=batch_size, intensity=intensity)
     predictor.stride = (1, stride, stride)
+    if calibrate_norms:
+        predictor.model = copy.deepcopy(predictor.model)
+        predictor.calibrate_norms(raw)
     return predictor
 
 
@@ -351,9 +364,12 @@ class Bench:
         print(f"seed {self.seed} {name}: Dice {c.dice:.3f} IoU {c.iou:.3f}, objects {result.objects} "
               f"(true {result.true_objects}), train {wall:.0f} s / {cpu:.0f} CPU s", flush=True)
 
-    def score_model(self, model: torch.nn.Module, spec: ModelSpec, points: PointSet | None = None) -> Score:
+    def score_model(self, model: torch.nn.Module, spec: ModelSpec, points: PointSet | None = None,
+                    calibrate: bool | None = None) -> Score:
         s = self.scale
-        predictor = volseg_predictor(model, self.target_raw, s["window"], s["stride"], spec=spec)
+        calibrate = s["calibrate_norms"] if calibrate is None else calibrate
+        predictor = volseg_predictor(model, self.target_raw, s["window"], s["stride"], spec=spec,
+                                     calibrate_norms=calibrate)
         return score_predictor(predictor, self.target_raw, self.target_labels, self.test_slices, points,
                                min_area_nm2=s["min_area_nm2"])
 
@@ -413,6 +429,11 @@ def _oracle(bench: Bench, name: str = "oracle", **options: Any) -> None:
     bench.record(name, bench.score_model(model, spec), wall, cpu)
 
 
+def _source_uncalibrated(bench: Bench) -> None:
+    model, wall, cpu = bench.source_model()
+    bench.record("source_uncalibrated", bench.score_model(model, bench.spec(), calibrate=False), wall, cpu)
+
+
 def _source_raw(bench: Bench) -> None:
     spec = bench.spec(intensity=None)
     model, wall, cpu = bench.trained(spec, bench.settings("source"), bench.source, None)
@@ -435,6 +456,7 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
     "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),
     "source_raw": _source_raw,
+    "source_uncalibrated": _source_uncalibrated,
     "uda_pushed": lambda b: _pushed(b, guarded=False),
     "uda_pushed_guarded": lambda b: _pushed(b, guarded=True),
 }

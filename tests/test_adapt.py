@@ -16,6 +16,7 @@ from volseg.geometry import PointSet
 from volseg.intensity import measure_intensity
 from volseg.metrics import dice
 from volseg.models import ModelSpec, build_model, input_contract
+from volseg.models.norms import calibrate_norms, norm_layers
 from volseg.models.promptdas.model import PromptDASOutput
 from volseg.training.augment import AugmentSettings, GeometricTransform
 from volseg.training.crops import CropSampler
@@ -90,6 +91,51 @@ def test_ema_teacher_arithmetic_and_no_gradients():
     loss = (student.weight * 2).sum()
     loss.backward()
     assert teacher.model.weight.grad is None and student.weight.grad is not None
+
+
+class Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(image))
+
+
+def test_calibrated_norms_are_the_mean_batch_statistics_of_the_calibration_images():
+    torch.manual_seed(0)
+    model = Normed()
+    model.norm.running_mean.fill_(5.0)  # statistics of another domain, to be replaced
+    images = torch.rand(12, 1, 16, 16) * 3 + 1
+    assert calibrate_norms(model, images, batch=4)
+    with torch.no_grad():
+        features = [model.conv(part) for part in images.split(4)]
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0)
+    var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in features]).mean(0)
+    assert torch.allclose(model.norm.running_mean, mean, atol=1e-5)
+    assert torch.allclose(model.norm.running_var, var, atol=1e-4)
+    assert not model.training and model.norm.momentum == 0.1  # left in eval mode, momentum restored
+    again = Normed()
+    again.load_state_dict(model.state_dict())
+    calibrate_norms(again, images.flip(0), batch=4)  # the same batches in another order: the same statistics
+    assert torch.allclose(again.norm.running_mean, mean, atol=1e-5)
+    assert not calibrate_norms(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2)), images)
+
+
+def test_a_teacher_with_calibrated_norms_averages_weights_but_keeps_its_statistics():
+    student = Normed()
+    teacher = EMATeacher(student, alpha=0.5, calibrated_norms=True)
+    teacher.model.norm.running_mean.fill_(2.0)
+    with torch.no_grad():
+        student.conv.weight.add_(1.0)
+    student.norm.running_mean.fill_(-7.0)
+    teacher.update(student)
+    assert torch.equal(teacher.model.conv.weight, student.conv.weight)  # decay 0 at the first update
+    assert torch.equal(teacher.model.norm.running_mean, torch.full((3,), 2.0))
+    plain = EMATeacher(student, alpha=0.5)
+    plain.update(student)
+    assert torch.equal(plain.model.norm.running_mean, torch.full((3,), -7.0))
 
 
 # --- pseudo-labels -----------------------------------------------------------------------------------
@@ -425,3 +471,30 @@ def test_robust_intensity_and_the_fine_head_close_the_synthetic_gap(one_thread):
     (seed 2) and the fine head alone 0.59."""
     source_only, _ = _tem_to_fibsem(SMALL, adapt=False)
     assert source_only > 0.8, source_only
+
+
+CNN_SMALL = ModelSpec("promptdas", options={"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32,
+                                            "projection_dim": 8})
+
+
+@pytest.mark.parametrize("crops", [0, 6])
+def test_the_adapted_teacher_normalises_with_statistics_of_the_target_alone(crops, one_thread):
+    """The student's BatchNorm statistics mix source and target; the teacher's are re-estimated on the target's
+    calibration crops (every ``calibrate_every`` steps and at the end), unless ``calibrate_crops`` is 0."""
+    source = generate_volume((2, 64, 64), "tem", seed=0)
+    target = generate_volume((2, 64, 64), "fibsem", seed=1)
+    settings = AdaptSettings(mode="uda", steps=3, batch_size=2, crop=(1, 32, 32), density_sigma=3.0,
+                             calibrate_crops=crops, calibrate_every=2, guard=GuardSettings(enabled=False))
+    torch.manual_seed(0)
+    trainer = PromptDASTrainer(build_model(CNN_SMALL), settings, DomainData(source.raw, source.labels),
+                               DomainData(target.raw))
+    for _ in range(settings.steps):
+        trainer.step()
+    teacher = trainer.inference_model
+    reference = build_model(CNN_SMALL)
+    reference.load_state_dict(teacher.state_dict())
+    images = trainer.target_images(3, 6)  # the calibration stream
+    calibrate_norms(reference, images)
+    gaps = [float((a.running_mean - b.running_mean).abs().max()) for a, b in
+            zip(norm_layers(teacher), norm_layers(reference), strict=True)]
+    assert gaps and (max(gaps) < 1e-5) == (crops > 0), gaps

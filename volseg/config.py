@@ -91,6 +91,9 @@ class InferenceConfig(Section):
     device: str = "auto"
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    #: Re-estimate the model's BatchNorm statistics on the input volume before the run (AdaBN; see
+    #: :meth:`volseg.inference.predictor.TorchPredictor.calibrate_norms`). No effect without BatchNorm.
+    calibrate_norms: bool = False
 
     @field_validator("device")
     @classmethod
@@ -305,6 +308,8 @@ class AdaptConfig(Section):
     peak_threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
     density_sigma_nm: float = Field(default=40.0, gt=0)
     unprompted_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    calibrate_crops: int = Field(default=64, ge=0)
+    calibrate_every: int = Field(default=25, ge=1)
     pseudo_foreground_share: float = Field(default=0.5, gt=0.0, lt=1.0)
     balance_pseudo_labels: bool = True
     density_weight: float = Field(default=30.0, ge=0.0)
@@ -430,7 +435,8 @@ class Config(Section):
             "input": self.input.model_dump() if self.input else None,
             "roi": self.roi.model_dump() if self.roi else None,
             "model": self.model.model_dump(exclude={"checkpoint"}),
-            "inference": self.inference.model_dump(exclude={"device", "batch_size"}),
+            # calibrate_norms: its statistics' digest is in the run signature itself
+            "inference": self.inference.model_dump(exclude={"device", "batch_size", "calibrate_norms"}),
             "output": self._output_fields(),
             "prompts": self.prompts.model_dump(exclude={"points", "layer"}) if self.prompts else None,
             "instances": self.instances.model_dump(exclude={"url"}) if self.instances else None,

@@ -22,8 +22,13 @@ import torch
 
 from volseg.allocator import keep_freed_memory
 from volseg.errors import ConfigError
-from volseg.geometry import Coord
+from volseg.geometry import Coord, read_box
+from volseg.intensity import sample_boxes
 from volseg.models import InputContract
+from volseg.models.norms import calibrate_norms, norm_digest, norm_layers
+
+#: Windows per axis (z, y, x) of the lattice :meth:`TorchPredictor.calibrate_norms` samples a volume with.
+CALIBRATION_LATTICE = (4, 4, 4)
 
 
 @runtime_checkable
@@ -95,6 +100,18 @@ class TorchPredictor:
         state["device"] = torch.device("cpu")
         return state
 
+    def calibrate_norms(self, volume: Any) -> str | None:
+        """Re-estimate the model's BatchNorm statistics on ``volume`` (AdaBN): windows of the predictor's
+        shape on :data:`CALIBRATION_LATTICE`, spread evenly over the volume (so they depend on the volume
+        alone), normalised as blocks are. Every block then uses the same statistics. Returns their
+        digest (for the run signature), or None for a model without BatchNorm (nothing changes)."""
+        if not norm_layers(self.model):
+            return None
+        boxes = sample_boxes(tuple(volume.shape)[-3:], CALIBRATION_LATTICE, self._window)
+        windows = np.stack([np.asarray(read_box(volume, box)) for box in boxes])
+        calibrate_norms(self.model, self._model_input(windows), self.batch_size)
+        return norm_digest(self.model)
+
     @property
     def window(self) -> Coord:
         return self._window
@@ -112,6 +129,12 @@ class TorchPredictor:
             batch_prompts = None if prompts is None else prompts[begin : begin + self.batch_size]
             self._predict_batch(batch, batch_prompts, stacked[begin : begin + len(batch)])
         return out
+
+    def _model_input(self, windows: np.ndarray) -> torch.Tensor:
+        """Raw ``B×Z×Y×X`` windows → normalised model input on the device: 2D, the Z = 1 slices of the
+        windows become the batch; 3D, a channel axis is added."""
+        x = self.contract.normalize(torch.from_numpy(np.ascontiguousarray(windows)).to(self.device), self.intensity)
+        return x.reshape(-1, 1, *x.shape[-2:]) if self.contract.dims == 2 else x.unsqueeze(1)
 
     def _prompt_tensors(self, prompts: Sequence[np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-window (z, y, x) prompts → padded ``B×N×2`` (y, x) points and a ``B×N`` validity mask."""
@@ -132,9 +155,7 @@ class TorchPredictor:
 
     def _predict_batch(self, batch: np.ndarray, prompts: Sequence[np.ndarray] | None, out: torch.Tensor) -> None:
         """Predict ``batch`` into ``out`` (a CPU view, ``B×(C+1)×Z×Y×X``)."""
-        x = self.contract.normalize(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), self.intensity)
-        # 2D: the Z=1 slices of the windows become the batch; 3D: add the channel axis.
-        x = x.reshape(-1, 1, *x.shape[-2:]) if self.contract.dims == 2 else x.unsqueeze(1)
+        x = self._model_input(batch)
         prompt_tensors = self._prompt_tensors(prompts)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.model(x) if prompt_tensors is None else self.model(x, *prompt_tensors)

@@ -24,7 +24,7 @@ from volseg.inference.instances import InstancePlan, plan_instances
 from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
 from volseg.inference.ledger import SIGNATURE_KEY, check_signature
 from volseg.inference.postprocess import MinAreaStage, min_area_pixels
-from volseg.inference.predictor import INPUT_DTYPES, TorchPredictor
+from volseg.inference.predictor import CALIBRATION_LATTICE, INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.intensity import IntensityRange, measure_intensity
 from volseg.io import choose_output_chunks, create_volume
@@ -63,6 +63,7 @@ class SegmentationPlan:
     points: PointSet | None = None
     instances: InstancePlan | None = None
     intensity: IntensityRange | None = None
+    norms: str | None = None
 
 
 def check_input_dtype(dtype: np.dtype, url: str, field: str) -> None:
@@ -168,9 +169,13 @@ def run_paths(config: Config) -> tuple[list[PathRef], list[PathRef]]:
 
 
 def run_signature(weights: str, config: Config, grid: BlockGrid, windows: WindowGrid,
-                  points: PointSet | None = None, intensity: IntensityRange | None = None) -> str:
+                  points: PointSet | None = None, intensity: IntensityRange | None = None,
+                  norms: str | None = None) -> str:
     """Hash of everything that determines the bytes a run writes (prompts by their coordinates, the
-    input's grey-value range by its bounds)."""
+    input's grey-value range by its bounds). BatchNorm statistics calibrated on the input (``norms``, their
+    digest, None when not calibrated) count by how they were sampled, not by their floats (which vary
+    in the last bits with the CPU's thread count); runs without them keep the signature they had before
+    the option existed."""
     payload = {
         "intensity": None if intensity is None else list(intensity.bounds),
         "weights_sha256": weights,
@@ -181,6 +186,8 @@ def run_signature(weights: str, config: Config, grid: BlockGrid, windows: Window
         "threads": config.execution.threads,
         "volseg": volseg.__version__,
     }
+    if norms is not None:
+        payload["calibrate_norms"] = list(CALIBRATION_LATTICE)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,6 +210,8 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     if predictor.contract.percentiles is not None:  # once per volume: every block uses the same range
         intensity = measure_intensity(source, predictor.contract.percentiles)
         predictor.intensity = intensity.bounds
+    # once per volume too, after the intensity range (the calibration windows are normalised with it)
+    norms = predictor.calibrate_norms(source) if config.inference.calibrate_norms else None
     windows = WindowGrid(source.shape, config.inference.window, config.inference.stride)
     chunk = config.output.chunk or choose_output_chunks(source.shape, np.dtype(config.output.dtype),
                                                         source.chunk_shape)
@@ -219,10 +228,11 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
         if len(points) and not getattr(predictor.model, "promptable", False):
             raise ConfigError(f"prompts.points gives {len(points)} points, but model {config.model.name!r} "
                               "takes no prompts.", "use model.name: promptdas, or remove the prompts section.")
-    signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows, points, intensity)
+    signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows, points, intensity,
+                              norms)
     plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
                             None if config.output.shard is None else tuple(config.output.shard),
-                            outputs, signature, card, points, intensity=intensity)
+                            outputs, signature, card, points, intensity=intensity, norms=norms)
     check_existing_outputs(plan, overwrite)
     if config.instances is not None:
         plan = replace(plan, instances=_plan_instances(plan, overwrite))
@@ -357,6 +367,7 @@ def open_outputs(plan: SegmentationPlan, device: str | None = None) -> list[Outp
             "input": plan.config.input.url if plan.config.input else None,
             "checkpoint": plan.config.model.checkpoint,
             "intensity": None if plan.intensity is None else plan.intensity.to_json(),
+            "norms_sha256": plan.norms,
         }}
         # stamped when created, so no output ever exists without saying that volseg wrote it
         volume = create_volume(**_creation_arguments(plan, spec), attributes=stamp)

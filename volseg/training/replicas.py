@@ -31,6 +31,8 @@ from volseg.errors import ConfigError
 SOURCE_STREAM, TARGET_STREAM = 0, 1
 #: The stream of the adaptation guard's probe crops (:mod:`volseg.training.promptdas.guard`).
 GUARD_STREAM = 2
+#: The stream of the target crops the teacher's BatchNorm statistics are calibrated on.
+CALIBRATION_STREAM = 3
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ class AdaptSettings:
         paper draws every crop's subset uniformly (0); an unprompted run then meets a model that has
         rarely been asked to segment without help.
     density_sigma: σ in voxels of the Gaussians of the target domain's density targets.
+    calibrate_crops, calibrate_every: uda / wda: the teacher's BatchNorm statistics are its own, re-estimated
+        on ``calibrate_crops`` fixed target crops before the first step, every ``calibrate_every`` steps
+        and at the end (see :mod:`volseg.training.promptdas.teacher`); 0 crops: the teacher averages the
+        student's statistics of mixed source and target batches instead. No effect on models without
+        BatchNorm.
 
     Beyond the config:
     source_density_sigma: σ in voxels on the source domain (differs when the voxel sizes do; None: same).
@@ -77,6 +82,8 @@ class AdaptSettings:
     peak_threshold: float = 0.3
     unprompted_share: float = 0.5
     density_sigma: float = 5.0
+    calibrate_crops: int = 64
+    calibrate_every: int = 25
     seed: int = 0
     source_density_sigma: float | None = None
     contrastive_points: int = 16
@@ -106,6 +113,9 @@ class AdaptSettings:
         if not 0 <= self.unprompted_share <= 1:
             raise ConfigError(f"unprompted_share {self.unprompted_share} must be in [0, 1].",
                               "e.g. 0.5 (half the labelled crops without prompts).")
+        if self.calibrate_crops < 0 or self.calibrate_every < 1:
+            raise ConfigError(f"calibrate_crops {self.calibrate_crops} must be ≥ 0 and calibrate_every "
+                              f"{self.calibrate_every} ≥ 1.", "e.g. calibrate_crops 64, calibrate_every 25.")
         if self.steps < 1 or self.batch_size < 1 or self.density_sigma <= 0:
             raise ConfigError(f"steps {self.steps}, batch_size {self.batch_size} and density_sigma "
                               f"{self.density_sigma} must be positive.", "give positive values.")

@@ -37,6 +37,7 @@ from torch import nn
 from volseg.errors import ConfigError
 from volseg.geometry import PointSet
 from volseg.models import InputContract, ModelSpec, input_contract
+from volseg.models.norms import calibrate_norms
 from volseg.training.crops import CropSampler
 from volseg.training.loop import StepCallback, TrainHistory, set_poly_lr
 from volseg.training.losses import density_loss, segmentation_loss
@@ -53,6 +54,7 @@ from volseg.training.promptdas.guard import AdaptationGuard
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.teacher import EMATeacher, unwrap
 from volseg.training.replicas import (
+    CALIBRATION_STREAM,
     GUARD_STREAM,
     ONE_PROCESS,
     SOURCE_STREAM,
@@ -131,9 +133,29 @@ class PromptDASTrainer:
                                contract)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
-        self.teacher = EMATeacher(model, settings.ema_alpha) if settings.mode in ("uda", "wda") else None
+        self.teacher = None
+        self.calibration: torch.Tensor | None = None
+        if settings.mode in ("uda", "wda"):
+            calibrated = settings.calibrate_crops > 0 and self.target is not None
+            self.teacher = EMATeacher(model, settings.ema_alpha, calibrated_norms=calibrated)
+            if calibrated:
+                self.calibration = self.target_images(CALIBRATION_STREAM, settings.calibrate_crops)
+                self.calibrate_teacher()
         self.step_index = 0
         self.device = next(model.parameters()).device
+
+    def target_images(self, stream: int, count: int) -> torch.Tensor:
+        """The slices of ``count`` fixed target crops (``settings.crop``) as model input, from ``stream``
+        (the same on every replica)."""
+        s, sampler = self.settings, self.target
+        assert sampler is not None
+        crops = [sampler.crop_at(sampler.box(crop_streams(s.seed, stream, 0, i, 1)[0])) for i in range(count)]
+        return crop_slices(crops, self.contract, sampler.intensity).images
+
+    def calibrate_teacher(self) -> None:
+        """Re-estimate the teacher's BatchNorm statistics on the calibration crops (if it keeps its own)."""
+        if self.teacher is not None and self.calibration is not None:
+            calibrate_norms(self.teacher.model, self.calibration)
 
     @property
     def inference_model(self) -> nn.Module:
@@ -212,6 +234,8 @@ class PromptDASTrainer:
             self.replica.share_buffers(unwrap(self.model))
             self.teacher.update(self.model)
         self.step_index += 1
+        if self.step_index % s.calibrate_every == 0 or self.step_index == s.steps:
+            self.calibrate_teacher()
         components = {name: float(t.detach()) for name, t in terms.items()}
         for name, batch in batches.items():
             components.update({f"{name}_{key}": value for key, value in batch.stats.items()})
@@ -223,9 +247,7 @@ class PromptDASTrainer:
         if self.teacher is None or self.target is None:
             return None
         s = self.settings
-        crops = [self.target.crop_at(self.target.box(crop_streams(s.seed, GUARD_STREAM, 0, i, 1)[0]))
-                 for i in range(s.guard.probes)]
-        probes = crop_slices(crops, self.contract, self.target.intensity).images
+        probes = self.target_images(GUARD_STREAM, s.guard.probes)
         return AdaptationGuard(probes, s.guard, peak_threshold=s.peak_threshold, sigma_vx=s.density_sigma)
 
     def guarded_stop(self, guard: AdaptationGuard) -> bool:
