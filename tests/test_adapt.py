@@ -39,7 +39,7 @@ from volseg.training.promptdas.pseudo_labels import (
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.teacher import EMATeacher, ema_decay
 from volseg.training.promptdas.trainer import DomainData, PromptDASTrainer, train_promptdas
-from volseg.training.replicas import SampleRandom
+from volseg.training.replicas import CALIBRATION_STREAM, SampleRandom
 from volseg.training.targets import gaussian_density, instance_centres_2d
 
 NO_INTENSITY = AugmentSettings(weak_intensity=0.0, brightness=0.0, contrast=0.0, gamma=1.0, noise_sigma=0.0,
@@ -493,7 +493,7 @@ def test_the_adapted_teacher_normalises_with_statistics_of_the_target_alone(crop
     teacher = trainer.inference_model
     reference = build_model(CNN_SMALL)
     reference.load_state_dict(teacher.state_dict())
-    images = trainer.target_images(3, 6)  # the calibration stream
+    images = trainer.target_images(CALIBRATION_STREAM, 6)
     calibrate_norms(reference, images)
     gaps = [float((a.running_mean - b.running_mean).abs().max()) for a, b in
             zip(norm_layers(teacher), norm_layers(reference), strict=True)]
