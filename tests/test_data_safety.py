@@ -299,8 +299,11 @@ def test_ctrl_c_stops_a_run_that_the_next_run_resumes(user, tmp_path):
     data = yaml.safe_load(config.read_text())
     data["output"]["chunk"] = [2, 16, 16]
     config.write_text(yaml.safe_dump(data))
+    # Ctrl-C as a shell delivers it: the child starts with SIGINT's default action, whatever an earlier test
+    # left in this process (a child inherits an ignored SIGINT, and Python then never raises KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "volseg.cli", "run", str(config), "--no-progress"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     marks = tmp_path / "out.zarr" / "prob" / ".volseg"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(marks.glob("*/segment/*")) and proc.poll() is None:
