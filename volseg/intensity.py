@@ -61,17 +61,20 @@ def sample_boxes(shape: Sequence[int], lattice: Sequence[int] = SAMPLE_LATTICE,
     return [Box.from_shape(size, (z, y, x)) for z in starts[0] for y in starts[1] for x in starts[2]]
 
 
+def read_boxes(volume: Any, boxes: Sequence[Box]) -> list[np.ndarray]:
+    """The voxels of each box, in order; a storage volume (``read_async``) reads them in parallel."""
+    if hasattr(volume, "read_async"):
+        pending = [volume.read_async(box) for box in boxes]
+        return [np.asarray(p.result()) for p in pending]
+    return [np.asarray(read_box(volume, box)) for box in boxes]
+
+
 def measure_intensity(volume: Any, percentiles: Sequence[float] = (1.0, 99.0)) -> IntensityRange:
     """The robust grey-value range of ``volume`` (a :class:`volseg.io.Volume`, anything with ``shape``
     and ``read(box)``, or a numpy array): the ``percentiles`` of :func:`sample_boxes`.
 
     A volume whose sample is one grey value gets the range ``(v, v + 1)``."""
-    boxes = sample_boxes(tuple(volume.shape)[-3:])
-    if hasattr(volume, "read_async"):  # storage reads in parallel
-        pending = [volume.read_async(box) for box in boxes]
-        parts = [p.result() for p in pending]
-    else:
-        parts = [read_box(volume, box) for box in boxes]
+    parts = read_boxes(volume, sample_boxes(tuple(volume.shape)[-3:]))
     values = np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts])
     low, high = (float(v) for v in np.percentile(values, [float(p) for p in percentiles]))
     if not high > low:

@@ -22,8 +22,8 @@ import torch
 
 from volseg.allocator import keep_freed_memory
 from volseg.errors import ConfigError
-from volseg.geometry import Coord, read_box
-from volseg.intensity import sample_boxes
+from volseg.geometry import Coord
+from volseg.intensity import read_boxes, sample_boxes
 from volseg.models import InputContract
 from volseg.models.norms import calibrate_norms, norm_digest, norm_layers
 
@@ -108,7 +108,7 @@ class TorchPredictor:
         if not norm_layers(self.model):
             return None
         boxes = sample_boxes(tuple(volume.shape)[-3:], CALIBRATION_LATTICE, self._window)
-        windows = np.stack([np.asarray(read_box(volume, box)) for box in boxes])
+        windows = np.stack(read_boxes(volume, boxes))
         calibrate_norms(self.model, self._model_input(windows), self.batch_size)
         return norm_digest(self.model)
 
