@@ -176,6 +176,8 @@ CASES = [
          ("promptdas.safetensors",)),
     Case("unknown model", "run", edit(RUN, model__name="resnet"), ("resnet",)),
     Case("stride above window", "run", edit(RUN, inference__stride=[1, 40, 24]), ("stride 40",)),
+    Case("tta on a non-square window", "run", edit(RUN, inference__window=[1, 32, 48], inference__tta=4),
+         ("tta 4", "square")),
     Case("GPU that is not there", "run", edit(RUN, inference__device="cuda:3"), ("inference.device",)),
     Case("bad device", "run", edit(RUN, inference__device="tpu"), ("inference.device",)),
     Case("3D window for a 2D model", "run", edit(RUN, inference__window=[4, 32, 32]), ("window",)),

@@ -94,6 +94,10 @@ class InferenceConfig(Section):
     #: Re-estimate the model's BatchNorm statistics on the input volume before the run (AdaBN; see
     #: :meth:`volseg.inference.predictor.TorchPredictor.calibrate_norms`). No effect without BatchNorm.
     calibrate_norms: bool = False
+    #: Test-time augmentation: every window's prediction is the mean over this many in-plane views
+    #: (1: none; 4: the four quarter turns; 8: those and their mirror images), prompts turned with the
+    #: image. Costs as many forward passes; windows must be square in y and x.
+    tta: Literal[1, 4, 8] = 1
 
     @field_validator("device")
     @classmethod
@@ -103,13 +107,16 @@ class InferenceConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _stride_fits(self) -> InferenceConfig:
+    def _windows_fit(self) -> InferenceConfig:
         for ax, w, s in zip("zyx", self.window, self.stride, strict=True):
             if s > w:
                 raise ValueError(
                     f"stride {s} on axis {ax} exceeds the window {w}; voxels between windows would "
                     f"never be predicted (use a stride of at most {w})"
                 )
+        if self.tta > 1 and self.window[1] != self.window[2]:
+            raise ValueError(f"tta {self.tta} turns windows a quarter turn, so the window must be square in y and x; "
+                             f"{list(self.window)} is not (use y = x, or tta: 1)")
         return self
 
 
@@ -435,13 +442,20 @@ class Config(Section):
             "input": self.input.model_dump() if self.input else None,
             "roi": self.roi.model_dump() if self.roi else None,
             "model": self.model.model_dump(exclude={"checkpoint"}),
-            # calibrate_norms: its statistics' digest is in the run signature itself
-            "inference": self.inference.model_dump(exclude={"device", "batch_size", "calibrate_norms"}),
+            "inference": self._inference_fields(),
             "output": self._output_fields(),
             "prompts": self.prompts.model_dump(exclude={"points", "layer"}) if self.prompts else None,
             "instances": self.instances.model_dump(exclude={"url"}) if self.instances else None,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
+
+    def _inference_fields(self) -> dict[str, Any]:
+        """The inference fields that change what a run writes; ``tta`` only when set, so runs without it
+        keep their signature. (``calibrate_norms``: the statistics' digest is in the run signature.)"""
+        fields = self.inference.model_dump(exclude={"device", "batch_size", "calibrate_norms"})
+        if fields["tta"] == 1:
+            del fields["tta"]
+        return fields
 
     def _output_fields(self) -> dict[str, Any] | None:
         """The output fields that change its bytes; ``min_area_nm2`` only when set, so runs without it

@@ -30,6 +30,10 @@ from volseg.models.norms import calibrate_norms, norm_digest, norm_layers
 #: Windows per axis (z, y, x) of the lattice :meth:`TorchPredictor.calibrate_norms` samples a volume with.
 CALIBRATION_LATTICE = (4, 4, 4)
 
+#: The in-plane views test-time augmentation averages: (quarter turns, mirrored first), the identity first.
+VIEWS = {1: ((0, False),), 4: tuple((k, False) for k in range(4)),
+         8: tuple((k, m) for m in (False, True) for k in range(4))}
+
 
 @runtime_checkable
 class Predictor(Protocol):
@@ -72,6 +76,7 @@ class TorchPredictor:
         batch_size: int = 8,
         amp_dtype: torch.dtype | None = None,
         intensity: tuple[float, float] | None = None,
+        tta: int = 1,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -84,7 +89,13 @@ class TorchPredictor:
         self.amp_dtype = amp_dtype
         #: The volume's robust grey-value range (low, high), when the contract normalises by one.
         self.intensity = intensity
+        if tta not in VIEWS:
+            raise ValueError(f"tta must be one of {sorted(VIEWS)}, not {tta}")
+        #: Test-time augmentation: each window's prediction is the mean over these in-plane views.
+        self.views = VIEWS[tta]
         contract.check_window(self._window)
+        if tta > 1 and self._window[1] != self._window[2]:
+            raise ValueError(f"tta {tta} turns windows a quarter turn: the window {self._window} must be square in y, x")
 
     def to(self, device: str | torch.device) -> None:
         """Move the model to ``device`` (an executor's actor does this once, on its own GPU)."""
@@ -154,13 +165,46 @@ class TorchPredictor:
         return points.to(self.device), mask.to(self.device)
 
     def _predict_batch(self, batch: np.ndarray, prompts: Sequence[np.ndarray] | None, out: torch.Tensor) -> None:
-        """Predict ``batch`` into ``out`` (a CPU view, ``B×(C+1)×Z×Y×X``)."""
+        """Predict ``batch`` into ``out`` (a CPU view, ``B×(C+1)×Z×Y×X``): the mean over :attr:`views`
+        of each view's prediction, turned back (the prompts turn with the image)."""
         x = self._model_input(batch)
         prompt_tensors = self._prompt_tensors(prompts)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.model(x) if prompt_tensors is None else self.model(x, *prompt_tensors)
-        logits, density = outputs[0], outputs[1]
         channels = out[:, :, 0] if self.contract.dims == 2 else out  # 2D: B×(C+1)×Y×X of B×(C+1)×1×Y×X
-        c = self._num_classes
-        channels[:, :c].copy_(torch.sigmoid(logits.float()))
-        channels[:, c:].copy_(density)
+        total = None
+        for turns, mirrored in self.views:
+            view_prompts = None if prompt_tensors is None else (
+                turn_points(prompt_tensors[0], x.shape[-2:], turns, mirrored), prompt_tensors[1])
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                view = turn(x, turns, mirrored)
+                outputs = self.model(view) if view_prompts is None else self.model(view, *view_prompts)
+            predicted = torch.cat([torch.sigmoid(outputs[0].float()), outputs[1].float()], dim=1)
+            predicted = unturn(predicted, turns, mirrored)
+            total = predicted if total is None else total + predicted
+        assert total is not None
+        channels.copy_(total / len(self.views) if len(self.views) > 1 else total)
+
+
+def turn(images: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
+    """``images`` (… × Y × X) mirrored in x (if ``mirrored``), then turned ``turns`` quarter turns
+    (``torch.rot90`` over the last two axes)."""
+    images = images.flip(-1) if mirrored else images
+    return torch.rot90(images, turns, dims=(-2, -1)).contiguous() if turns % 4 else images
+
+
+def unturn(images: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
+    """The inverse of :func:`turn`."""
+    images = torch.rot90(images, -turns, dims=(-2, -1)) if turns % 4 else images
+    return images.flip(-1) if mirrored else images
+
+
+def turn_points(yx: torch.Tensor, shape: Sequence[int], turns: int, mirrored: bool) -> torch.Tensor:
+    """Pixel coordinates ``… × 2`` (y, x) in an image of ``shape`` (Y, X) → where :func:`turn` moves
+    those pixels."""
+    y, x = yx[..., 0], yx[..., 1]
+    height, width = int(shape[0]), int(shape[1])
+    if mirrored:
+        x = (width - 1) - x
+    for _ in range(turns % 4):  # a quarter turn (rot90 of a H×W image → W×H): (y, x) → (W-1-x, y)
+        y, x = (width - 1) - x, y
+        height, width = width, height
+    return torch.stack([y, x], dim=-1)

@@ -102,7 +102,7 @@ def build_predictor(config: Config) -> tuple[TorchPredictor, dict[str, Any]]:
     predictor = TorchPredictor(
         model, input_contract(spec), config.inference.window, spec.num_classes,
         device=resolve_device(config.inference.device), batch_size=config.inference.batch_size,
-        amp_dtype=AMP_DTYPES[config.inference.precision],
+        amp_dtype=AMP_DTYPES[config.inference.precision], tta=config.inference.tta,
     )
     return predictor, read_card(config.model.checkpoint)
 
