@@ -22,7 +22,7 @@ import zarr
 from tests.conftest import SMALL_UNET, TINY_PROMPTDAS, write_config
 from tests.test_cli import assert_user_error, run_cli, tree_digest
 from volseg.cli import main
-from volseg.inference.lease import LEASE_KEY, Lease, LeaseLostError, OutputBusyError, holder_record, holding
+from volseg.engine.lease import LEASE_KEY, Lease, LeaseLostError, OutputBusyError, holder_record, holding
 from volseg.io import create_volume, open_volume
 from volseg.io.locations import container_of, location_of
 from volseg.models import build_model

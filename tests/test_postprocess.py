@@ -13,11 +13,12 @@ import pytest
 from scipy import ndimage
 
 from volseg.config import parse_config
+from volseg.engine.ledger import BlockLedger
+from volseg.engine.serial import SerialExecutor
+from volseg.engine.stage import RunStats, run_block
 from volseg.errors import ConfigError, OutputExistsError
 from volseg.geometry import BlockGrid, Box
-from volseg.inference.executor import RunStats, SerialExecutor
-from volseg.inference.job import run_block, to_storage
-from volseg.inference.ledger import BlockLedger
+from volseg.inference.job import to_storage
 from volseg.inference.postprocess import FIRST_HALO_PX, MinAreaStage, min_area_pixels
 from volseg.io import Volume, create_volume, open_volume
 

@@ -19,9 +19,9 @@ from tests.conftest import SMALL_UNET, write_config
 from volseg.cli import main
 from volseg.commands.run import run
 from volseg.config import load_config, parse_config
-from volseg.inference.executor import SerialExecutor
+from volseg.engine.ledger import BlockLedger
+from volseg.engine.serial import SerialExecutor
 from volseg.inference.job import SegmentationJob
-from volseg.inference.ledger import BlockLedger
 from volseg.inference.segment import make_job, open_outputs, plan_segmentation
 from volseg.io import open_volume
 from volseg.models import build_model
@@ -69,7 +69,7 @@ def test_ray_output_is_byte_identical_to_serial(ray_cluster, run_config, referen
 
 
 def test_an_actor_killed_mid_run_is_replaced_and_the_output_is_unchanged(ray_cluster, run_config, reference):
-    from volseg.actors.executor import RayExecutor
+    from volseg.engine.ray import RayExecutor
 
     config = run_config(execution=ray_execution())
     plan = plan_segmentation(parse_config(config))
@@ -101,7 +101,7 @@ class FailsOnBlock(SegmentationJob):
 
 
 def test_a_block_failing_every_attempt_is_reported_and_the_rest_finish(ray_cluster, run_config, tmp_path):
-    from volseg.actors.executor import RayExecutor
+    from volseg.engine.ray import RayExecutor
 
     plan = plan_segmentation(parse_config(run_config(execution=ray_execution())))
     good = make_job(plan, open_outputs(plan))
@@ -183,7 +183,7 @@ def test_another_model_on_the_same_output_is_refused(ray_cluster, run_config, tm
 
 
 def test_serial_and_ray_executors_share_one_api():
-    from volseg.actors.executor import RayExecutor
+    from volseg.engine.ray import RayExecutor
 
     assert list(SerialExecutor.run.__annotations__) == list(RayExecutor.run.__annotations__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from volseg.config import Config, PromptsConfig
+from volseg.engine.serial import SerialExecutor
 from volseg.errors import ConfigError, OutputExistsError
 from volseg.geometry import BlockGrid, PointSet
-from volseg.inference.executor import SerialExecutor
 from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
 from volseg.io import open_volume
 from volseg.io.guard import PathRef, check_outputs

@@ -16,6 +16,11 @@ class BlockProgress:
         self.voxels = 0
         self.per_worker: dict[str, tuple[int, float]] = {}
 
+    def start(self, total_blocks: int, total_voxels: int) -> None:
+        """Set the totals once a pass knows them (the blocks still to run)."""
+        self.bar.reset(total=total_blocks)
+        self.total_voxels = total_voxels
+
     def __call__(self, block: Block, seconds: float, worker: str = "") -> None:
         self.voxels += block.core.size
         voxels, busy = self.per_worker.get(worker, (0, 0.0))

@@ -1,6 +1,6 @@
 """Instance segmentation of the semantic outputs, blockwise, stitched across block faces.
 
-Three block stages (any executor runs them: serial here, Ray in :mod:`volseg.actors`) and one merge
+Three block stages (any executor of :mod:`volseg.engine` runs them) and one merge
 in the driver::
 
     pass 1  LabelStage        foreground = probability > threshold; connected components of the core,
@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import cc3d
 import fastremap
@@ -51,11 +51,10 @@ from skimage.segmentation import watershed
 
 import volseg
 from volseg.config import InstancesConfig
+from volseg.engine.ledger import SIGNATURE_KEY, BlockLedger, check_signature
+from volseg.engine.stage import BlockDone, BlockStage, Executor, Pending, RunStats, run_stage
 from volseg.errors import ConfigError, GeometryMismatchError
 from volseg.geometry import Block, BlockGrid, Box, Coord
-from volseg.inference.executor import BlockDone, RunStats
-from volseg.inference.job import BlockStage, Pending
-from volseg.inference.ledger import SIGNATURE_KEY, BlockLedger, check_signature
 from volseg.inference.stitching import (
     RelabelTable,
     contact_pairs,
@@ -366,13 +365,6 @@ class RelabelStage:
 # --- planning and running ------------------------------------------------------------------------------
 
 
-class Executor(Protocol):
-    """What runs a stage over blocks: :class:`~volseg.inference.executor.SerialExecutor` or Ray's."""
-
-    def run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None = None,
-            ledger: BlockLedger | None = None) -> RunStats: ...
-
-
 @dataclass(frozen=True)
 class InstancePlan:
     """Everything an instance run needs, checked before anything is written.
@@ -487,14 +479,6 @@ class InstanceResult:
                 f"under the minimum size dropped) in {self.seconds:.1f} s: {self.url}"]
 
 
-def _run_stage(executor: Executor, stage: BlockStage, blocks: Sequence[Block], ledger: BlockLedger | None,
-               on_done: BlockDone | None) -> tuple[dict[int, Any], RunStats]:
-    """Run ``stage`` on the blocks not marked done; every block's outcome, from the run or the marks."""
-    todo, done = ledger.unfinished(stage.name, blocks) if ledger is not None else (list(blocks), {})
-    stats = executor.run(stage, todo, on_done=on_done, ledger=ledger)
-    return {**done, **stats.outcomes}, stats
-
-
 def _open_inputs(plan: InstancePlan) -> tuple[Volume, Volume | None]:
     """The semantic outputs, read-only, checked against the planned geometry."""
     probabilities = open_volume(plan.probabilities_url)
@@ -524,17 +508,19 @@ def run_instances(plan: InstancePlan, executor: Executor, ledger: BlockLedger | 
     else:
         stitch = HaloOverlapStage(plan.params, plan.grid, probabilities, density, instances)
 
-    label_outcomes, stats = _run_stage(executor, label, blocks, ledger, on_done)
+    stats = run_stage(executor, label, blocks, ledger, on_done).stats
+    label_outcomes = stats.outcomes
     if stats.failed:
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
-    stitch_outcomes, stitch_stats = _run_stage(executor, stitch, blocks, ledger, on_done)
+    stitch_stats = run_stage(executor, stitch, blocks, ledger, on_done).stats
+    stitch_outcomes = stitch_stats.outcomes
     stats = stats.merge(stitch_stats)
     if stats.failed:
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
     mutual = plan.params.method == "watershed"
     table, summary = merge_pieces(*gather_outcomes(label_outcomes, stitch_outcomes, len(blocks), mutual),
                                   plan.min_size_vx)
-    _, relabel_stats = _run_stage(executor, RelabelStage(table, instances), blocks, ledger, on_done)
+    relabel_stats = run_stage(executor, RelabelStage(table, instances), blocks, ledger, on_done).stats
     stats = stats.merge(relabel_stats)
     if not stats.failed:
         instances.update_attributes({SIGNATURE_KEY: {**instances.attributes.get(SIGNATURE_KEY, {}),

@@ -1,54 +1,22 @@
-"""Block stages: what every block of one pass does, independent of who runs it.
-
-A :class:`BlockStage` splits a block's work into steps an executor can overlap: ``read`` (async),
-``compute``, ``write`` (async) and ``outcome`` (a small JSON value the executor returns and the done-mark
-keeps). Executors (:mod:`volseg.inference.executor` here, :mod:`volseg.actors` on Ray) only decide which
-block runs where and when. A stage pickles small (volumes as their specs, the model as its weights),
-so Ray ships it to each actor once. :class:`SegmentationJob` is the stage that segments.
+"""The segment stage: :class:`SegmentationJob` reads a block with its windows' context, predicts, blends and
+writes the core into the outputs (a :class:`~volseg.engine.stage.BlockStage`; any executor runs it).
+It pickles small (volumes as their specs, the model as its weights), so Ray ships it to each actor once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from volseg.engine.stage import Pending
 from volseg.errors import VolumeFormatError
 from volseg.geometry import Block, PointSet
 from volseg.inference.blockwise import plan_windows, predict_box
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
-
-
-class Pending(Protocol):
-    def result(self) -> Any: ...
-
-
-class BlockStage(Protocol):
-    """One pass over blocks. ``name`` keys its done-marks; ``compute`` may use the torch device an
-    executor assigns with ``to(device)`` (stages without a model ignore it)."""
-
-    name: str
-
-    def read(self, block: Block) -> Pending: ...
-
-    def compute(self, block: Block, data: Any) -> Any: ...
-
-    def write(self, block: Block, computed: Any) -> Sequence[Pending]: ...
-
-    def outcome(self, block: Block, computed: Any) -> Any: ...
-
-    def to(self, device: str) -> None: ...
-
-
-def run_block(stage: BlockStage, block: Block) -> Any:
-    """All of a block's steps, synchronously; returns its outcome once its writes are durable."""
-    computed = stage.compute(block, stage.read(block).result())
-    for pending in stage.write(block, computed):
-        pending.result()
-    return stage.outcome(block, computed)
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from volseg.engine.stage import Pending
 from volseg.geometry import Block, Box
 from volseg.inference.instances import unit_range
-from volseg.inference.job import Pending
 from volseg.io import Volume
 
 #: Halo (pixels, y and x) of a block's first read; only a doubt about a component sends it further.

@@ -6,7 +6,7 @@ A mark is written only after every write of its block has completed, so a mark a
 block's data is there". It holds the block's *outcome* (a small JSON value a stage returns, e.g. the
 merge pairs of an instance block), so a resumed run has every block's outcome without recomputing it.
 Marks of a different run signature are never read; ``--overwrite`` clears them. The same folder
-holds the run's lease (:mod:`volseg.inference.lease`); a ledger given the lease's ``token`` lets a
+holds the run's lease (:mod:`volseg.engine.lease`); a ledger given the lease's ``token`` lets a
 worker confirm, before it writes a block, that its run still holds the output.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import tensorstore as ts
 
+from volseg.engine.lease import LEASE_KEY, LeaseToken, state_kvstore
 from volseg.errors import OutputExistsError
 from volseg.geometry import Block
-from volseg.inference.lease import LEASE_KEY, LeaseToken, state_kvstore
 from volseg.io.storage import CONTEXT
 
 #: Key of the output attributes holding the run signature (and what wrote the output).
@@ -48,7 +48,7 @@ class BlockLedger:
         self.__init__(state["kvstore"], state["signature"], state["leases"])
 
     def confirm_leases(self) -> None:
-        """Raise :class:`~volseg.inference.lease.LeaseLostError` if the run lost an output to another
+        """Raise :class:`~volseg.engine.lease.LeaseLostError` if the run lost an output to another
         run (call before writing a block)."""
         for lease in self.leases:
             lease.confirm()

@@ -27,11 +27,10 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from volseg.allocator import MALLOC_ENVIRONMENT
+from volseg.engine.ledger import BlockLedger
+from volseg.engine.stage import BlockDone, BlockStage, RunStats, error_summary, write_block
 from volseg.errors import VolsegError
 from volseg.geometry import Block
-from volseg.inference.executor import BlockDone, RunStats, error_summary, write_block
-from volseg.inference.job import BlockStage
-from volseg.inference.ledger import BlockLedger
 
 
 class ActorSetupError(VolsegError):
