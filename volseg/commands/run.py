@@ -177,7 +177,7 @@ def run_pass(executor: Any, stage: BlockStage, grid: BlockGrid, ledger: BlockLed
              desc: str, leases: Leases) -> StageResult:
     """Run ``stage`` on the blocks of ``grid`` not yet marked done, with a progress bar; outcomes
     include the done ones."""
-    bar = BlockProgress(0, 0, progress, desc)
+    bar = BlockProgress(0, progress, desc)
     try:
         result = run_stage(executor, stage, grid, ledger, on_done=checked(bar, leases), on_start=bar.start)
     finally:
@@ -199,10 +199,10 @@ def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunRe
     plan = plan_segmentation(config, overwrite)
     with holding(output_urls(plan), config.execution.lease_seconds) as leases:
         check_existing_outputs(plan, overwrite)  # another run may have written them since the plan
+        ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature, tuple(leases.tokens().values()))
         with open_executor(config) as executor:
             check_device(plan, executor.device_kind, overwrite)
             targets = open_outputs(plan, executor.device_kind)
-            ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature, tuple(leases.tokens().values()))
             if overwrite:
                 ledger.clear()
             result = RunResult(plan, executor=getattr(executor, "description", "this process (serial)"))
@@ -238,7 +238,7 @@ def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: A
         result.passes.append(run_pass(executor, min_area, plan.grid, ledger, progress, "min area", leases))
     if plan.instances is not None and not result.failed:
         blocks = plan.instances.grid.num_blocks
-        bar = BlockProgress(3 * blocks, 3 * plan.instances.grid.roi.size, progress, "instances")
+        bar = BlockProgress(3 * blocks, progress, "instances")
         try:
             result.instances = run_instances(plan.instances, executor, ledger, on_done=checked(bar, leases))
         finally:

@@ -14,7 +14,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from volseg.engine.ledger import BlockLedger
-from volseg.engine.stage import FATAL_ERRORS, BlockDone, BlockStage, Pending, RunStats, error_summary, write_block
+from volseg.engine.stage import (
+    FATAL_ERRORS,
+    BlockDone,
+    BlockStage,
+    Pending,
+    RunStats,
+    closing_pass,
+    error_summary,
+    write_block,
+)
 from volseg.geometry import Block
 
 
@@ -34,9 +43,15 @@ class SerialExecutor:
 
     def run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None = None,
             ledger: BlockLedger | None = None) -> RunStats:
-        """Run ``stage`` on every block; mark each done in ``ledger`` once its writes are durable."""
+        """Run ``stage`` on every block (taken from ``blocks`` one at a time, as read-ahead needs them);
+        mark each done in ``ledger`` once its writes are durable."""
         stats = RunStats()
-        begin = time.perf_counter()
+        with closing_pass(stats, ledger):
+            self._run(stage, blocks, on_done, ledger, stats)
+        return stats
+
+    def _run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None,
+             ledger: BlockLedger | None, stats: RunStats) -> None:
         reads: deque[tuple[Block, Pending]] = deque()
         writes: deque[tuple[Block, Sequence[Pending], Any, float]] = deque()
         upcoming = iter(blocks)
@@ -51,9 +66,7 @@ class SerialExecutor:
         def finish(block: Block, outcome: Any, started: float) -> None:
             if ledger is not None:
                 ledger.mark(stage.name, block.id, outcome)
-            stats.outcomes[block.id] = outcome
-            stats.blocks_done += 1
-            stats.voxels += block.core.size
+            stats.record(block, outcome)
             if on_done is not None:
                 on_done(block, time.perf_counter() - started, self.name)
 
@@ -88,8 +101,6 @@ class SerialExecutor:
                 continue
             drain_writes(keep=1)
         drain_writes(keep=0)
-        stats.seconds = time.perf_counter() - begin
-        return stats
 
     def _retry(self, stage: BlockStage, block: Block, error: Exception, stats: RunStats,
                ledger: BlockLedger | None, finish: Callable[[Block, Any, float], None], started: float) -> None:

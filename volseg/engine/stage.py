@@ -5,18 +5,20 @@ A :class:`BlockStage` splits a block's work into steps an executor can overlap: 
 keeps). An :class:`Executor` (:mod:`volseg.engine.serial` in this process, :mod:`volseg.engine.ray` on
 Ray actors) only decides which block runs where and when. A stage pickles small (volumes as their specs,
 a model as its weights), so Ray ships it to each actor once. :func:`run_stage` runs one pass: the
-blocks not yet marked done in the ledger, by any executor.
+blocks not yet marked done in the ledger, as a lazy stream, by any executor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from volseg.engine.lease import LeaseLostError
-from volseg.engine.ledger import BlockLedger
-from volseg.geometry import Block
+from volseg.engine.ledger import BlockLedger, DoneMarks
+from volseg.geometry import Block, BlockGrid
 
 
 class Pending(Protocol):
@@ -58,6 +60,14 @@ class RunStats:
     workers: int = 1
     startup_seconds: float = 0.0  # of ``seconds``: starting workers and shipping them the stage
 
+    def record(self, block: Block, outcome: Any) -> None:
+        """Count a block durably written; its outcome is kept unless ``None`` (a pass of millions of
+        blocks without outcomes keeps nothing per block)."""
+        self.blocks_done += 1
+        self.voxels += block.core.size
+        if outcome is not None:
+            self.outcomes[block.id] = outcome
+
     @property
     def voxels_per_second(self) -> float:
         return self.voxels / self.seconds if self.seconds > 0 else 0.0
@@ -89,6 +99,19 @@ def error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]
 
 
+@contextmanager
+def closing_pass(stats: RunStats, ledger: BlockLedger | None) -> Iterator[None]:
+    """Time a pass into ``stats.seconds`` and write its last done-marks when it ends, however it ends
+    (Ctrl-C and errors included: every block marked is durably written)."""
+    begin = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.seconds = time.perf_counter() - begin
+        if ledger is not None:
+            ledger.flush()
+
+
 def write_block(stage: BlockStage, block: Block, computed: Any, ledger: BlockLedger | None) -> Sequence[Pending]:
     """Start a block's writes, once the run is known to still hold its outputs."""
     if ledger is not None:
@@ -114,17 +137,25 @@ class StageResult:
     resumed: int
 
 
-#: Told, before a pass starts, how many blocks and voxels it still has to run.
-PassStart = Callable[[int, int], None]
+#: Told, before a pass starts, how many blocks it still has to run.
+PassStart = Callable[[int], None]
 
 
-def run_stage(executor: Executor, stage: BlockStage, blocks: Iterable[Block], ledger: BlockLedger | None = None,
+def pending_blocks(grid: BlockGrid, done: DoneMarks | None = None) -> Iterator[Block]:
+    """The blocks of ``grid`` not in ``done``, in id order (the grid's C order), each made only when the
+    executor asks for it: the driver never holds the list, whatever the number of blocks."""
+    ids = range(grid.num_blocks) if done is None else done.pending(grid.num_blocks)
+    return (grid.block(block_id) for block_id in ids)
+
+
+def run_stage(executor: Executor, stage: BlockStage, grid: BlockGrid, ledger: BlockLedger | None = None,
               on_done: BlockDone | None = None, on_start: PassStart | None = None) -> StageResult:
-    """Run ``stage`` on the blocks not marked done in ``ledger`` (all of them without one); the result's
-    outcomes include those of the blocks done before, read from their marks."""
-    todo, done = ledger.unfinished(stage.name, blocks) if ledger is not None else (list(blocks), {})
+    """Run ``stage`` on the blocks of ``grid`` not marked done in ``ledger`` (all of them without one),
+    as a lazy stream; the result's outcomes include those of the blocks done before, read from their
+    marks. ``on_start`` is told how many blocks are left before the first one runs."""
+    done = ledger.done(stage.name) if ledger is not None else DoneMarks()
     if on_start is not None:
-        on_start(len(todo), sum(block.core.size for block in todo))
-    stats = executor.run(stage, todo, on_done=on_done, ledger=ledger)
-    stats.outcomes = {**done, **stats.outcomes}
+        on_start(grid.num_blocks - len(done))
+    stats = executor.run(stage, pending_blocks(grid, done), on_done=on_done, ledger=ledger)
+    stats.outcomes = {**done.outcomes, **stats.outcomes}
     return StageResult(stage.name, stats, len(done))

@@ -500,7 +500,6 @@ def run_instances(plan: InstancePlan, executor: Executor, ledger: BlockLedger | 
     begin = time.perf_counter()
     probabilities, density = _open_inputs(plan)
     instances = open_instances(plan)
-    blocks = list(plan.grid)
     label = LabelStage(plan.params, plan.grid, probabilities, density, instances)
     stitch: BlockStage
     if plan.params.method == "connected_components":
@@ -508,19 +507,19 @@ def run_instances(plan: InstancePlan, executor: Executor, ledger: BlockLedger | 
     else:
         stitch = HaloOverlapStage(plan.params, plan.grid, probabilities, density, instances)
 
-    stats = run_stage(executor, label, blocks, ledger, on_done).stats
+    stats = run_stage(executor, label, plan.grid, ledger, on_done).stats
     label_outcomes = stats.outcomes
     if stats.failed:
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
-    stitch_stats = run_stage(executor, stitch, blocks, ledger, on_done).stats
+    stitch_stats = run_stage(executor, stitch, plan.grid, ledger, on_done).stats
     stitch_outcomes = stitch_stats.outcomes
     stats = stats.merge(stitch_stats)
     if stats.failed:
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
     mutual = plan.params.method == "watershed"
-    table, summary = merge_pieces(*gather_outcomes(label_outcomes, stitch_outcomes, len(blocks), mutual),
+    table, summary = merge_pieces(*gather_outcomes(label_outcomes, stitch_outcomes, plan.grid.num_blocks, mutual),
                                   plan.min_size_vx)
-    relabel_stats = run_stage(executor, RelabelStage(table, instances), blocks, ledger, on_done).stats
+    relabel_stats = run_stage(executor, RelabelStage(table, instances), plan.grid, ledger, on_done).stats
     stats = stats.merge(relabel_stats)
     if not stats.failed:
         instances.update_attributes({SIGNATURE_KEY: {**instances.attributes.get(SIGNATURE_KEY, {}),
