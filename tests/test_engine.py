@@ -18,9 +18,13 @@ import tensorstore as ts
 from volseg.engine import ledger as ledger_module
 from volseg.engine.ledger import SUPER_BLOCK, BlockLedger, DoneMarks
 from volseg.engine.serial import SerialExecutor
-from volseg.engine.stage import RunStats, pending_blocks, run_stage
+from volseg.engine.stage import RunStats, pending_blocks, run_block, run_stage
 from volseg.errors import ConfigError
 from volseg.geometry import Block, BlockGrid, Box
+from volseg.inference.instances import RelabelStage
+from volseg.inference.peaks import PeakStage
+from volseg.inference.postprocess import MinAreaStage
+from volseg.inference.stitching import RelabelTable
 from volseg.io import create_volume, open_volume
 
 
@@ -32,6 +36,9 @@ class CoreIdStage:
 
     def __init__(self, volume: Any) -> None:
         self.volume = volume
+
+    def read_box(self, block: Block) -> Box:
+        return block.core
 
     def read(self, block: Block) -> Future:
         ready: Future = Future()
@@ -297,3 +304,53 @@ def test_a_ledger_pickles_without_its_unwritten_marks(tmp_path):
     copy = pickle.loads(pickle.dumps(ledger))
     assert (copy.where, copy.signature, copy.leases) == (ledger.where, ledger.signature, ledger.leases)
     assert copy._unwritten == {}
+
+
+# --- the box a block reads --------------------------------------------------------------------------------
+
+
+class RecordingVolume:
+    """A volume that remembers every box read from it."""
+
+    def __init__(self, volume: Any) -> None:
+        self.volume = volume
+        self.boxes: list[Box] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.volume, name)
+
+    def read_async(self, box: Box) -> Any:
+        self.boxes.append(box)
+        return self.volume.read_async(box)
+
+    def read(self, box: Box) -> np.ndarray:
+        self.boxes.append(box)
+        return self.volume.read(box)
+
+
+def test_what_a_block_reads_lies_in_its_read_box(tmp_path):
+    """Peaks, small components (whose second, wider read comes only when a component is in doubt) and
+    relabelling each read inside the box their stage says a block reads."""
+    rng = np.random.default_rng(0)
+    values = np.zeros((2, 40, 200), np.float32)
+    values[0] = rng.random((40, 200))  # peaks
+    values[1, 5, :90] = 1.0  # a line of 90 pixels: under min_px = 100, but in doubt after the first halo of 64
+    stored = create_volume(str(tmp_path / "p.zarr"), shape=values.shape, dtype="float32",
+                           voxel_size_nm=(8.0, 8.0, 8.0), chunk_shape=(2, 20, 20))
+    stored.write(stored.bounds, values)
+    labels = create_volume(str(tmp_path / "l.zarr"), shape=values.shape, dtype="uint64",
+                           voxel_size_nm=(8.0, 8.0, 8.0), chunk_shape=(2, 20, 20))
+    grid = BlockGrid.aligned(stored.bounds, (2, 20, 20), 0, stored.bounds, (2, 20, 20))
+    recorded, readers = RecordingVolume(stored), RecordingVolume(labels)
+    table = RelabelTable(np.zeros(grid.num_blocks, np.int64), np.zeros(grid.num_blocks, np.int64),
+                         np.zeros(0, np.uint64), np.zeros(0, np.uint64), 0)
+    stages = [PeakStage(recorded, 0.5, (1, 3, 3)), MinAreaStage(recorded, 0.5, 100), RelabelStage(table, readers)]
+    outcomes = {}
+    for stage in stages:
+        for block in grid:
+            recorded.boxes.clear()
+            readers.boxes.clear()
+            outcomes[stage.name, block.id] = run_block(stage, block)
+            reads = recorded.boxes + readers.boxes
+            assert reads and all(stage.read_box(block).contains(box) for box in reads), (stage.name, block.id)
+    assert outcomes["min-area", 0]["wide_read"]  # the wider read was exercised, and stayed in the box

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from volseg.engine.lease import LeaseLostError
 from volseg.engine.ledger import BlockLedger, DoneMarks
-from volseg.geometry import Block, BlockGrid
+from volseg.geometry import Block, BlockGrid, Box
 
 
 class Pending(Protocol):
@@ -26,10 +26,14 @@ class Pending(Protocol):
 
 
 class BlockStage(Protocol):
-    """One pass over blocks. ``name`` keys its done-marks; ``compute`` may use the torch device an
-    executor assigns with ``to(device)`` (stages without a model ignore it)."""
+    """One pass over blocks. ``name`` keys its done-marks; ``read_box`` is the box of voxels (volume
+    coordinates) a block may read, core and context: what it reads never reaches past it, so anything
+    routed to a block by place (prompts, relabel tables) is what lies in that box. ``compute`` may use the
+    torch device an executor assigns with ``to(device)`` (stages without a model ignore it)."""
 
     name: str
+
+    def read_box(self, block: Block) -> Box: ...
 
     def read(self, block: Block) -> Pending: ...
 

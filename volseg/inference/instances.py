@@ -221,6 +221,10 @@ class _SemanticReader:
         """Core + halo, clipped to the region of interest (the roi is the whole volume of this labelling)."""
         return block.core.grow(self.params.halo_vx).intersect(self.grid.roi)
 
+    def read_box(self, block: Block) -> Box:
+        """The context box (the overlap stage's band lies inside it)."""
+        return self.context(block)
+
     def _read_semantic(self, box: Box) -> tuple[Pending, Pending | None]:
         density = None if self.density is None else self.density.read_async(box)
         return self.probabilities.read_async(box), density
@@ -269,10 +273,13 @@ class FaceContactStage:
         self.grid = grid
         self.instances = instances
 
+    def read_box(self, block: Block) -> Box:
+        """The core widened by one voxel past its stop on every axis, clipped to the roi: the slabs' union."""
+        return block.core.grow(0, 1).intersect(self.grid.roi)
+
     def slabs(self, block: Block) -> list[Box]:
         """One slab per axis along which another block follows this one."""
-        roi, core = self.grid.roi, block.core
-        widened = core.grow(0, 1).intersect(roi)
+        roi, core, widened = self.grid.roi, block.core, self.read_box(block)
         boxes = []
         for axis in range(3):
             if core.stop[axis] < roi.stop[axis]:
@@ -344,6 +351,9 @@ class RelabelStage:
     def __init__(self, table: RelabelTable, instances: Volume) -> None:
         self.table = table
         self.instances = instances
+
+    def read_box(self, block: Block) -> Box:
+        return block.core
 
     def read(self, block: Block) -> Pending:
         return self.instances.read_async(block.core)

@@ -13,7 +13,7 @@ import numpy as np
 
 from volseg.engine.stage import Pending
 from volseg.errors import VolumeFormatError
-from volseg.geometry import Block, PointSet
+from volseg.geometry import Block, Box, PointSet
 from volseg.inference.blockwise import plan_windows, predict_box
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
@@ -78,9 +78,13 @@ class SegmentationJob:
         self.batch_windows = batch_windows
         self.points = points
 
+    def read_box(self, block: Block) -> Box:
+        """The union of the global windows that overlap the block's core."""
+        return plan_windows(self.windows, block.core).read_box
+
     def read(self, block: Block) -> Pending:
         """Start reading everything ``block``'s windows need; ``.result()`` gives the array."""
-        return self.source.read_async(plan_windows(self.windows, block.core).read_box)
+        return self.source.read_async(self.read_box(block))
 
     def compute(self, block: Block, data: np.ndarray) -> np.ndarray:
         """``(C+1) × core`` blended predictions of the block; a block whose input holds NaN or ±Inf
@@ -88,7 +92,7 @@ class SegmentationJob:
         bad = count_not_finite(data)
         if bad:
             raise VolumeFormatError(f"block {block.id}: the input holds {bad:,} NaN or infinite voxels in "
-                                    f"{plan_windows(self.windows, block.core).read_box}.", FINITE_FIX)
+                                    f"{self.read_box(block)}.", FINITE_FIX)
         return predict_box(self.source, self.predictor, self.windows, block.core, self.blend, data,
                            self.batch_windows, self.points)
 
