@@ -156,8 +156,9 @@ class RayExecutor:
             dispatch = _Dispatch(itertools.chain([first], upcoming), self.max_attempts, stats)
             while dispatch.has_work():
                 self._fill(key, dispatch)
-                for ref in _ready(list(dispatch.running)):
-                    self._collect(ref, stage, dispatch, ledger, on_done)
+                ready = _ready(list(dispatch.running))
+                for ref, result in zip(ready, _results(ready), strict=True):
+                    self._collect(ref, result, stage, dispatch, ledger, on_done)
         return stats
 
     def _ship(self, stage: BlockStage, ledger: BlockLedger | None) -> str:
@@ -180,22 +181,22 @@ class RayExecutor:
                 dispatch.running[slot.handle.process.remote(key, block)] = (slot, slot.generation, block)
                 slot.in_flight += 1
 
-    def _collect(self, ref: Any, stage: BlockStage, dispatch: _Dispatch, ledger: BlockLedger | None,
+    def _collect(self, ref: Any, result: Any, stage: BlockStage, dispatch: _Dispatch, ledger: BlockLedger | None,
                  on_done: BlockDone | None) -> None:
-        """One finished task: mark its block done, or give it back for a retry (replacing a dead actor)."""
+        """One finished task (``result``: its value, or the error it raised): mark its block done, or give
+        it back for a retry (replacing a dead actor)."""
         slot, generation, block = dispatch.running.pop(ref)
         if generation == slot.generation:
             slot.in_flight -= 1
-        try:
-            outcome, seconds = ray.get(ref)
-        except RayActorError as error:
-            dispatch.give_back(block, f"actor died: {error_summary(error)}")
+        if isinstance(result, RayActorError):
+            dispatch.give_back(block, f"actor died: {error_summary(result)}")
             if generation == slot.generation:
                 self._replace(slot)
             return
-        except RayTaskError as error:
-            dispatch.give_back(block, error_summary(error.cause if error.cause is not None else error))
+        if isinstance(result, RayTaskError):
+            dispatch.give_back(block, error_summary(result.cause if result.cause is not None else result))
             return
+        outcome, seconds = result
         if ledger is not None:
             ledger.mark(stage.name, block.id, outcome)
         dispatch.stats.record(block, outcome)
@@ -245,6 +246,21 @@ def _ready(refs: list[Any]) -> list[Any]:
     if ready and rest:
         ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
     return ready
+
+
+def _results(refs: list[Any]) -> list[Any]:
+    """The values of finished tasks in one call; where one raised, each task's value or error."""
+    try:
+        return ray.get(refs)
+    except (RayActorError, RayTaskError):
+        return [_result(ref) for ref in refs]
+
+
+def _result(ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except (RayActorError, RayTaskError) as error:
+        return error
 
 
 def _set_up(calls: list[Any]) -> None:
