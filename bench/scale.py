@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ import tensorstore as ts
 
 import volseg.commands.run  # noqa: F401  (what `volseg run` imports: torch, the models; a realistic baseline)
 from volseg.engine.ledger import SUPER_BLOCK, BlockLedger, encode_group
-from volseg.engine.stage import RunStats, run_stage
+from volseg.engine.stage import Resolved, RunStats, run_stage
 from volseg.geometry import Block, BlockGrid, Box
 from volseg.io import create_volume, open_volume
 
@@ -60,15 +59,13 @@ class NoOpStage:
     def read_box(self, block: Block) -> Box:
         return block.core
 
-    def read(self, block: Block) -> Future:
-        done: Future = Future()
-        done.set_result(None)
-        return done
+    def read(self, block: Block) -> Resolved:
+        return Resolved()
 
     def compute(self, block: Block, data: Any) -> None:
         return None
 
-    def write(self, block: Block, computed: Any) -> list[Future]:
+    def write(self, block: Block, computed: Any) -> list[Resolved]:
         return []
 
     def outcome(self, block: Block, computed: Any) -> None:

@@ -8,7 +8,6 @@ import json
 import pickle
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import tensorstore as ts
 from volseg.engine import ledger as ledger_module
 from volseg.engine.ledger import SUPER_BLOCK, BlockLedger, DoneMarks
 from volseg.engine.serial import SerialExecutor
-from volseg.engine.stage import RunStats, pending_blocks, run_block, run_stage
+from volseg.engine.stage import Resolved, RunStats, pending_blocks, run_block, run_stage
 from volseg.errors import ConfigError
 from volseg.geometry import Block, BlockGrid, Box
 from volseg.inference.instances import RelabelStage
@@ -40,10 +39,8 @@ class CoreIdStage:
     def read_box(self, block: Block) -> Box:
         return block.core
 
-    def read(self, block: Block) -> Future:
-        ready: Future = Future()
-        ready.set_result(None)
-        return ready
+    def read(self, block: Block) -> Resolved:
+        return Resolved()
 
     def compute(self, block: Block, data: Any) -> np.ndarray:
         return np.full(block.core.shape, block.id + 1, np.uint16)

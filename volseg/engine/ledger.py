@@ -160,8 +160,7 @@ class BlockLedger:
         self._unwritten: dict[tuple[str, int], dict[int, Any]] = {}  # (stage, super-block) → id → outcome
         self._lock = threading.Lock()  # guards _unwritten
         self._writes = threading.Lock()  # one writer of marks at a time
-        self._writer: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._writer: tuple[threading.Thread, threading.Event] | None = None  # the thread and its stop
         self._error: BaseException | None = None
         self.flush_seconds = env_seconds(MARK_SECONDS_ENV, FLUSH_SECONDS, 10)
 
@@ -202,28 +201,37 @@ class BlockLedger:
         self._raise_writer_error()
         with self._lock:
             self._unwritten.setdefault((stage, block_id // SUPER_BLOCK), {})[block_id] = outcome
-        if self._writer is None:
-            self._stop.clear()
-            self._writer = threading.Thread(target=self._write_periodically, name="volseg-marks", daemon=True)
-            self._writer.start()
+            if self._writer is None:
+                stop = threading.Event()
+                thread = threading.Thread(target=self._write_periodically, args=(stop,), name="volseg-marks")
+                self._writer = (thread, stop)
+                thread.start()
 
     def flush(self) -> None:
         """Write every recorded mark now and stop the background writer (a pass ends); raises what the
         writer met (a storage error) if it failed."""
-        if self._writer is not None:
-            self._stop.set()
-            self._writer.join()
-            self._writer = None
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer[1].set()
+            writer[0].join()
         self._raise_writer_error()
         self._write_marks()
 
-    def _write_periodically(self) -> None:
-        while not self._stop.wait(self.flush_seconds):
+    def _write_periodically(self, stop: threading.Event) -> None:
+        """Write the marks every ``flush_seconds`` until stopped, or until a round finds nothing new (then
+        the next mark starts a writer again): a ledger nobody flushes still writes its marks, and the
+        thread never outlives them (it is not a daemon, so the interpreter waits for it at exit)."""
+        while not stop.wait(self.flush_seconds):
             try:
                 self._write_marks()
             except BaseException as error:  # handed to the driver at its next mark or flush
                 self._error = error
-                return
+            with self._lock:
+                if self._error is not None or not self._unwritten:
+                    if self._writer is not None and self._writer[0] is threading.current_thread():
+                        self._writer = None
+                    return
 
     def _raise_writer_error(self) -> None:
         error, self._error = self._error, None

@@ -25,6 +25,16 @@ class Pending(Protocol):
     def result(self) -> Any: ...
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A :class:`Pending` whose value is already there (the read of a stage that reads nothing)."""
+
+    value: Any = None
+
+    def result(self) -> Any:
+        return self.value
+
+
 class BlockStage(Protocol):
     """One pass over blocks. ``name`` keys its done-marks; ``read_box`` is the box of voxels (volume
     coordinates) a block may read, core and context: what it reads never reaches past it, so anything
