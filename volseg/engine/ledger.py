@@ -110,17 +110,6 @@ class DoneMarks:
             else:
                 yield from (first + np.flatnonzero(~bits[: stop - first])).tolist()
 
-    def count_below(self, num_blocks: int) -> int:
-        """How many of the ids below ``num_blocks`` are marked done."""
-        full, rest = divmod(num_blocks, SUPER_BLOCK)
-        count = sum(SUPER_BLOCK if g < full else rest for g in self.complete if g * SUPER_BLOCK < num_blocks)
-        for group, bits in self.partial.items():
-            if group < full:
-                count += int(bits.sum())
-            elif group == full:
-                count += int(bits[:rest].sum())
-        return count
-
 
 def encode_group(bits: np.ndarray, outcomes: dict[int, Any]) -> dict[str, Any]:
     """A super-block's mark object: its bitmap (packed, base64) and its outcomes that are not ``None``."""
@@ -263,7 +252,8 @@ class BlockLedger:
         prefix = f"{self._prefix(stage)}groups/"
         marks = DoneMarks()
         for key, document in self._read_all(prefix, prefix[:-1] + "0"):
-            marks.add(int(key[len(prefix):]), *decode_group(json.loads(document)))
+            if key[len(prefix):].isdigit():  # nothing else lives there; a stray file is not a mark
+                marks.add(int(key[len(prefix):]), *decode_group(json.loads(document)))
         return marks
 
     def _read_all(self, start: str, stop: str) -> Iterator[tuple[str, bytes]]:
