@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 import yaml
 
 from volseg.data.synthetic import generate_volume
+from volseg.engine.lease import STATE_DIRECTORY
+from volseg.engine.ledger import decode_group
 from volseg.io import create_volume
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import save_checkpoint
@@ -73,6 +76,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def marked_blocks(output: Path | str, stage: str = "segment") -> int:
+    """How many blocks of ``stage`` the done-marks inside the output at ``output`` hold (any signature)."""
+    groups = (Path(output) / STATE_DIRECTORY).glob(f"*/{stage}/groups/*")
+    return sum(int(decode_group(json.loads(path.read_bytes()))[0].sum()) for path in groups if path.name.isdigit())
 
 
 def write_config(path: Path, data: dict) -> Path:

@@ -19,10 +19,10 @@ import torch
 import yaml
 import zarr
 
-from tests.conftest import SMALL_UNET, TINY_PROMPTDAS, write_config
+from tests.conftest import SMALL_UNET, TINY_PROMPTDAS, marked_blocks, write_config
 from tests.test_cli import assert_user_error, run_cli, tree_digest
 from volseg.cli import main
-from volseg.inference.lease import LEASE_KEY, Lease, LeaseLostError, OutputBusyError, holder_record, holding
+from volseg.engine.lease import LEASE_KEY, Lease, LeaseLostError, OutputBusyError, holder_record, holding
 from volseg.io import create_volume, open_volume
 from volseg.io.locations import container_of, location_of
 from volseg.models import build_model
@@ -288,8 +288,7 @@ def test_a_corrupt_input_chunk_fails_its_block_by_id_with_the_serial_executor(us
     failed = re.search(r"(\d+) of 8 blocks failed after 2 attempts: block ids", err)
     assert failed is not None and 1 <= int(failed.group(1)) < 8, err
     assert "chunk" in err or "decod" in err.lower(), err
-    marks = list((tmp_path / "out.zarr" / "prob" / ".volseg").glob("*/segment/*"))
-    assert len(marks) == 8 - int(failed.group(1))
+    assert marked_blocks(tmp_path / "out.zarr" / "prob") == 8 - int(failed.group(1))
 
 
 def test_ctrl_c_stops_a_run_that_the_next_run_resumes(user, tmp_path):
@@ -306,7 +305,7 @@ def test_ctrl_c_stops_a_run_that_the_next_run_resumes(user, tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     marks = tmp_path / "out.zarr" / "prob" / ".volseg"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(marks.glob("*/segment/*")) and proc.poll() is None:
+    while time.monotonic() < deadline and not marked_blocks(marks.parent) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=60)
@@ -317,7 +316,7 @@ def test_ctrl_c_stops_a_run_that_the_next_run_resumes(user, tmp_path):
         "volseg run: interrupted (Ctrl-C); blocks already written are marked done; run the same command again "
         "to resume."]
     assert not (marks / LEASE_KEY).exists()
-    done = len(list(marks.glob("*/segment/*")))
+    done = marked_blocks(marks.parent)
     assert 1 <= done < (SHAPE[0] // 2) * (SHAPE[1] // 16) * (SHAPE[2] // 16)
 
 

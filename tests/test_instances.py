@@ -13,11 +13,12 @@ import pytest
 import tensorstore as ts
 
 from volseg.config import InstancesConfig
+from volseg.engine.ledger import BlockLedger
+from volseg.engine.serial import SerialExecutor
+from volseg.engine.stage import Executor, run_block
 from volseg.errors import ConfigError, GeometryMismatchError, OutputExistsError
 from volseg.geometry import BlockGrid, Box
-from volseg.inference.executor import SerialExecutor
 from volseg.inference.instances import (
-    Executor,
     FaceContactStage,
     HaloOverlapStage,
     InstancePlan,
@@ -31,8 +32,7 @@ from volseg.inference.instances import (
     run_instances,
     unit_range,
 )
-from volseg.inference.job import run_block, to_storage
-from volseg.inference.ledger import BlockLedger
+from volseg.inference.job import to_storage
 from volseg.inference.stitching import (
     agreed_pairs,
     contact_pairs,
@@ -354,7 +354,7 @@ def test_stages_pickle_small_and_compute_the_same_after(tmp_path, scenes) -> Non
 
 @pytest.mark.ray
 def test_ray_executor_writes_the_same_instances_as_serial(ray_cluster, tmp_path, scenes) -> None:
-    from volseg.actors.executor import RayExecutor
+    from volseg.engine.ray import RayExecutor
 
     probability, density = scenes[0]
     core = (8, 32, 24)

@@ -13,11 +13,12 @@ import pytest
 from scipy import ndimage
 
 from volseg.config import parse_config
+from volseg.engine.ledger import BlockLedger
+from volseg.engine.serial import SerialExecutor
+from volseg.engine.stage import RunStats, run_block, run_stage
 from volseg.errors import ConfigError, OutputExistsError
 from volseg.geometry import BlockGrid, Box
-from volseg.inference.executor import RunStats, SerialExecutor
-from volseg.inference.job import run_block, to_storage
-from volseg.inference.ledger import BlockLedger
+from volseg.inference.job import to_storage
 from volseg.inference.postprocess import FIRST_HALO_PX, MinAreaStage, min_area_pixels
 from volseg.io import Volume, create_volume, open_volume
 
@@ -69,10 +70,7 @@ def _clean(volume: Volume, min_px: int, grid: BlockGrid | None = None, executor:
            ledger: BlockLedger | None = None) -> tuple[RunStats, np.ndarray]:
     """Run the stage over the blocks not marked done, as `volseg run` does; the stats and the output."""
     stage = MinAreaStage(open_volume(volume.url, "r+"), 0.5, min_px)
-    blocks = list(grid or _grid(volume))
-    if ledger is not None:
-        blocks, _ = ledger.unfinished(stage.name, blocks)
-    stats = (executor or SerialExecutor()).run(stage, blocks, ledger=ledger)
+    stats = run_stage(executor or SerialExecutor(), stage, grid or _grid(volume), ledger).stats
     assert not stats.failed
     return stats, open_volume(volume.url).read(volume.bounds)
 

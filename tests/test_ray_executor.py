@@ -9,19 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SMALL_UNET, write_config
+from tests.conftest import SMALL_UNET, marked_blocks, write_config
 from volseg.cli import main
 from volseg.commands.run import run
 from volseg.config import load_config, parse_config
-from volseg.inference.executor import SerialExecutor
+from volseg.engine.ledger import MARK_SECONDS_ENV, BlockLedger
+from volseg.engine.serial import SerialExecutor
 from volseg.inference.job import SegmentationJob
-from volseg.inference.ledger import BlockLedger
 from volseg.inference.segment import make_job, open_outputs, plan_segmentation
 from volseg.io import open_volume
 from volseg.models import build_model
@@ -69,7 +68,7 @@ def test_ray_output_is_byte_identical_to_serial(ray_cluster, run_config, referen
 
 
 def test_an_actor_killed_mid_run_is_replaced_and_the_output_is_unchanged(ray_cluster, run_config, reference):
-    from volseg.actors.executor import RayExecutor
+    from volseg.engine.ray import RayExecutor
 
     config = run_config(execution=ray_execution())
     plan = plan_segmentation(parse_config(config))
@@ -101,7 +100,7 @@ class FailsOnBlock(SegmentationJob):
 
 
 def test_a_block_failing_every_attempt_is_reported_and_the_rest_finish(ray_cluster, run_config, tmp_path):
-    from volseg.actors.executor import RayExecutor
+    from volseg.engine.ray import RayExecutor
 
     plan = plan_segmentation(parse_config(run_config(execution=ray_execution())))
     good = make_job(plan, open_outputs(plan))
@@ -139,28 +138,22 @@ def test_cli_exits_non_zero_naming_failed_blocks_and_a_rerun_resumes(ray_cluster
     assert_same_bytes(config, reference)
 
 
-def settled_count(marks: Path) -> int:
-    """Done-marks once the killed driver's actors are gone (Ray stops a dead driver's actors shortly
-    after, and one may finish the block it holds meanwhile)."""
-    count = -1
-    while count != (count := len(list(marks.glob("*/segment/*")))):
-        time.sleep(2.0)
-    return count
-
-
 def test_a_killed_driver_resumes_only_unfinished_blocks(ray_cluster, run_config, reference, tmp_path):
+    """Marks are written by the driver alone, so what a killed driver left marked stays as it is (its
+    actors may still finish a block, which the resume then computes again)."""
     config = run_config(execution=ray_execution(actors=1, in_flight=1))
     path = write_config(tmp_path / "run.yaml", config)
-    marks = Path(config["output"]["probabilities"]) / ".volseg"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           MARK_SECONDS_ENV: "0.05"}  # marks reach storage while the run is still going
     driver = subprocess.Popen([sys.executable, "-m", "volseg.cli", "run", str(path), "--no-progress"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output = config["output"]["probabilities"]
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(marks.glob("*/segment/*"))) < 3 and driver.poll() is None:
+    while time.monotonic() < deadline and marked_blocks(output) < 3 and driver.poll() is None:
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    done_before = settled_count(marks)
+    done_before = marked_blocks(output)
     assert 3 <= done_before < 18, "the driver should be killed mid-run"
 
     result = run(load_config(path), progress=False)
@@ -183,7 +176,7 @@ def test_another_model_on_the_same_output_is_refused(ray_cluster, run_config, tm
 
 
 def test_serial_and_ray_executors_share_one_api():
-    from volseg.actors.executor import RayExecutor
+    from volseg.engine.ray import RayExecutor
 
     assert list(SerialExecutor.run.__annotations__) == list(RayExecutor.run.__annotations__)
 

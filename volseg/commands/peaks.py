@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from volseg.config import Config, PromptsConfig
+from volseg.engine.serial import SerialExecutor
 from volseg.errors import ConfigError, OutputExistsError
 from volseg.geometry import BlockGrid, PointSet
-from volseg.inference.executor import SerialExecutor
 from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
 from volseg.io import open_volume
 from volseg.io.guard import PathRef, check_outputs
@@ -47,7 +47,7 @@ def export_peaks(config: Config, out: str | Path) -> PointSet:
     while int(np.prod(core)) < PEAK_BLOCK_VOXELS and core[0] < density.shape[0]:
         core[0] += density.chunk_shape[0]
     grid = BlockGrid(density.bounds, tuple(core), 0, density.bounds)
-    stats = SerialExecutor(config.execution.prefetch).run(PeakStage(density, threshold, radius), list(grid))
+    stats = SerialExecutor(config.execution.prefetch).run(PeakStage(density, threshold, radius), grid)
     points = gather_peaks(stats.outcomes)
     order = np.lexsort(points.zyx.T[::-1]) if len(points) else np.zeros(0, int)
     rows = "".join(f"{int(z)},{int(y)},{int(x)}\n" for z, y, x in points.zyx[order])

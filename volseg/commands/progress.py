@@ -10,11 +10,14 @@ from volseg.geometry import Block
 class BlockProgress:
     """Blocks done / total, ETA, voxels per second in total and per worker (actor)."""
 
-    def __init__(self, total_blocks: int, total_voxels: int, enabled: bool = True, desc: str = "segmenting") -> None:
+    def __init__(self, total_blocks: int, enabled: bool = True, desc: str = "segmenting") -> None:
         self.bar = tqdm(total=total_blocks, unit="block", disable=not enabled, dynamic_ncols=True, desc=desc)
-        self.total_voxels = total_voxels
         self.voxels = 0
         self.per_worker: dict[str, tuple[int, float]] = {}
+
+    def start(self, total_blocks: int) -> None:
+        """Set the total once a pass knows it (the blocks still to run)."""
+        self.bar.reset(total=total_blocks)
 
     def __call__(self, block: Block, seconds: float, worker: str = "") -> None:
         self.voxels += block.core.size

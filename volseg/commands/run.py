@@ -19,12 +19,13 @@ from typing import Any
 
 from volseg.commands.progress import BlockProgress
 from volseg.config import Config
+from volseg.engine.lease import Leases, holding
+from volseg.engine.ledger import BlockLedger
+from volseg.engine.serial import SerialExecutor
+from volseg.engine.stage import BlockStage, RunStats, StageResult, run_stage
 from volseg.geometry import Block, BlockGrid, PointSet
-from volseg.inference.executor import RunStats, SerialExecutor
 from volseg.inference.instances import InstanceResult, run_instances
-from volseg.inference.job import BlockStage, OutputTarget
-from volseg.inference.lease import Leases, holding
-from volseg.inference.ledger import BlockLedger
+from volseg.inference.job import OutputTarget
 from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
 from volseg.inference.postprocess import MinAreaStage, min_area_pixels
 from volseg.inference.segment import (
@@ -41,18 +42,9 @@ from volseg.threads import torch_threads
 
 
 @dataclass
-class PassResult:
-    """One pass: its stats, and how many blocks a previous run had already finished."""
-
-    name: str
-    stats: RunStats
-    resumed: int
-
-
-@dataclass
 class RunResult:
     plan: SegmentationPlan
-    passes: list[PassResult] = field(default_factory=list)
+    passes: list[StageResult] = field(default_factory=list)
     executor: str = "serial"
     seconds: float = 0.0
     prompts: PointSet | None = None
@@ -157,8 +149,8 @@ def open_executor(config: Config) -> Iterator[Any]:
             executor.device_kind = resolve_device(config.inference.device).type
             yield executor
         return
-    from volseg.actors.cluster import check_fits, connected
-    from volseg.actors.executor import RayExecutor, plan_actors
+    from volseg.engine.cluster import check_fits, connected
+    from volseg.engine.ray import RayExecutor, plan_actors
 
     with connected(config.cluster.address) as cluster:
         actors, cpus, gpus = plan_actors(execution.actors, execution.cpus_per_actor, execution.gpus_per_actor,
@@ -182,17 +174,16 @@ def checked(on_done: Callable[[Block, float, str], None], leases: Leases) -> Cal
 
 
 def run_pass(executor: Any, stage: BlockStage, grid: BlockGrid, ledger: BlockLedger, progress: bool,
-             desc: str, leases: Leases) -> PassResult:
-    """Run ``stage`` on the blocks of ``grid`` not yet marked done; outcomes include the done ones."""
-    todo, done = ledger.unfinished(stage.name, grid)
-    bar = BlockProgress(len(todo), sum(b.core.size for b in todo), progress, desc)
+             desc: str, leases: Leases) -> StageResult:
+    """Run ``stage`` on the blocks of ``grid`` not yet marked done, with a progress bar; outcomes
+    include the done ones."""
+    bar = BlockProgress(0, progress, desc)
     try:
-        stats = executor.run(stage, todo, on_done=checked(bar, leases), ledger=ledger)
+        result = run_stage(executor, stage, grid, ledger, on_done=checked(bar, leases), on_start=bar.start)
     finally:
         bar.close()
     leases.check()
-    stats.outcomes = {**done, **stats.outcomes}
-    return PassResult(stage.name, stats, len(done))
+    return result
 
 
 def output_urls(plan: SegmentationPlan) -> list[str]:
@@ -208,10 +199,10 @@ def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunRe
     plan = plan_segmentation(config, overwrite)
     with holding(output_urls(plan), config.execution.lease_seconds) as leases:
         check_existing_outputs(plan, overwrite)  # another run may have written them since the plan
+        ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature, tuple(leases.tokens().values()))
         with open_executor(config) as executor:
             check_device(plan, executor.device_kind, overwrite)
             targets = open_outputs(plan, executor.device_kind)
-            ledger = BlockLedger.beside(plan.outputs[0].url, plan.signature, tuple(leases.tokens().values()))
             if overwrite:
                 ledger.clear()
             result = RunResult(plan, executor=getattr(executor, "description", "this process (serial)"))
@@ -247,13 +238,13 @@ def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: A
         result.passes.append(run_pass(executor, min_area, plan.grid, ledger, progress, "min area", leases))
     if plan.instances is not None and not result.failed:
         blocks = plan.instances.grid.num_blocks
-        bar = BlockProgress(3 * blocks, 3 * plan.instances.grid.roi.size, progress, "instances")
+        bar = BlockProgress(3 * blocks, progress, "instances")
         try:
             result.instances = run_instances(plan.instances, executor, ledger, on_done=checked(bar, leases))
         finally:
             bar.close()
         leases.check()
-        result.passes.append(PassResult("instances", result.instances.stats, 0))
+        result.passes.append(StageResult("instances", result.instances.stats, 0))
 
 
 def _named(plan: SegmentationPlan, targets: list[OutputTarget], name: str) -> OutputTarget:

@@ -36,9 +36,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from volseg.config import Config
+from volseg.engine.lease import STATE_DIRECTORY  # run state (done-marks, lease): never served
 from volseg.errors import UnsupportedURLError, VolsegError, VolumeNotFoundError
 from volseg.geometry import PointSet
-from volseg.inference.lease import STATE_DIRECTORY  # run state (done-marks, lease): never served
 from volseg.io import open_volume
 from volseg.io.urls import parse_url
 

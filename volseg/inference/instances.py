@@ -1,6 +1,6 @@
 """Instance segmentation of the semantic outputs, blockwise, stitched across block faces.
 
-Three block stages (any executor runs them: serial here, Ray in :mod:`volseg.actors`) and one merge
+Three block stages (any executor of :mod:`volseg.engine` runs them) and one merge
 in the driver::
 
     pass 1  LabelStage        foreground = probability > threshold; connected components of the core,
@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import cc3d
 import fastremap
@@ -51,11 +51,10 @@ from skimage.segmentation import watershed
 
 import volseg
 from volseg.config import InstancesConfig
+from volseg.engine.ledger import SIGNATURE_KEY, BlockLedger, check_signature
+from volseg.engine.stage import BlockDone, BlockStage, Executor, Pending, RunStats, run_stage
 from volseg.errors import ConfigError, GeometryMismatchError
 from volseg.geometry import Block, BlockGrid, Box, Coord
-from volseg.inference.executor import BlockDone, RunStats
-from volseg.inference.job import BlockStage, Pending
-from volseg.inference.ledger import SIGNATURE_KEY, BlockLedger, check_signature
 from volseg.inference.stitching import (
     RelabelTable,
     contact_pairs,
@@ -222,6 +221,10 @@ class _SemanticReader:
         """Core + halo, clipped to the region of interest (the roi is the whole volume of this labelling)."""
         return block.core.grow(self.params.halo_vx).intersect(self.grid.roi)
 
+    def read_box(self, block: Block) -> Box:
+        """The context box (the overlap stage's band lies inside it)."""
+        return self.context(block)
+
     def _read_semantic(self, box: Box) -> tuple[Pending, Pending | None]:
         density = None if self.density is None else self.density.read_async(box)
         return self.probabilities.read_async(box), density
@@ -270,10 +273,13 @@ class FaceContactStage:
         self.grid = grid
         self.instances = instances
 
+    def read_box(self, block: Block) -> Box:
+        """The core widened by one voxel past its stop on every axis, clipped to the roi: the slabs' union."""
+        return block.core.grow(0, 1).intersect(self.grid.roi)
+
     def slabs(self, block: Block) -> list[Box]:
         """One slab per axis along which another block follows this one."""
-        roi, core = self.grid.roi, block.core
-        widened = core.grow(0, 1).intersect(roi)
+        roi, core, widened = self.grid.roi, block.core, self.read_box(block)
         boxes = []
         for axis in range(3):
             if core.stop[axis] < roi.stop[axis]:
@@ -346,6 +352,9 @@ class RelabelStage:
         self.table = table
         self.instances = instances
 
+    def read_box(self, block: Block) -> Box:
+        return block.core
+
     def read(self, block: Block) -> Pending:
         return self.instances.read_async(block.core)
 
@@ -364,13 +373,6 @@ class RelabelStage:
 
 
 # --- planning and running ------------------------------------------------------------------------------
-
-
-class Executor(Protocol):
-    """What runs a stage over blocks: :class:`~volseg.inference.executor.SerialExecutor` or Ray's."""
-
-    def run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None = None,
-            ledger: BlockLedger | None = None) -> RunStats: ...
 
 
 @dataclass(frozen=True)
@@ -487,14 +489,6 @@ class InstanceResult:
                 f"under the minimum size dropped) in {self.seconds:.1f} s: {self.url}"]
 
 
-def _run_stage(executor: Executor, stage: BlockStage, blocks: Sequence[Block], ledger: BlockLedger | None,
-               on_done: BlockDone | None) -> tuple[dict[int, Any], RunStats]:
-    """Run ``stage`` on the blocks not marked done; every block's outcome, from the run or the marks."""
-    todo, done = ledger.unfinished(stage.name, blocks) if ledger is not None else (list(blocks), {})
-    stats = executor.run(stage, todo, on_done=on_done, ledger=ledger)
-    return {**done, **stats.outcomes}, stats
-
-
 def _open_inputs(plan: InstancePlan) -> tuple[Volume, Volume | None]:
     """The semantic outputs, read-only, checked against the planned geometry."""
     probabilities = open_volume(plan.probabilities_url)
@@ -516,7 +510,6 @@ def run_instances(plan: InstancePlan, executor: Executor, ledger: BlockLedger | 
     begin = time.perf_counter()
     probabilities, density = _open_inputs(plan)
     instances = open_instances(plan)
-    blocks = list(plan.grid)
     label = LabelStage(plan.params, plan.grid, probabilities, density, instances)
     stitch: BlockStage
     if plan.params.method == "connected_components":
@@ -524,17 +517,19 @@ def run_instances(plan: InstancePlan, executor: Executor, ledger: BlockLedger | 
     else:
         stitch = HaloOverlapStage(plan.params, plan.grid, probabilities, density, instances)
 
-    label_outcomes, stats = _run_stage(executor, label, blocks, ledger, on_done)
+    stats = run_stage(executor, label, plan.grid, ledger, on_done).stats
+    label_outcomes = stats.outcomes
     if stats.failed:
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
-    stitch_outcomes, stitch_stats = _run_stage(executor, stitch, blocks, ledger, on_done)
+    stitch_stats = run_stage(executor, stitch, plan.grid, ledger, on_done).stats
+    stitch_outcomes = stitch_stats.outcomes
     stats = stats.merge(stitch_stats)
     if stats.failed:
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
     mutual = plan.params.method == "watershed"
-    table, summary = merge_pieces(*gather_outcomes(label_outcomes, stitch_outcomes, len(blocks), mutual),
+    table, summary = merge_pieces(*gather_outcomes(label_outcomes, stitch_outcomes, plan.grid.num_blocks, mutual),
                                   plan.min_size_vx)
-    _, relabel_stats = _run_stage(executor, RelabelStage(table, instances), blocks, ledger, on_done)
+    relabel_stats = run_stage(executor, RelabelStage(table, instances), plan.grid, ledger, on_done).stats
     stats = stats.merge(relabel_stats)
     if not stats.failed:
         instances.update_attributes({SIGNATURE_KEY: {**instances.attributes.get(SIGNATURE_KEY, {}),

@@ -1,54 +1,22 @@
-"""Block stages: what every block of one pass does, independent of who runs it.
-
-A :class:`BlockStage` splits a block's work into steps an executor can overlap: ``read`` (async),
-``compute``, ``write`` (async) and ``outcome`` (a small JSON value the executor returns and the done-mark
-keeps). Executors (:mod:`volseg.inference.executor` here, :mod:`volseg.actors` on Ray) only decide which
-block runs where and when. A stage pickles small (volumes as their specs, the model as its weights),
-so Ray ships it to each actor once. :class:`SegmentationJob` is the stage that segments.
+"""The segment stage: :class:`SegmentationJob` reads a block with its windows' context, predicts, blends and
+writes the core into the outputs (a :class:`~volseg.engine.stage.BlockStage`; any executor runs it).
+It pickles small (volumes as their specs, the model as its weights), so Ray ships it to each actor once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from volseg.engine.stage import Pending
 from volseg.errors import VolumeFormatError
-from volseg.geometry import Block, PointSet
+from volseg.geometry import Block, Box, PointSet
 from volseg.inference.blockwise import plan_windows, predict_box
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
-
-
-class Pending(Protocol):
-    def result(self) -> Any: ...
-
-
-class BlockStage(Protocol):
-    """One pass over blocks. ``name`` keys its done-marks; ``compute`` may use the torch device an
-    executor assigns with ``to(device)`` (stages without a model ignore it)."""
-
-    name: str
-
-    def read(self, block: Block) -> Pending: ...
-
-    def compute(self, block: Block, data: Any) -> Any: ...
-
-    def write(self, block: Block, computed: Any) -> Sequence[Pending]: ...
-
-    def outcome(self, block: Block, computed: Any) -> Any: ...
-
-    def to(self, device: str) -> None: ...
-
-
-def run_block(stage: BlockStage, block: Block) -> Any:
-    """All of a block's steps, synchronously; returns its outcome once its writes are durable."""
-    computed = stage.compute(block, stage.read(block).result())
-    for pending in stage.write(block, computed):
-        pending.result()
-    return stage.outcome(block, computed)
 
 
 @dataclass(frozen=True)
@@ -110,9 +78,13 @@ class SegmentationJob:
         self.batch_windows = batch_windows
         self.points = points
 
+    def read_box(self, block: Block) -> Box:
+        """The union of the global windows that overlap the block's core."""
+        return plan_windows(self.windows, block.core).read_box
+
     def read(self, block: Block) -> Pending:
         """Start reading everything ``block``'s windows need; ``.result()`` gives the array."""
-        return self.source.read_async(plan_windows(self.windows, block.core).read_box)
+        return self.source.read_async(self.read_box(block))
 
     def compute(self, block: Block, data: np.ndarray) -> np.ndarray:
         """``(C+1) × core`` blended predictions of the block; a block whose input holds NaN or ±Inf
@@ -120,7 +92,7 @@ class SegmentationJob:
         bad = count_not_finite(data)
         if bad:
             raise VolumeFormatError(f"block {block.id}: the input holds {bad:,} NaN or infinite voxels in "
-                                    f"{plan_windows(self.windows, block.core).read_box}.", FINITE_FIX)
+                                    f"{self.read_box(block)}.", FINITE_FIX)
         return predict_box(self.source, self.predictor, self.windows, block.core, self.blend, data,
                            self.batch_windows, self.points)
 

@@ -61,14 +61,15 @@ class PeakStage:
         self.threshold = threshold
         self.radius = tuple(radius)
 
-    def _box(self, block: Block) -> Box:
+    def read_box(self, block: Block) -> Box:
+        """The core grown by the peak radius, clipped to the volume."""
         return block.core.grow(self.radius).intersect(self.density.bounds)
 
     def read(self, block: Block) -> Any:
-        return self.density.read_async(self._box(block))
+        return self.density.read_async(self.read_box(block))
 
     def compute(self, block: Block, data: np.ndarray) -> np.ndarray:
-        return local_peaks(data, self._box(block), block.core, self.threshold, self.radius)
+        return local_peaks(data, self.read_box(block), block.core, self.threshold, self.radius)
 
     def write(self, block: Block, computed: np.ndarray) -> list[Any]:
         return []

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from volseg.engine.stage import Pending
 from volseg.geometry import Block, Box
 from volseg.inference.instances import unit_range
-from volseg.inference.job import Pending
 from volseg.io import Volume
 
 #: Halo (pixels, y and x) of a block's first read; only a doubt about a component sends it further.
@@ -121,24 +121,28 @@ class MinAreaStage:
     def first_halo_px(self) -> int:
         return min(self.min_px, FIRST_HALO_PX)
 
-    def read_box(self, block: Block, halo_px: int) -> Box:
+    def read_box(self, block: Block) -> Box:
+        """The widest box a block reads: its core with a halo of ``min_px`` (most read less)."""
+        return self.box_with_halo(block, self.min_px)
+
+    def box_with_halo(self, block: Block, halo_px: int) -> Box:
         """The core grown by ``halo_px`` in y and x, clipped to the volume (not to the roi)."""
         return block.core.grow((0, halo_px, halo_px)).intersect(self.probabilities.bounds)
 
     def read(self, block: Block) -> Pending:
-        return self.probabilities.read_async(self.read_box(block, self.first_halo_px))
+        return self.probabilities.read_async(self.box_with_halo(block, self.first_halo_px))
 
     def compute(self, block: Block, values: np.ndarray) -> CleanedCore:
         halo = self.first_halo_px
         removed, doubtful = self._small(block, values, halo)
         if doubtful:  # impossible once halo == min_px (module docstring)
             halo = self.min_px
-            values = self.probabilities.read(self.read_box(block, halo))
+            values = self.probabilities.read(self.box_with_halo(block, halo))
             removed, _ = self._small(block, values, halo)
         zeroed, wide_read = int(np.count_nonzero(removed)), halo > self.first_halo_px
         if not zeroed:
             return CleanedCore(None, 0, wide_read)
-        core = self._channels(values)[(slice(None), *block.core.relative_to(self.read_box(block, halo)))].copy()
+        core = self._channels(values)[(slice(None), *block.core.relative_to(self.box_with_halo(block, halo)))].copy()
         core[removed] = 0
         return CleanedCore(core if self.probabilities.num_channels is not None else core[0], zeroed, wide_read)
 
@@ -148,7 +152,7 @@ class MinAreaStage:
 
     def _small(self, block: Block, values: np.ndarray, halo_px: int) -> tuple[np.ndarray, bool]:
         """The core's pixels to zero, per channel (channel, z, y, x), and whether a component is in doubt."""
-        box = self.read_box(block, halo_px)
+        box = self.box_with_halo(block, halo_px)
         core, sides = block.core.relative_to(box), open_sides(box, self.probabilities.bounds)
         found = [small_components(channel, core, sides, self.min_px)
                  for channel in unit_range(self._channels(values)) > self.threshold]

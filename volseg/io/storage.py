@@ -97,18 +97,24 @@ def storage_timeout_s() -> float:
 
     Raises :class:`~volseg.errors.ConfigError` for a value that is not a positive number.
     """
-    raw = os.environ.get(STORAGE_TIMEOUT_ENV, "").strip()
+    return env_seconds(STORAGE_TIMEOUT_ENV, DEFAULT_STORAGE_TIMEOUT_S, 60)
+
+
+def env_seconds(name: str, default: float, example: float) -> float:
+    """The environment variable ``name`` as a positive number of seconds, ``default`` when unset.
+
+    Raises :class:`~volseg.errors.ConfigError` for a value that is not a positive number (``example``
+    is the value the fix suggests)."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_STORAGE_TIMEOUT_S
+        return default
     try:
         seconds = float(raw)
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(
-            f"{STORAGE_TIMEOUT_ENV}={raw!r} is not a positive number of seconds.",
-            f"unset it (default {DEFAULT_STORAGE_TIMEOUT_S:g} s) or set e.g. {STORAGE_TIMEOUT_ENV}=60.",
-        )
+        raise ConfigError(f"{name}={raw!r} is not a positive number of seconds.",
+                          f"unset it (default {default:g} s) or set e.g. {name}={example:g}.")
     return seconds
 
 

@@ -39,8 +39,8 @@ import torch
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 from torch import nn
 
-from volseg.actors.cluster import connected
 from volseg.config import ClusterConfig
+from volseg.engine.cluster import connected
 from volseg.models import ModelSpec
 from volseg.models.checkpoint import load_checkpoint, save_checkpoint
 from volseg.training.loop import TrainHistory

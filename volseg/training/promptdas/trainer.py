@@ -20,7 +20,7 @@ projector φ is idle in steps without prompts), the :class:`~volseg.training.rep
 of each global batch this worker computes; the losses sum their statistics over replicas), an
 ``after_step`` hook (reporting, checkpoints) and a :class:`~volseg.training.resume.TrainerState` to resume
 from. The teacher is built from the unwrapped student and updated from its weights after the
-synchronised optimizer step, so it is identical on every replica. ``volseg/actors/training.py`` runs this
+synchronised optimizer step, so it is identical on every replica. ``volseg/training/distributed.py`` runs this
 loop under Ray Train.
 """
 

@@ -2,8 +2,8 @@
 
 While block *k* is computed, the reads of the next ``prefetch`` blocks are already in flight and the
 write of block *k-1* is still draining (tensorstore does both on its own threads), so a serial run
-spends its time in the model, not waiting for storage. The Ray executor (``volseg.actors``) has the
-same ``run`` signature and gives the same bytes.
+spends its time in the model, not waiting for storage. The Ray executor (:mod:`volseg.engine.ray`) has
+the same ``run`` signature and gives the same bytes.
 """
 
 from __future__ import annotations
@@ -11,60 +11,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from volseg.engine.ledger import BlockLedger
+from volseg.engine.stage import (
+    FATAL_ERRORS,
+    BlockDone,
+    BlockStage,
+    Pending,
+    RunStats,
+    closing_pass,
+    error_summary,
+    write_block,
+)
 from volseg.geometry import Block
-from volseg.inference.job import BlockStage, Pending
-from volseg.inference.lease import LeaseLostError
-from volseg.inference.ledger import BlockLedger
-
-#: Called after each block is durably written: (block, seconds it took, who ran it).
-BlockDone = Callable[[Block, float, str], None]
-
-
-@dataclass
-class RunStats:
-    """What a run did: blocks and voxels written, wall time, each block's outcome, blocks retried, and
-    blocks that failed every attempt (id → last error)."""
-
-    blocks_done: int = 0
-    voxels: int = 0
-    seconds: float = 0.0
-    outcomes: dict[int, Any] = field(default_factory=dict)
-    retried: int = 0
-    failed: dict[int, str] = field(default_factory=dict)
-    workers: int = 1
-    startup_seconds: float = 0.0  # of ``seconds``: starting workers and shipping them the stage
-
-    @property
-    def voxels_per_second(self) -> float:
-        return self.voxels / self.seconds if self.seconds > 0 else 0.0
-
-    def merge(self, other: RunStats) -> RunStats:
-        """The stats of two passes run one after the other."""
-        return RunStats(self.blocks_done + other.blocks_done, self.voxels + other.voxels,
-                        self.seconds + other.seconds, {**self.outcomes, **other.outcomes},
-                        self.retried + other.retried, {**self.failed, **other.failed},
-                        max(self.workers, other.workers), self.startup_seconds + other.startup_seconds)
-
-
-#: Errors that stop a run instead of failing one block (another run took its outputs over).
-FATAL_ERRORS: tuple[type[BaseException], ...] = (LeaseLostError,)
-
-
-def error_summary(error: BaseException) -> str:
-    """``Type: last line of the message`` (a remote error's last line is its own message, after the
-    traceback Ray puts before it), at most 300 characters."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]
-
-
-def write_block(stage: BlockStage, block: Block, computed: Any, ledger: BlockLedger | None) -> Sequence[Pending]:
-    """Start a block's writes, once the run is known to still hold its outputs."""
-    if ledger is not None:
-        ledger.confirm_leases()
-    return stage.write(block, computed)
 
 
 class SerialExecutor:
@@ -83,9 +43,15 @@ class SerialExecutor:
 
     def run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None = None,
             ledger: BlockLedger | None = None) -> RunStats:
-        """Run ``stage`` on every block; mark each done in ``ledger`` once its writes are durable."""
+        """Run ``stage`` on every block (taken from ``blocks`` one at a time, as read-ahead needs them);
+        mark each done in ``ledger`` once its writes are durable."""
         stats = RunStats()
-        begin = time.perf_counter()
+        with closing_pass(stats, ledger):
+            self._run(stage, blocks, on_done, ledger, stats)
+        return stats
+
+    def _run(self, stage: BlockStage, blocks: Iterable[Block], on_done: BlockDone | None,
+             ledger: BlockLedger | None, stats: RunStats) -> None:
         reads: deque[tuple[Block, Pending]] = deque()
         writes: deque[tuple[Block, Sequence[Pending], Any, float]] = deque()
         upcoming = iter(blocks)
@@ -100,9 +66,7 @@ class SerialExecutor:
         def finish(block: Block, outcome: Any, started: float) -> None:
             if ledger is not None:
                 ledger.mark(stage.name, block.id, outcome)
-            stats.outcomes[block.id] = outcome
-            stats.blocks_done += 1
-            stats.voxels += block.core.size
+            stats.record(block, outcome)
             if on_done is not None:
                 on_done(block, time.perf_counter() - started, self.name)
 
@@ -137,8 +101,6 @@ class SerialExecutor:
                 continue
             drain_writes(keep=1)
         drain_writes(keep=0)
-        stats.seconds = time.perf_counter() - begin
-        return stats
 
     def _retry(self, stage: BlockStage, block: Block, error: Exception, stats: RunStats,
                ledger: BlockLedger | None, finish: Callable[[Block, Any, float], None], started: float) -> None:
