@@ -95,7 +95,7 @@ class TorchPredictor:
         self.views = VIEWS[tta]
         contract.check_window(self._window)
         if tta > 1 and self._window[1] != self._window[2]:
-            raise ValueError(f"tta {tta} turns windows a quarter turn: the window {self._window} must be square in y, x")
+            raise ValueError(f"tta {tta} turns windows a quarter turn: the window {self._window} must be square")
 
     def to(self, device: str | torch.device) -> None:
         """Move the model to ``device`` (an executor's actor does this once, on its own GPU)."""
