@@ -181,7 +181,7 @@ class TorchPredictor:
             predicted = unturn(predicted, turns, mirrored)
             total = predicted if total is None else total + predicted
         assert total is not None
-        channels.copy_(total / len(self.views) if len(self.views) > 1 else total)
+        channels.copy_(total / len(self.views))  # exact for one view: x / 1 == x
 
 
 def turn(images: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
