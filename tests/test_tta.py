@@ -12,12 +12,13 @@ from tests.conftest import write_config
 from volseg.cli import main
 from volseg.geometry import Box
 from volseg.inference.blockwise import predict_box
-from volseg.inference.predictor import VIEWS, TorchPredictor, turn, turn_points, unturn
+from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.intensity import measure_intensity
 from volseg.io import open_volume
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.checkpoint import load_checkpoint, save_checkpoint
+from volseg.models.views import VIEWS
 
 CNN_PROMPTDAS = ModelSpec("promptdas", options={"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2,
                                                 "decoder_mlp": 32, "projection_dim": 8})
@@ -31,13 +32,11 @@ def model() -> torch.nn.Module:
 
 @pytest.mark.parametrize("view", VIEWS[8])
 def test_a_view_moves_points_where_it_moves_their_pixels(view):
-    turns, mirrored = view
     image = torch.zeros(5, 7)
     image[1, 5] = 1
-    turned = turn(image, turns, mirrored)
-    assert torch.nonzero(turned)[0].float().tolist() == turn_points(torch.tensor([1.0, 5.0]), (5, 7), turns,
-                                                                    mirrored).tolist()
-    assert torch.equal(unturn(turned, turns, mirrored), image)
+    turned = view.apply(image)
+    assert torch.nonzero(turned)[0].tolist() == view.points(np.array([[1.0, 5.0]]), (5, 7))[0].tolist()
+    assert torch.equal(view.undo(turned), image)
 
 
 def predictor(model: torch.nn.Module, tta: int) -> TorchPredictor:
@@ -46,17 +45,15 @@ def predictor(model: torch.nn.Module, tta: int) -> TorchPredictor:
 
 @pytest.mark.parametrize("view", VIEWS[8][1:])
 def test_the_mean_over_all_views_is_the_same_for_every_view_of_a_window(model, view):
-    turns, mirrored = view
     window = np.random.default_rng(0).integers(0, 256, (2, 1, 32, 32), dtype=np.uint8)
     prompts = [np.array([[0, 3.0, 20.0], [0, 25.0, 9.0]]), np.zeros((0, 3))]
-    turned_window = turn(torch.from_numpy(window), turns, mirrored).numpy()
-    turned_prompts = [np.column_stack([p[:, 0], turn_points(torch.from_numpy(p[:, 1:]), (32, 32), turns,
-                                                                mirrored).numpy()]) for p in prompts]
+    turned_window = view.apply(torch.from_numpy(window)).numpy()
+    turned_prompts = [np.column_stack([p[:, 0], view.points(p[:, 1:], (32, 32))]) for p in prompts]
 
     def seen_back(tta: int) -> tuple[np.ndarray, np.ndarray]:
         p = predictor(model, tta)
         direct = p.predict(window, prompts)
-        back = unturn(torch.from_numpy(p.predict(turned_window, turned_prompts)), turns, mirrored).numpy()
+        back = view.undo(torch.from_numpy(p.predict(turned_window, turned_prompts))).numpy()
         return direct, back
 
     direct, back = seen_back(8)
@@ -64,7 +61,7 @@ def test_the_mean_over_all_views_is_the_same_for_every_view_of_a_window(model, v
     plain, plain_back = seen_back(1)  # one view is not invariant: the test can fail
     assert np.abs(plain_back - plain).max() > 1e-3
     four, four_back = seen_back(4)
-    if not mirrored:  # the four quarter turns are closed under turning
+    if not view.mirrored:  # the four quarter turns are closed under turning
         np.testing.assert_allclose(four_back, four, atol=1e-5, rtol=0)
 
 

@@ -26,13 +26,10 @@ from volseg.geometry import Coord
 from volseg.intensity import read_boxes, sample_boxes
 from volseg.models import InputContract
 from volseg.models.norms import calibrate_norms, norm_digest, norm_layers
+from volseg.models.views import VIEWS, PlaneView
 
 #: Windows per axis (z, y, x) of the lattice :meth:`TorchPredictor.calibrate_norms` samples a volume with.
 CALIBRATION_LATTICE = (4, 4, 4)
-
-#: The in-plane views test-time augmentation averages: (quarter turns, mirrored first), the identity first.
-VIEWS = {1: ((0, False),), 4: tuple((k, False) for k in range(4)),
-         8: tuple((k, m) for m in (False, True) for k in range(4))}
 
 
 @runtime_checkable
@@ -171,40 +168,22 @@ class TorchPredictor:
         prompt_tensors = self._prompt_tensors(prompts)
         channels = out[:, :, 0] if self.contract.dims == 2 else out  # 2D: B×(C+1)×Y×X of B×(C+1)×1×Y×X
         total = None
-        for turns, mirrored in self.views:
-            view_prompts = None if prompt_tensors is None else (
-                turn_points(prompt_tensors[0], x.shape[-2:], turns, mirrored), prompt_tensors[1])
+        for view in self.views:
+            view_prompts = None if prompt_tensors is None else (_view_points(view, *prompt_tensors, x.shape[-2:]),
+                                                                 prompt_tensors[1])
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                view = turn(x, turns, mirrored)
-                outputs = self.model(view) if view_prompts is None else self.model(view, *view_prompts)
-            predicted = torch.cat([torch.sigmoid(outputs[0].float()), outputs[1].float()], dim=1)
-            predicted = unturn(predicted, turns, mirrored)
+                images = view.apply(x)
+                outputs = self.model(images) if view_prompts is None else self.model(images, *view_prompts)
+            predicted = view.undo(torch.cat([torch.sigmoid(outputs[0].float()), outputs[1].float()], dim=1))
             total = predicted if total is None else total + predicted
         assert total is not None
         channels.copy_(total / len(self.views))  # exact for one view: x / 1 == x
 
 
-def turn(images: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
-    """``images`` (… × Y × X) mirrored in x (if ``mirrored``), then turned ``turns`` quarter turns
-    (``torch.rot90`` over the last two axes)."""
-    images = images.flip(-1) if mirrored else images
-    return torch.rot90(images, turns, dims=(-2, -1)).contiguous() if turns % 4 else images
-
-
-def unturn(images: torch.Tensor, turns: int, mirrored: bool) -> torch.Tensor:
-    """The inverse of :func:`turn`."""
-    images = torch.rot90(images, -turns, dims=(-2, -1)) if turns % 4 else images
-    return images.flip(-1) if mirrored else images
-
-
-def turn_points(yx: torch.Tensor, shape: Sequence[int], turns: int, mirrored: bool) -> torch.Tensor:
-    """Pixel coordinates ``… × 2`` (y, x) in an image of ``shape`` (Y, X) → where :func:`turn` moves
-    those pixels."""
-    y, x = yx[..., 0], yx[..., 1]
-    height, width = int(shape[0]), int(shape[1])
-    if mirrored:
-        x = (width - 1) - x
-    for _ in range(turns % 4):  # a quarter turn (rot90 of a H×W image → W×H): (y, x) → (W-1-x, y)
-        y, x = (width - 1) - x, y
-        height, width = width, height
-    return torch.stack([y, x], dim=-1)
+def _view_points(view: PlaneView, points: torch.Tensor, mask: torch.Tensor, shape_yx: Sequence[int]) -> torch.Tensor:
+    """Padded ``B×N×2`` (y, x) prompts where ``view`` moves them (padding, ``mask`` False, is left as is)."""
+    if view == PlaneView(0, False):  # the identity: no round trip through the host
+        return points
+    moved = points.clone()
+    moved[mask] = torch.from_numpy(view.points(points[mask].cpu().numpy(), tuple(shape_yx))).to(points)
+    return moved

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from volseg.models.views import PlaneView
+
 
 @dataclass(frozen=True)
 class AugmentSettings:
@@ -85,8 +87,12 @@ class GeometricTransform:
         ``padding``: what the warp reads outside the crop (``zeros`` marks it invalid in a valid mask)."""
         if self.displacement is not None:
             maps = self._warp(maps, mode, padding)
-        maps = torch.rot90(maps, self.rotations, dims=(-2, -1))
-        return torch.flip(maps, dims=(-1,)) if self.flip else maps
+        return self.view.apply(maps)
+
+    @property
+    def view(self) -> PlaneView:
+        """The rotation and flip, without the warp."""
+        return PlaneView(self.rotations, self.flip)
 
     def points(self, points_yx: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
         """Where ``M×2`` points (y, x) of a ``Y×X`` crop land in the transformed view.
@@ -95,15 +101,9 @@ class GeometricTransform:
         a pixel); warped points are kept inside the crop.
         """
         p = np.asarray(points_yx, dtype=np.float64).reshape(-1, 2).copy()
-        h, w = shape_yx
         if self.displacement is not None and len(p):
             p = self._unwarp(p, shape_yx)
-        for _ in range(self.rotations % 4):  # rot90: out[i, j] = in[j, W-1-i]
-            p = np.stack([w - 1 - p[:, 1], p[:, 0]], axis=1)
-            h, w = w, h
-        if self.flip:
-            p[:, 1] = w - 1 - p[:, 1]
-        return p
+        return self.view.points(p, shape_yx)
 
     def _warp(self, maps: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
         h, w = maps.shape[-2:]
