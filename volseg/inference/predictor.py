@@ -172,7 +172,7 @@ class TorchPredictor:
             view_prompts = None if prompt_tensors is None else (_view_points(view, *prompt_tensors, x.shape[-2:]),
                                                                  prompt_tensors[1])
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                images = view.apply(x)
+                images = view.apply(x).contiguous()
                 outputs = self.model(images) if view_prompts is None else self.model(images, *view_prompts)
             predicted = view.undo(torch.cat([torch.sigmoid(outputs[0].float()), outputs[1].float()], dim=1))
             total = predicted if total is None else total + predicted

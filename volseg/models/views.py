@@ -24,10 +24,9 @@ class PlaneView:
     mirrored: bool
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (… × Y × X) as this view sees them (contiguous: convolutions on a turned, strided
-        tensor run several times slower)."""
-        if self.turns % 4:
-            images = torch.rot90(images, self.turns, dims=(-2, -1)).contiguous()
+        """``images`` (… × Y × X) as this view sees them (a new tensor, possibly strided: call
+        ``.contiguous()`` before convolutions, which run several times slower on a turned, strided one)."""
+        images = torch.rot90(images, self.turns, dims=(-2, -1))
         return torch.flip(images, dims=(-1,)) if self.mirrored else images
 
     def undo(self, images: torch.Tensor) -> torch.Tensor:
