@@ -171,3 +171,42 @@ def test_the_command_line_prints_one_line_for_an_unreachable_bucket(tmp_path, ru
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert url.split("/")[2] in lines[0] and credentials in lines[0]
+
+
+LATE_LOGGER = """
+import os, sys, threading, time
+from concurrent.futures import Future
+from volseg.io import storage
+from volseg.io.urls import parse_url
+
+storage.drop_native_logs = True
+url = parse_url("s3://volseg-no-such-bucket/out.zarr")
+
+def native_code_giving_up_later():  # the AWS SDK's metadata lookup, logging after volseg stopped waiting
+    time.sleep(0.3)
+    os.write(2, b"E1130 03:48:30.707901   24344 aws_api.cc:6148] IMDS client failed to update the token\\n")
+
+try:
+    storage.wait(Future(), url, deadline=time.monotonic() + 0.2)
+except storage.StorageUnreachableError as error:
+    threading.Thread(target=native_code_giving_up_later).start()
+    time.sleep(0.5)
+    print("volseg validate: error:", str(error).split(":")[0], file=sys.stderr)
+    os.write(2, b"a plain line on descriptor 2\\n")
+    sys.exit(2)
+"""
+
+
+def test_native_log_lines_after_an_abandoned_wait_are_dropped_too(tmp_path):
+    """A wait that timed out leaves native work behind that may log seconds later, between volseg's
+    error line and the exit (seen in CI): from then on only native log lines are dropped, nothing else."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "VOLSEG_NATIVE_LOGS"}
+    proc = subprocess.run([sys.executable, "-c", LATE_LOGGER], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["volseg validate: error: Could not reach s3",
+                                        "a plain line on descriptor 2"], proc.stderr

@@ -18,6 +18,7 @@ resolve host: storage.googleapis.com``). Any other storage failure becomes one l
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -130,12 +131,14 @@ def wait(future: _Pending[T], url: VolumeURL, deadline: float | None = None) -> 
     names ``url``. The future's own errors (tensorstore: ``ValueError``) propagate unchanged.
     """
     end = storage_deadline() if deadline is None else deadline
-    try:
-        with native_logs_dropped(url):
+    with native_logs_dropped(url):
+        try:
             return future.result(timeout=max(end - time.monotonic(), 0.0))
-    except TimeoutError:
-        future.cancel()
-        raise unreachable(url) from None
+        except TimeoutError:
+            future.cancel()
+            if _dropping(url):  # the abandoned native call may still log, e.g. when its credential lookup gives up
+                _drop_native_logs_from_now_on()
+            raise unreachable(url) from None
 
 
 #: Set by the command line: while it waits on remote storage, the log lines that tensorstore's native
@@ -148,13 +151,18 @@ _NATIVE_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [^\]\s]+\
 _redirect_lock = threading.Lock()
 _redirect_depth = 0
 _redirect: tuple[int, Any] | None = None
+_filter: threading.Thread | None = None
+
+
+def _dropping(url: VolumeURL) -> bool:
+    return drop_native_logs and url.scheme in REMOTE_SCHEMES and not os.environ.get(NATIVE_LOGS_ENV)
 
 
 @contextmanager
 def native_logs_dropped(url: VolumeURL) -> Iterator[None]:
     """Send file descriptor 2 to a temporary file while waiting on remote storage; afterwards write
     back every line that is not a native log line (see :data:`drop_native_logs`)."""
-    if not drop_native_logs or url.scheme not in REMOTE_SCHEMES or os.environ.get(NATIVE_LOGS_ENV):
+    if not _dropping(url):
         yield
         return
     _enter_redirect()
@@ -193,6 +201,46 @@ def _leave_redirect() -> None:
     if kept:
         sys.stderr.write("".join(kept))
         sys.stderr.flush()
+
+
+def _drop_native_logs_from_now_on() -> None:
+    """After a wait on remote storage was abandoned, its native call can still log at any later time
+    (the AWS SDK's metadata-service lookup gives up seconds on). From then on file descriptor 2 is a
+    pipe whose reader thread forwards every line but native log lines to the real stderr; at exit,
+    descriptor 2 goes to the null device and the reader is given a moment to forward what is left."""
+    global _filter
+    with _redirect_lock:
+        if _filter is not None:
+            return
+        read_end, write_end = os.pipe()
+        # while a redirect is active, descriptor 2 is its sink and the real stderr is its saved copy
+        target = _redirect[0] if _redirect is not None else 2
+        terminal = os.dup(target)
+        sys.stderr.flush()
+        os.dup2(write_end, target)  # a redirect that ends now restores descriptor 2 onto the pipe
+        os.close(write_end)
+        _filter = threading.Thread(target=_forward_lines, args=(read_end, terminal), name="volseg-stderr",
+                                   daemon=True)
+        _filter.start()
+    atexit.register(_stop_filter)
+
+
+def _forward_lines(read_end: int, terminal: int) -> None:
+    with os.fdopen(read_end, "rb") as pipe:
+        for line in pipe:
+            if not _NATIVE_LOG_LINE.match(line.decode(errors="replace")):
+                os.write(terminal, line)
+    os.close(terminal)
+
+
+def _stop_filter() -> None:
+    if _filter is None:
+        return
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)  # closes the pipe's last write end in this process: the reader sees its end
+    os.close(null)
+    _filter.join(timeout=2.0)
 
 
 def run_bounded(function: Callable[[], T], url: VolumeURL) -> T:
