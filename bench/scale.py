@@ -2,7 +2,8 @@
 
     uv run python bench/scale.py                      # 10^4, 10^5, 10^6 and 10^7 blocks
     uv run python bench/scale.py --sizes 4 5          # 10^4 and 10^5 only
-    uv run python bench/scale.py --ray-blocks 0       # without the Ray dispatch row
+    uv run python bench/scale.py --ray-blocks 0       # without the Ray dispatch rows
+    uv run python bench/scale.py --sizes --ray-actors 16 64   # the Ray rows only
 
 Each size runs in a fresh process (so peak RSS is that size's), on zarr v3 volumes whose chunks are never
 written: the input is a uint8 array of 100 × 100 × (N / 10^4) blocks of 16 × 1024 × 1024 voxels (10^7 blocks:
@@ -19,8 +20,10 @@ stream, the serial executor, marking blocks done. Per size it measures:
 - the process's peak RSS over all of that (with everything `volseg run` imports, torch included), and its
   growth per 10× blocks.
 
-A last row runs the no-op stage on Ray actors (``--ray-actors``, one CPU each) over ``--ray-blocks``
-blocks and reports dispatch blocks/s after the actors started.
+A second table runs the no-op stage on Ray actors (each of ``--ray-actors`` counts in a fresh process and a
+fresh local Ray instance declaring one CPU per actor, however many cores the machine has) over
+``--ray-blocks`` blocks, and reports dispatch blocks/s once every actor started (the executor packs quick
+blocks several to a task, see :mod:`volseg.engine.ray`), and the blocks per task it settled on.
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def child(blocks: int, dispatch_blocks: int) -> dict[str, Any]:
 
 
 def ray_child(blocks: int, actors: int, in_flight: int) -> dict[str, Any]:
-    """Dispatch blocks/s of the no-op stage on ``actors`` Ray actors of one CPU, after they started."""
+    """Dispatch blocks/s of the no-op stage on ``actors`` Ray actors of one CPU, once all started."""
     import ray
 
     from volseg.engine.ray import RayExecutor
@@ -173,12 +176,19 @@ def ray_child(blocks: int, actors: int, in_flight: int) -> dict[str, Any]:
             input_url = metadata_only_input(Path(tmp), blocks)
             grid, ledger = open_run(input_url, str(Path(tmp) / "out.zarr"))
             with RayExecutor(actors, 1.0, 0.0, in_flight=in_flight) as executor:
+                begin = time.perf_counter()
+                executor.run(NoOpStage(), (grid.block(i) for i in range(10 * actors)))  # starts the actors
+                while executor.placed() < actors:  # every actor started: the timed pass is steady dispatch
+                    time.sleep(0.5)
+                startup = time.perf_counter() - begin
                 stats: RunStats = run_stage(executor, NoOpStage(), grid, ledger).stats
+                batch = executor.batch_size()
     finally:
         ray.shutdown()
     steady = stats.seconds - stats.startup_seconds
     return {"blocks": stats.blocks_done, "actors": actors, "in_flight": in_flight,
-            "dispatch_per_s": stats.blocks_done / steady, "startup_s": stats.startup_seconds}
+            "dispatch_per_s": stats.blocks_done / steady, "startup_s": startup,
+            "batch": batch}
 
 
 def in_fresh_process(*arguments: str) -> dict[str, Any]:
@@ -186,7 +196,7 @@ def in_fresh_process(*arguments: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict[str, Any]], ray_row: dict[str, Any] | None) -> str:
+def table(rows: list[dict[str, Any]], ray_rows: list[dict[str, Any]]) -> str:
     lines = ["| blocks | driver peak RSS MB | RSS × per 10× blocks | s to first block | s to resume, 10% done "
              "| s to resume, 100% done | dispatch blocks/s (serial, no-op) |", "|---|---|---|---|---|---|---|"]
     previous = None
@@ -196,21 +206,21 @@ def table(rows: list[dict[str, Any]], ray_row: dict[str, Any] | None) -> str:
         lines.append(f"| {row['blocks']:,} | {row['peak_rss_mb']:.0f} | {growth} | {row['first_s']:.2f} | "
                      f"{row['resume10_s']:.2f} | {row['resume100_s']:.2f} | {row['dispatch_per_s']:,.0f} "
                      f"(first {row['dispatched']:,}) |")
-    if ray_row is not None:
-        lines.append(f"\nRay, {ray_row['actors']} actors × 1 CPU, {ray_row['in_flight']} blocks in flight per actor, "
-                     f"no-op stage: {ray_row['dispatch_per_s']:,.0f} "
-                     f"blocks/s over {ray_row['blocks']:,} blocks (after {ray_row['startup_s']:.1f} s starting "
-                     "the actors)")
+    if ray_rows:
+        lines += ["", "| Ray actors × 1 CPU | tasks in flight per actor | blocks per task | blocks | s starting actors "
+                  "| dispatch blocks/s (no-op) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {row['actors']} | {row['in_flight']} | {row['batch']} | {row['blocks']:,} | "
+                  f"{row['startup_s']:.1f} | {row['dispatch_per_s']:,.0f} |" for row in ray_rows]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 5, 6, 7], help="powers of ten of blocks")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[4, 5, 6, 7], help="powers of ten of blocks")
     parser.add_argument("--dispatch-blocks", type=int, default=20000, help="blocks timed per size")
-    parser.add_argument("--ray-blocks", type=int, default=10000, help="blocks of the Ray row (0: no Ray row)")
-    parser.add_argument("--ray-actors", type=int, default=2)
-    parser.add_argument("--ray-in-flight", type=int, default=16, help="blocks queued per actor")
+    parser.add_argument("--ray-blocks", type=int, default=40000, help="blocks of each Ray row (0: no Ray rows)")
+    parser.add_argument("--ray-actors", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--ray-in-flight", type=int, default=2, help="tasks queued per actor (execution.in_flight)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ray-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,17 +228,18 @@ def main() -> None:
         print(json.dumps(child(args.child, args.dispatch_blocks)))
         return
     if args.ray_child is not None:
-        print(json.dumps(ray_child(args.ray_child, args.ray_actors, args.ray_in_flight)))
+        print(json.dumps(ray_child(args.ray_child, args.ray_actors[0], args.ray_in_flight)))
         return
     rows = []
     for power in args.sizes:
         rows.append(in_fresh_process("--child", str(10**power), "--dispatch-blocks", str(args.dispatch_blocks)))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    ray_row = None
-    if args.ray_blocks:
-        ray_row = in_fresh_process("--ray-child", str(args.ray_blocks), "--ray-actors", str(args.ray_actors),
-                                   "--ray-in-flight", str(args.ray_in_flight))
-    print(table(rows, ray_row))
+    ray_rows = []
+    for actors in args.ray_actors if args.ray_blocks else []:
+        ray_rows.append(in_fresh_process("--ray-child", str(args.ray_blocks), "--ray-actors", str(actors),
+                                         "--ray-in-flight", str(args.ray_in_flight)))
+        print(json.dumps(ray_rows[-1]), file=sys.stderr, flush=True)
+    print(table(rows, ray_rows))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from tests.conftest import SMALL_UNET, marked_blocks, write_config
+from tests.test_engine import CoreIdStage
 from volseg.cli import main
 from volseg.commands.run import run
 from volseg.config import load_config, parse_config
 from volseg.engine.ledger import MARK_SECONDS_ENV, BlockLedger
 from volseg.engine.serial import SerialExecutor
+from volseg.geometry import BlockGrid
 from volseg.inference.job import SegmentationJob
 from volseg.inference.segment import make_job, open_outputs, plan_segmentation
-from volseg.io import open_volume
+from volseg.io import create_volume, open_volume
 from volseg.models import build_model
 from volseg.models.checkpoint import save_checkpoint
 
@@ -206,3 +208,104 @@ def test_one_config_gives_one_set_of_bytes_on_either_executor(ray_cluster, run_c
         written[executor] = outputs(config)
     for name, values in written["serial"].items():
         assert values.tobytes() == written["ray"][name].tobytes(), name
+
+
+# --- many quick blocks, actors placed late ------------------------------------------------------------------
+
+
+class QuickIds(CoreIdStage):
+    """Writes each block's id + 1 into its core at once (blocks of microseconds: the executor packs them
+    several to a task); block ``bad`` raises on every attempt."""
+
+    bad = 77
+
+    def compute(self, block, data):
+        if block.id == self.bad:
+            raise OSError(f"simulated failure of block {block.id}")
+        return super().compute(block, data)
+
+
+class ReportsPid(CoreIdStage):
+    """Takes 20 ms a block; its outcome is the pid of the actor that ran it."""
+
+    def compute(self, block, data):
+        time.sleep(0.02)
+        return super().compute(block, data)
+
+    def outcome(self, block, computed):
+        return os.getpid()
+
+
+def id_volume(tmp_path, blocks: int):
+    """A volume of ``blocks`` blocks of 2 × 8 × 8 voxels along y, and its grid (ids in y order)."""
+    volume = create_volume(str(tmp_path / "ids.zarr"), shape=(2, 8 * blocks, 8), dtype="uint16",
+                           voxel_size_nm=(8.0, 8.0, 8.0), chunk_shape=(2, 8, 8))
+    return volume, BlockGrid.aligned(volume.bounds, (2, 8, 8), 0, volume.bounds, (2, 8, 8))
+
+
+def test_quick_blocks_travel_several_to_a_task_and_a_failing_one_is_retried_alone(ray_cluster, tmp_path):
+    from volseg.engine.ray import RayExecutor
+
+    volume, grid = id_volume(tmp_path, 600)
+    done = []
+    with RayExecutor(2, 1, 0, in_flight=2, max_attempts=3) as executor:
+        stats = executor.run(QuickIds(volume), iter(grid), on_done=lambda block, s, w: done.append(block.id))
+        assert executor.batch_size() > 1
+    good = [i for i in range(grid.num_blocks) if i != QuickIds.bad]
+    assert sorted(done) == good  # every other block once, none repeated
+    assert list(stats.failed) == [QuickIds.bad] and "simulated failure of block 77" in stats.failed[QuickIds.bad]
+    assert stats.retried == 2 and stats.blocks_done == len(good)
+    written = volume.read(volume.bounds)[0, :, 0].reshape(-1, 8)[:, 0]
+    assert written.tolist() == [0 if i == QuickIds.bad else i + 1 for i in range(grid.num_blocks)]
+
+
+def test_actors_waiting_for_resources_join_the_run_once_placed(ray_cluster, tmp_path):
+    """Three actors of one CPU while a placement group holds 3 of the cluster's 4 CPUs: one is placed and
+    starts at once; the others wait (as on an autoscaling cluster before its nodes join) and take blocks as
+    soon as the group is removed. Nothing waits for the unplaced actors before the first block."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from volseg.engine.ray import RayExecutor
+
+    volume, grid = id_volume(tmp_path, 160)
+    group = placement_group([{"CPU": 3}])
+    ray_cluster.get(group.ready(), timeout=60)
+    with RayExecutor(3, 1, 0, in_flight=2) as executor:
+
+        def blocks():
+            for block in grid:
+                if block.id == 40:  # the first 40 blocks ran on the one placed actor; now free the CPUs
+                    assert executor.placed() == 1
+                    remove_placement_group(group)
+                    deadline = time.monotonic() + 120
+                    while executor.placed() < 3 and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                yield block
+
+        stats = executor.run(ReportsPid(volume), blocks())
+    pids = stats.outcomes
+    assert stats.blocks_done == grid.num_blocks and not stats.failed
+    assert len({pids[i] for i in range(40)}) == 1
+    assert len({pids[i] for i in range(40, grid.num_blocks)}) == 3
+    assert volume.read(volume.bounds)[0, :, 0].reshape(-1, 8)[:, 0].tolist() == [i + 1 for i in range(grid.num_blocks)]
+
+
+def test_a_growing_pool_sizes_itself_to_the_cluster(ray_cluster, tmp_path):
+    """With ``grow`` (no execution.actors on a joined cluster) the executor starts the actors that the
+    cluster's CPUs hold, here 4 of one CPU, beyond the one it was given."""
+    from volseg.engine.ray import RayExecutor
+
+    volume, grid = id_volume(tmp_path, 120)
+    with RayExecutor(1, 1, 0, in_flight=2, grow=True) as executor:
+
+        def blocks():
+            for block in grid:
+                if block.id == 20:
+                    deadline = time.monotonic() + 120
+                    while executor.placed() < 4 and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                yield block
+
+        stats = executor.run(ReportsPid(volume), blocks())
+        assert len(executor.slots) == 4
+    assert len({stats.outcomes[i] for i in range(20, grid.num_blocks)}) == 4

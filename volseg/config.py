@@ -145,8 +145,9 @@ class ExecutionConfig(Section):
     ``executor: ray`` (the default) runs blocks on predictor actors of the Ray cluster named by
     ``cluster.address`` (or ``RAY_ADDRESS``), starting a local Ray instance when there is none;
     ``serial`` runs them in this process. ``actors`` defaults to one per GPU, or on a CPU-only
-    cluster to its CPUs divided by ``cpus_per_actor``. Each actor holds ``in_flight`` blocks at a
-    time (one computing while the others read or write); a block is tried ``max_attempts`` times.
+    cluster to its CPUs divided by ``cpus_per_actor``, and then grows as nodes join a joined cluster.
+    Each actor holds ``in_flight`` tasks at a time (one computing while the others read or write; a
+    task is one block, or several quick ones); a block is tried ``max_attempts`` times.
 
     ``threads``: torch threads computing each block, on every executor. Float results depend on the
     thread count, so it is part of the run signature: one config gives one set of bytes, serial or Ray.

@@ -156,10 +156,12 @@ def open_executor(config: Config) -> Iterator[Any]:
         actors, cpus, gpus = plan_actors(execution.actors, execution.cpus_per_actor, execution.gpus_per_actor,
                                          cluster.cpus, cluster.gpus, execution.threads)
         check_fits(cluster, actors, cpus, gpus)
+        grow = execution.actors is None and not cluster.local  # an autoscaler may add nodes
         with RayExecutor(actors, cpus, gpus, execution.in_flight, execution.max_attempts,
-                         threads=execution.threads) as executor:
+                         threads=execution.threads, grow=grow) as executor:
             executor.description = (f"Ray, {actors} actor{'s' * (actors > 1)} × "
-                                    f"{f'{gpus:g} GPU' if gpus else f'{cpus:g} CPU'}")
+                                    f"{f'{gpus:g} GPU' if gpus else f'{cpus:g} CPU'}"
+                                    + (", more as nodes join" if grow else ""))
             yield executor
 
 

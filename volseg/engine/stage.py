@@ -72,7 +72,7 @@ class RunStats:
     retried: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     workers: int = 1
-    startup_seconds: float = 0.0  # of ``seconds``: starting workers and shipping them the stage
+    startup_seconds: float = 0.0  # of ``seconds``: until every worker had started and held the stage
 
     def record(self, block: Block, outcome: Any) -> None:
         """Count a block durably written; its outcome is kept unless ``None`` (a pass of millions of
