@@ -84,7 +84,8 @@ def test_auto_prompted_run_is_the_same_blockwise_and_whole(auto_config):
         config = auto_config(block, name)
         result = run(parse_config(config), progress=False)
         assert [p.name for p in result.passes] == ["density", "peaks", "segment-prompted"]
-        outputs[name] = (result.prompts.zyx,
+        assert result.passes[1].stats.outcomes == {}  # the peaks are in storage, not in the driver
+        outputs[name] = (result.prompts.read(result.plan.grid.roi).zyx,
                          *(open_volume(config["output"][k]).read(open_volume(config["output"][k]).bounds)
                            for k in ("probabilities", "density")))
     prompts, prob, density = outputs["blocks"]
@@ -122,11 +123,12 @@ def test_neuroglancer_state_links_every_volume_and_the_prompts(auto_config, tmp_
     state = neuroglancer_state(config, result.prompts, port=0)
     names = [layer["name"] for layer in state["layers"]]
     assert names == ["image", "probabilities", "density", "prompts"]
-    assert len(state["layers"][-1]["annotations"]) == len(result.prompts)
+    prompts = result.prompts.read(result.plan.grid.roi)
+    assert len(state["layers"][-1]["annotations"]) == len(prompts)
     (tmp_path / "state.json").write_text(json.dumps(state))           # the prompts layer reads back exactly
     source = result.plan.source
     np.testing.assert_allclose(read_points(tmp_path / "state.json", source.voxel_size_nm, source.voxel_offset,
-                                           layer="prompts").zyx, result.prompts.zyx, atol=1e-4)
+                                           layer="prompts").zyx, prompts.zyx, atol=1e-4)
     routes = volume_routes(config)                         # each local volume under its own route
     assert routes["probabilities"] == Path(config.output.probabilities).resolve() and set(routes) == {
         "image", "probabilities", "density"}
@@ -145,3 +147,29 @@ def test_neuroglancer_state_links_every_volume_and_the_prompts(auto_config, tmp_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_many_prompts_are_routed_from_storage_with_the_same_bytes(auto_config, tmp_path, monkeypatch):
+    """A prompt set of at least ``INDEXED_POINTS`` points is written to a point index beside the run's
+    marks and each block reads the points of its read box from there: the same bytes as shipping the
+    whole set with the stage."""
+    from volseg.commands import run as run_module
+    from volseg.io.point_index import PointIndex
+
+    rng = np.random.default_rng(3)
+    csv = tmp_path / "clicks.csv"
+    zyx = np.column_stack([rng.integers(0, s, 60) for s in (10, 72, 80)])
+    csv.write_text("z,y,x\n" + "\n".join(",".join(map(str, p)) for p in zyx) + "\n")
+    results, values = {}, {}
+    for name, threshold in (("shipped", 10**9), ("indexed", 1)):
+        monkeypatch.setattr(run_module, "INDEXED_POINTS", threshold)
+        config = auto_config([4, 32, 48], name)
+        config["prompts"] = {"points": str(csv)}
+        results[name] = run(parse_config(config), progress=False)
+        url = config["output"]["probabilities"]
+        values[name] = open_volume(url).read(open_volume(url).bounds)
+    indexed = results["indexed"].prompts
+    assert isinstance(indexed, PointIndex) and not isinstance(results["shipped"].prompts, PointIndex)
+    np.testing.assert_array_equal(indexed.read(indexed.bounds).zyx, results["shipped"].prompts.zyx)
+    assert values["indexed"].tobytes() == values["shipped"].tobytes()
+    assert any("60 points from" in line and "indexed at" in line for line in results["indexed"].summary_lines())

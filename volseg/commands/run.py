@@ -26,7 +26,7 @@ from volseg.engine.stage import BlockStage, RunStats, StageResult, run_stage
 from volseg.geometry import Block, BlockGrid, PointSet
 from volseg.inference.instances import InstanceResult, run_instances
 from volseg.inference.job import OutputTarget
-from volseg.inference.peaks import PeakStage, gather_peaks, peak_radius
+from volseg.inference.peaks import PeakStage, peak_radius
 from volseg.inference.postprocess import MinAreaStage, min_area_pixels
 from volseg.inference.segment import (
     SegmentationPlan,
@@ -38,6 +38,7 @@ from volseg.inference.segment import (
     plan_segmentation,
     resolve_device,
 )
+from volseg.io.point_index import PointIndex
 from volseg.threads import torch_threads
 
 
@@ -47,7 +48,7 @@ class RunResult:
     passes: list[StageResult] = field(default_factory=list)
     executor: str = "serial"
     seconds: float = 0.0
-    prompts: PointSet | None = None
+    prompts: PointSet | PointIndex | None = None
     instances: InstanceResult | None = None
 
     @property
@@ -86,7 +87,9 @@ class RunResult:
         if self.prompts is not None:
             config = plan.config.prompts
             origin = "density peaks (prompts.auto)" if config is not None and config.auto else config.points
-            lines.append(f"prompts: {len(self.prompts)} points from {origin}")
+            count = "" if plan.points is None else f"{len(plan.points)} points "
+            where = f", indexed at {self.prompts.url.url}" if isinstance(self.prompts, PointIndex) else ""
+            lines.append(f"prompts: {count}from {origin}{where}")
         lines += self.min_area_lines()
         lines.append(f"model {plan.config.model.name} from {plan.config.model.checkpoint}"
                      + _adapted_on(plan.checkpoint_card))
@@ -209,9 +212,24 @@ def run(config: Config, overwrite: bool = False, progress: bool = True) -> RunRe
                 ledger.clear()
             result = RunResult(plan, executor=getattr(executor, "description", "this process (serial)"))
             result.prompts = plan.points
+            if plan.points is not None and len(plan.points) >= INDEXED_POINTS:
+                result.prompts = indexed_prompts(plan, ledger)
+                result.prompts.write(plan.points)
             _run_passes(plan, targets, executor, ledger, leases, result, progress)
     result.seconds = time.perf_counter() - begin
     return result
+
+
+#: Prompt sets of at least this many points stay in storage (a point index beside the run's marks), and
+#: each block reads those in its read box; smaller ones travel with the stage to every actor.
+INDEXED_POINTS = 100_000
+
+
+def indexed_prompts(plan: SegmentationPlan, ledger: BlockLedger) -> PointIndex:
+    """The run's point index (its cells are the block cores), created empty beside the run's marks."""
+    source = plan.source
+    return PointIndex.create(ledger.run_folder("prompts"), plan.grid.roi, plan.grid.core_shape, source.voxel_size_nm,
+                             source.voxel_offset)
 
 
 def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: Any, ledger: BlockLedger,
@@ -224,11 +242,10 @@ def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: A
         result.passes.append(run_pass(executor, first, plan.grid, ledger, progress, "density (1/3)", leases))
         if not result.failed:
             radius = peak_radius(prompts.min_distance_nm, plan.source.voxel_size_nm, plan.windows.window)
-            peaks = PeakStage(density.volume, prompts.peak_threshold, radius)
-            found = run_pass(executor, peaks, plan.grid, ledger, progress, "peaks (2/3)", leases)
-            result.passes.append(found)
+            result.prompts = indexed_prompts(plan, ledger)  # each block writes its peaks into its own cell
+            peaks = PeakStage(density.volume, prompts.peak_threshold, radius, result.prompts)
+            result.passes.append(run_pass(executor, peaks, plan.grid, ledger, progress, "peaks (2/3)", leases))
         if not result.failed:
-            result.prompts = gather_peaks(found.stats.outcomes)
             job = make_job(plan, [_named(plan, targets, "probabilities")], result.prompts)
             job.name = "segment-prompted"
             result.passes.append(run_pass(executor, job, plan.grid, ledger, progress, "segment (3/3)", leases))

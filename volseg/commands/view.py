@@ -40,6 +40,7 @@ from volseg.engine.lease import STATE_DIRECTORY  # run state (done-marks, lease)
 from volseg.errors import UnsupportedURLError, VolsegError, VolumeNotFoundError
 from volseg.geometry import PointSet
 from volseg.io import open_volume
+from volseg.io.point_index import PointIndex
 from volseg.io.urls import parse_url
 
 NEUROGLANCER = "https://neuroglancer-demo.appspot.com/"
@@ -47,6 +48,8 @@ DEFAULT_PORT = 9015
 DEFAULT_HOST = "127.0.0.1"
 #: Prompts beyond this many are left out of the state (a URL has to stay short enough to open).
 MAX_INLINE_POINTS = 2000
+#: A local point index is read whole for the state only when it has at most this many cells.
+MAX_INLINE_CELLS = 1000
 SOURCE_PREFIX = {"zarr2": "zarr2", "zarr3": "zarr3", "n5": "n5", "precomputed": "precomputed"}
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _COPY_BYTES = 1 << 16
@@ -99,7 +102,7 @@ def source(name: str, url: str, volume_format: str, server: str) -> str:
     return f"{SOURCE_PREFIX.get(volume_format, 'zarr')}://{location}"
 
 
-def neuroglancer_state(config: Config, prompts: PointSet | None = None, port: int = DEFAULT_PORT,
+def neuroglancer_state(config: Config, prompts: PointSet | PointIndex | None = None, port: int = DEFAULT_PORT,
                        host: str = DEFAULT_HOST) -> dict[str, Any]:
     """The viewer state (JSON) of a run's existing volumes, local ones at their routes on the server at
     ``host:port``, and of its prompts as an annotation layer."""
@@ -116,6 +119,11 @@ def neuroglancer_state(config: Config, prompts: PointSet | None = None, port: in
             layer["opacity"] = 0.5
             layer["shader"] = "#uicontrol invlerp normalized\nvoid main() { emitRGB(vec3(normalized(), 0, 0)); }"
         layers.append(layer)
+    if isinstance(prompts, PointIndex) and prompts.url.scheme != "file":  # Neuroglancer reads the collection
+        layers.append({"type": "annotation", "name": "prompts", "source": f"precomputed://{prompts.url.location}"})
+        prompts = None
+    elif isinstance(prompts, PointIndex):  # a local collection: inline, if reading it all is cheap
+        prompts = prompts.read(prompts.bounds) if prompts.num_cells <= MAX_INLINE_CELLS else None
     if prompts is not None and 0 < len(prompts) <= MAX_INLINE_POINTS:
         layers.append({"type": "annotation", "name": "prompts", "source": {"url": "local://annotations"},
                        # Neuroglancer puts voxel corners at integers: a voxel's centre is index + 0.5

@@ -179,6 +179,10 @@ class BlockLedger:
     def _prefix(self, stage: str) -> str:
         return f"{self.signature[:32]}/{stage}/"
 
+    def run_folder(self, name: str) -> VolumeURL:
+        """A folder for data of this run kept beside its marks (the prompts a pass found), cleared with them."""
+        return self.where.child(self.signature[:32]).child(name)
+
     def group_key(self, stage: str, group: int) -> str:
         """The key of super-block ``group``'s mark object of ``stage``."""
         return f"{self._prefix(stage)}groups/{group}"

@@ -17,6 +17,7 @@ from volseg.geometry import Block, Box, PointSet
 from volseg.inference.blockwise import plan_windows, predict_box
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
+from volseg.io.point_index import PointIndex
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,23 @@ def count_not_finite(values: np.ndarray) -> int:
     return int(values.size - np.count_nonzero(np.isfinite(values)))
 
 
+@dataclass(frozen=True)
+class _WithPoints:
+    """A block's pending voxels and the prompts in its read box (read from a point index)."""
+
+    voxels: Pending
+    points: PointSet
+
+    def result(self) -> tuple[np.ndarray, PointSet]:
+        return self.voxels.result(), self.points
+
+
 class SegmentationJob:
     """Read core + context from ``source``, predict and blend, write the core into ``outputs``.
 
-    ``points`` (volume coordinates) are routed as prompts to every window that contains them."""
+    ``points`` (volume coordinates) are routed as prompts to every window that contains them: a
+    :class:`~volseg.geometry.PointSet` travels with the stage; a :class:`~volseg.io.point_index.PointIndex`
+    stays in storage and each block reads the points in its read box (which holds every window it runs)."""
 
     name = "segment"
 
@@ -68,7 +82,7 @@ class SegmentationJob:
         windows: WindowGrid,
         blend: str = "cosine",
         batch_windows: int = 16,
-        points: PointSet | None = None,
+        points: PointSet | PointIndex | None = None,
     ) -> None:
         self.source = source
         self.outputs = tuple(outputs)
@@ -83,18 +97,22 @@ class SegmentationJob:
         return plan_windows(self.windows, block.core).read_box
 
     def read(self, block: Block) -> Pending:
-        """Start reading everything ``block``'s windows need; ``.result()`` gives the array."""
-        return self.source.read_async(self.read_box(block))
+        """Start reading everything ``block``'s windows need; ``.result()`` gives the array (and, from a
+        point index, the prompts in the read box)."""
+        box = self.read_box(block)
+        voxels = self.source.read_async(box)
+        return _WithPoints(voxels, self.points.read(box)) if isinstance(self.points, PointIndex) else voxels
 
-    def compute(self, block: Block, data: np.ndarray) -> np.ndarray:
+    def compute(self, block: Block, data: np.ndarray | tuple[np.ndarray, PointSet]) -> np.ndarray:
         """``(C+1) × core`` blended predictions of the block; a block whose input holds NaN or ±Inf
         fails (the model would spread them over the block) with the count."""
+        data, points = data if isinstance(data, tuple) else (data, self.points)
         bad = count_not_finite(data)
         if bad:
             raise VolumeFormatError(f"block {block.id}: the input holds {bad:,} NaN or infinite voxels in "
                                     f"{self.read_box(block)}.", FINITE_FIX)
         return predict_box(self.source, self.predictor, self.windows, block.core, self.blend, data,
-                           self.batch_windows, self.points)
+                           self.batch_windows, points)
 
     def write(self, block: Block, blended: np.ndarray) -> list[Pending]:
         """Start writing the block's core into every output; each future resolves once durable."""

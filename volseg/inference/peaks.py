@@ -49,17 +49,20 @@ def local_peaks(values: np.ndarray, box: Box, core: Box, threshold: float, radiu
 
 
 class PeakStage:
-    """Block stage finding the density peaks of each core (reads ``density``; writes nothing).
+    """Block stage finding the density peaks of each core (reads ``density``).
 
-    The outcome is the block's peaks as ``[[z, y, x], ...]``, kept in the done-mark, so a resumed run
-    has every block's peaks without reading the density again."""
+    With an ``index`` (a :class:`~volseg.io.point_index.PointIndex` whose cells are the grid's block cores),
+    each block writes its peaks into its own cell, ids ``(block id + 1) << 32 | rank``, and the driver
+    keeps nothing; a resumed run finds them there. Without one, the outcome is the block's peaks as
+    ``[[z, y, x], ...]``, kept in the done-mark (for `volseg peaks`, which gathers them into one file)."""
 
     name = "peaks"
 
-    def __init__(self, density: Any, threshold: float, radius: Coord) -> None:
+    def __init__(self, density: Any, threshold: float, radius: Coord, index: Any = None) -> None:
         self.density = density
         self.threshold = threshold
         self.radius = tuple(radius)
+        self.index = index
 
     def read_box(self, block: Block) -> Box:
         """The core grown by the peak radius, clipped to the volume."""
@@ -72,10 +75,13 @@ class PeakStage:
         return local_peaks(data, self.read_box(block), block.core, self.threshold, self.radius)
 
     def write(self, block: Block, computed: np.ndarray) -> list[Any]:
-        return []
+        if self.index is None:
+            return []
+        ids = ((block.id + 1) << 32) + np.arange(len(computed), dtype=np.uint64)
+        return [self.index.write_cell(block.core.start, computed, ids)]
 
-    def outcome(self, block: Block, computed: np.ndarray) -> list[list[int]]:
-        return computed.tolist()
+    def outcome(self, block: Block, computed: np.ndarray) -> list[list[int]] | None:
+        return computed.tolist() if self.index is None else None
 
     def to(self, device: str) -> None:
         return None

@@ -120,10 +120,10 @@ def _read_neuroglancer(path: Path, voxel_size_nm: Sequence[float], voxel_offset:
     if coords.ndim != 2 or coords.shape[1] < 3:
         raise PointsError(f"{path}: point annotations must have 3 coordinates (x, y, z).",
                           "use a 3D annotation layer.")
-    return _to_voxels(coords, dimensions, voxel_size_nm, voxel_offset, str(path))
+    return to_voxels(coords, dimensions, voxel_size_nm, voxel_offset, str(path))
 
 
-def _to_voxels(coords: np.ndarray, dimensions: dict[str, Any] | None, voxel_size_nm: Sequence[float],
+def to_voxels(coords: np.ndarray, dimensions: dict[str, Any] | None, voxel_size_nm: Sequence[float],
                voxel_offset: Sequence[int], source: str) -> PointSet:
     """Neuroglancer coordinates (columns in the order of ``dimensions``) → this volume's voxel indices."""
     names = list(dimensions) if dimensions else ["x", "y", "z"]
@@ -133,13 +133,13 @@ def _to_voxels(coords: np.ndarray, dimensions: dict[str, Any] | None, voxel_size
         raise PointsError(f"{source}: the annotation dimensions {names} do not include x, y and z.",
                           "annotate in a viewer whose dimensions are x, y, z.") from None
     if dimensions:
-        scale_nm = np.array([_to_nm(dimensions[a], source) for a in "zyx"])
+        scale_nm = np.array([to_nm(dimensions[a], source) for a in "zyx"])
         zyx = zyx * scale_nm / np.asarray(voxel_size_nm, dtype=np.float64)
     zyx = zyx - 0.5 - np.asarray(voxel_offset, dtype=np.float64)  # corner → centre convention
     return PointSet(zyx)
 
 
-_PROPERTY_BYTES = {"rgb": 3, "rgba": 4, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4,
+PROPERTY_BYTES = {"rgb": 3, "rgba": 4, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4,
                    "float32": 4}
 
 
@@ -156,25 +156,31 @@ def _read_precomputed(url: str, voxel_size_nm: Sequence[float], voxel_offset: Se
     location = parse_url(url)
     try:
         store = open_kvstore(location)
-        info = _annotation_info(url, wait(store.read("info"), location).value or None)
+        info = annotation_info(url, wait(store.read("info"), location).value or None)
         rank = len(info["dimensions"])
-        record = 4 * rank + sum(_PROPERTY_BYTES[p["type"]] for p in info.get("properties", []))
-        record += (-record) % 4  # each annotation's encoding is padded to 4 bytes
+        record = record_bytes(info)
         points: dict[int, np.ndarray] = {}
         for level in info["spatial"]:
             for chunk in [store.read(key) for key in _cell_keys(url, level)]:
                 data = wait(chunk, location).value
-                points.update(_decode_points(bytes(data), rank, record) if data else {})
+                points.update(decode_points(bytes(data), rank, record) if data else {})
     except ValueError as error:
         if isinstance(error, VolsegError):  # already one line (PointsError, UnsupportedURLError)
             raise
         raise storage_error(error, location, f"Points {url!r} cannot be read", PointsError,
                             "give a precomputed annotation directory or URL.") from None
     coords = np.stack([points[k] for k in sorted(points)]) if points else np.zeros((0, rank))
-    return _to_voxels(coords.astype(np.float64), info["dimensions"], voxel_size_nm, voxel_offset, url)
+    return to_voxels(coords.astype(np.float64), info["dimensions"], voxel_size_nm, voxel_offset, url)
 
 
-def _annotation_info(url: str, raw: bytes | None) -> dict[str, Any]:
+def record_bytes(info: dict[str, Any]) -> int:
+    """Bytes of one annotation's encoding in a collection's spatial index: its coordinates, its
+    properties, padded to 4 bytes."""
+    record = 4 * len(info["dimensions"]) + sum(PROPERTY_BYTES[p["type"]] for p in info.get("properties", []))
+    return record + (-record) % 4
+
+
+def annotation_info(url: str, raw: bytes | None) -> dict[str, Any]:
     """The ``info`` of a precomputed point-annotation collection (``None``: there is none)."""
     if raw is None:
         raise PointsError(f"Points {url!r} has no info file; it is not a precomputed annotation collection.",
@@ -201,7 +207,7 @@ def _cell_keys(url: str, level: dict[str, Any]) -> list[str]:
     return [f"{level['key']}/{'_'.join(map(str, cell))}" for cell in cells]
 
 
-def _decode_points(data: bytes, rank: int, record: int) -> dict[int, np.ndarray]:
+def decode_points(data: bytes, rank: int, record: int) -> dict[int, np.ndarray]:
     count = int(np.frombuffer(data, "<u8", 1)[0])
     body = np.frombuffer(data, np.uint8, count * record, 8).reshape(count, record)
     positions = body[:, : 4 * rank].copy().view("<f4").reshape(count, rank)
@@ -229,7 +235,7 @@ def _annotation_layers(state: Any, name: str | None, path: Path) -> list[dict[st
     return layers
 
 
-def _to_nm(dimension: Sequence[Any], path: Path | str) -> float:
+def to_nm(dimension: Sequence[Any], path: Path | str) -> float:
     scale, unit = float(dimension[0]), str(dimension[1])
     if unit not in _UNIT_TO_NM:
         raise PointsError(f"{path}: unit {unit!r} of the annotation dimensions is not a length.",
