@@ -173,3 +173,17 @@ def test_many_prompts_are_routed_from_storage_with_the_same_bytes(auto_config, t
     np.testing.assert_array_equal(indexed.read(indexed.bounds).zyx, results["shipped"].prompts.zyx)
     assert values["indexed"].tobytes() == values["shipped"].tobytes()
     assert any("60 points from" in line and "indexed at" in line for line in results["indexed"].summary_lines())
+
+
+@pytest.mark.ray
+def test_ray_actors_read_the_peaks_from_storage_and_write_the_serial_bytes(ray_cluster, auto_config):
+    """The point index travels to Ray actors as its URL; each reads the cells of its blocks."""
+    values = {}
+    for name, execution in (("serial", {"executor": "serial"}),
+                            ("ray", {"executor": "ray", "actors": 2, "cpus_per_actor": 1, "threads": 1})):
+        config = auto_config([4, 32, 48], name)
+        config["execution"].update({**execution, "threads": 1})
+        run(parse_config(config), progress=False)
+        url = config["output"]["probabilities"]
+        values[name] = open_volume(url).read(open_volume(url).bounds)
+    assert values["ray"].tobytes() == values["serial"].tobytes()
