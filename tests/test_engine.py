@@ -20,10 +20,10 @@ from volseg.engine.serial import SerialExecutor
 from volseg.engine.stage import Resolved, RunStats, pending_blocks, run_block, run_stage
 from volseg.errors import ConfigError
 from volseg.geometry import Block, BlockGrid, Box
-from volseg.inference.instances import RelabelStage
 from volseg.inference.peaks import PeakStage
 from volseg.inference.postprocess import MinAreaStage
-from volseg.inference.stitching import RelabelTable
+from volseg.instances.stages import RelabelStage
+from volseg.instances.stitching import RelabelTable
 from volseg.io import create_volume, open_volume
 
 

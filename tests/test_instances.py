@@ -18,22 +18,18 @@ from volseg.engine.serial import SerialExecutor
 from volseg.engine.stage import Executor, run_block
 from volseg.errors import ConfigError, GeometryMismatchError, OutputExistsError
 from volseg.geometry import BlockGrid, Box
-from volseg.inference.instances import (
-    FaceContactStage,
-    HaloOverlapStage,
+from volseg.inference.job import to_storage
+from volseg.instances.labels import label_box, unit_range
+from volseg.instances.run import (
     InstancePlan,
     InstanceResult,
-    LabelStage,
-    RelabelStage,
-    label_box,
     min_size_voxels,
     open_instances,
     plan_instances,
     run_instances,
-    unit_range,
 )
-from volseg.inference.job import to_storage
-from volseg.inference.stitching import (
+from volseg.instances.stages import FaceContactStage, HaloOverlapStage, LabelStage, RelabelStage
+from volseg.instances.stitching import (
     agreed_pairs,
     contact_pairs,
     gather_outcomes,

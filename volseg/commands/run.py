@@ -24,7 +24,6 @@ from volseg.engine.ledger import BlockLedger
 from volseg.engine.serial import SerialExecutor
 from volseg.engine.stage import BlockStage, RunStats, StageResult, run_stage
 from volseg.geometry import Block, BlockGrid, PointSet
-from volseg.inference.instances import InstanceResult, run_instances
 from volseg.inference.job import OutputTarget
 from volseg.inference.peaks import PeakStage, peak_radius
 from volseg.inference.postprocess import MinAreaStage, min_area_pixels
@@ -38,6 +37,7 @@ from volseg.inference.segment import (
     plan_segmentation,
     resolve_device,
 )
+from volseg.instances.run import InstanceResult, run_instances
 from volseg.io.point_index import PointIndex
 from volseg.threads import torch_threads
 

@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from volseg.engine.stage import Pending
 from volseg.geometry import Block, Box
-from volseg.inference.instances import unit_range
+from volseg.instances.labels import unit_range
 from volseg.io import Volume
 
 #: Halo (pixels, y and x) of a block's first read; only a doubt about a component sends it further.
@@ -105,7 +105,7 @@ class CleanedCore:
 class MinAreaStage:
     """Set to 0 the probabilities of every 2D component under ``min_px`` pixels, in place (see the
     module docstring). Foreground is ``probability > threshold`` after scaling integer dtypes back to
-    [0, 1] (:func:`~volseg.inference.instances.unit_range`); each channel of a multi-channel output is
+    [0, 1] (:func:`~volseg.instances.labels.unit_range`); each channel of a multi-channel output is
     cleaned on its own. Only block cores are written: pixels outside the grid's roi stay as they are.
 
     Outcome: ``{"zeroed": probabilities set to 0, "wide_read": whether the block read min_px of halo}``."""

@@ -21,11 +21,11 @@ from volseg.config import Config
 from volseg.engine.ledger import SIGNATURE_KEY, check_signature
 from volseg.errors import AlignmentError, ConfigError, OutputExistsError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, Coord, PointSet
-from volseg.inference.instances import InstancePlan, plan_instances
 from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
 from volseg.inference.postprocess import MinAreaStage, min_area_pixels
 from volseg.inference.predictor import CALIBRATION_LATTICE, INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
+from volseg.instances.run import InstancePlan, plan_instances
 from volseg.intensity import IntensityRange, measure_intensity
 from volseg.io import choose_output_chunks, create_volume
 from volseg.io.guard import PathRef, check_outputs, points_ref
