@@ -364,7 +364,8 @@ def test_promptdas_density_peaks_chain_into_sam_prompts(run_config, promptdas_ch
     promptdas = run_config(model={"name": TINY_PROMPTDAS.name, "options": dict(TINY_PROMPTDAS.options),
                                   "checkpoint": str(promptdas_checkpoint)},
                            prompts={"auto": True, "peak_threshold": 0.02, "min_distance_nm": 40})
-    found = run(parse_config(promptdas), progress=False).prompts
+    first = run(parse_config(promptdas), progress=False)
+    found = first.prompts.read(first.plan.grid.roi)  # the peaks, from the run's point index
     config = write_config(tmp_path / "promptdas.yaml", promptdas)
     points = tmp_path / "peaks.csv"
     assert main(["peaks", str(config), "--out", str(points)]) == 0
