@@ -75,7 +75,7 @@ class PeakStage:
         return local_peaks(data, self.read_box(block), block.core, self.threshold, self.radius)
 
     def write(self, block: Block, computed: np.ndarray) -> list[Any]:
-        if self.index is None:
+        if self.index is None or len(computed) == 0:  # an empty cell has no key
             return []
         ids = ((block.id + 1) << 32) + np.arange(len(computed), dtype=np.uint64)
         return [self.index.write_cell(block.core.start, computed, ids)]

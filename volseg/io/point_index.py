@@ -138,11 +138,15 @@ class PointIndex:
         return tuple(int(v) for v in rounding(np.round(zyx, 6)))
 
     # -- writing (single-level collections made by :meth:`create`) ----------------------------------------
-    def cell_key(self, voxel: Sequence[int]) -> str:
+    def cells_of(self, voxels: np.ndarray) -> np.ndarray:
+        """The (z, y, x) cell index of each voxel (an ``N×3`` array of voxel indices)."""
         level = self.info["spatial"][0]
         start = np.asarray(self.info["lower_bound"][::-1]) - np.asarray(self.voxel_offset)
-        cell = (np.asarray(voxel) - start) // np.asarray(level["chunk_size"][::-1])
-        return f"{level['key']}/{'_'.join(map(str, cell[::-1].astype(int)))}"
+        return (np.asarray(voxels).reshape(-1, 3) - start) // np.asarray(level["chunk_size"][::-1])
+
+    def cell_key(self, cell: Sequence[int]) -> str:
+        """The key of cell (z, y, x) (keys name cells in the x, y, z order of the dimensions)."""
+        return f"{self.info['spatial'][0]['key']}/{'_'.join(str(int(c)) for c in cell[::-1])}"
 
     def encode(self, zyx: np.ndarray, ids: np.ndarray) -> bytes:
         """One cell's bytes: points (voxel indices) and their ids."""
@@ -152,28 +156,19 @@ class PointIndex:
 
     def write_cell(self, voxel: Sequence[int], zyx: np.ndarray, ids: np.ndarray) -> Any:
         """Start writing the points of the cell holding ``voxel`` (all of them, replacing the cell); a
-        future that resolves once durable. Nothing is written for no points."""
-        if len(zyx) == 0:
-            return _Done()
-        return open_kvstore(self.url).write(self.cell_key(voxel), self.encode(zyx, ids))
+        future that resolves once durable."""
+        key = self.cell_key(self.cells_of(np.asarray(voxel))[0])
+        return open_kvstore(self.url).write(key, self.encode(zyx, ids))
 
     def write(self, points: PointSet) -> None:
         """Write every point, grouped by cell (ids: their rank in ``points``)."""
         if len(points) == 0:
             return
-        voxels = np.rint(points.zyx).astype(np.int64)
-        keys = np.array([self.cell_key(v) for v in voxels])
-        order = np.argsort(keys, kind="stable")
-        cells: dict[str, bytes] = {}
-        for key, group in itertools.groupby(order, key=lambda i: keys[i]):
-            rows = np.fromiter(group, np.int64)
-            cells[str(key)] = self.encode(points.zyx[rows], rows)
-        _write(self.url, cells)
-
-
-class _Done:
-    def result(self) -> None:
-        return None
+        cells, which = np.unique(self.cells_of(np.rint(points.zyx).astype(np.int64)), axis=0, return_inverse=True)
+        order = np.argsort(which.ravel(), kind="stable")
+        bounds = np.searchsorted(which.ravel()[order], np.arange(len(cells) + 1))
+        _write(self.url, {self.cell_key(cell): self.encode(points.zyx[rows], rows)
+                          for cell, rows in zip(cells, np.split(order, bounds[1:-1]), strict=True)})
 
 
 def _write(url: VolumeURL, items: dict[str, bytes]) -> None:
