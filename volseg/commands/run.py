@@ -162,8 +162,7 @@ def open_executor(config: Config) -> Iterator[Any]:
         grow = execution.actors is None and not cluster.local  # an autoscaler may add nodes
         with RayExecutor(actors, cpus, gpus, execution.in_flight, execution.max_attempts,
                          threads=execution.threads, grow=grow) as executor:
-            executor.description = (f"Ray, {actors} actor{'s' * (actors > 1)} × "
-                                    f"{f'{gpus:g} GPU' if gpus else f'{cpus:g} CPU'}"
+            executor.description = (f"Ray, {actors} actor{'s' * (actors > 1)} × {executor.resources}"
                                     + (", more as nodes join" if grow else ""))
             yield executor
 

@@ -180,15 +180,14 @@ class RayExecutor:
             return
         self._next_plan = time.monotonic() + GROW_SECONDS
         resources = ray.cluster_resources()
-        if self.gpus_per_actor:
-            fits = int(resources.get("GPU", 0.0) // self.gpus_per_actor)
-        else:
-            fits = int(resources.get("CPU", 0.0) // self.cpus_per_actor)
+        fits, _, _ = plan_actors(None, self.cpus_per_actor, self.gpus_per_actor, resources.get("CPU", 0.0),
+                                 resources.get("GPU", 0.0))
         self.slots += [self._new_slot() for _ in range(fits - len(self.slots))]
 
-    def _check_setup(self) -> int:
-        """Note the ``set_stage`` calls answered since last time; the number of ready actors. An actor that
-        could not set a stage up stops the run with one line (see :func:`_setup_error`)."""
+    def placed(self) -> int:
+        """How many actors are placed and hold every stage shipped so far (noting the ``set_stage`` calls
+        answered since last time). An actor that could not set a stage up stops the run with one line
+        (see :func:`_raise_setup_error`)."""
         pending = [ref for slot in self.slots for ref in slot.setup]
         if pending:
             answered = set(ray.wait(pending, num_returns=len(pending), timeout=0)[0])
@@ -198,10 +197,6 @@ class RayExecutor:
                     _raise_setup_error(done)
                     slot.setup = [ref for ref in slot.setup if ref not in answered]
         return sum(slot.ready for slot in self.slots)
-
-    def placed(self) -> int:
-        """How many actors are placed and hold every stage shipped so far."""
-        return self._check_setup()
 
     def workers(self) -> list[dict[str, Any]]:
         """Each placed actor's pid, device and node (for tests and the run summary)."""
@@ -241,7 +236,7 @@ class RayExecutor:
                 elif not placed and not warned and time.perf_counter() - begin > PLACEMENT_WARNING_SECONDS:
                     warned = True
                     print(f"volseg: waiting for the Ray cluster to place actors (0 of {len(self.slots)} placed "
-                          f"after {PLACEMENT_WARNING_SECONDS:.0f} s; each needs {self._resources()}).",
+                          f"after {PLACEMENT_WARNING_SECONDS:.0f} s; each needs {self.resources}).",
                           file=sys.stderr)
                 self._fill(key, dispatch)
                 ready = _ready(list(dispatch.running) or [ref for slot in self.slots for ref in slot.setup])
@@ -251,7 +246,9 @@ class RayExecutor:
             stats.workers = len(self.slots)
         return stats
 
-    def _resources(self) -> str:
+    @property
+    def resources(self) -> str:
+        """What one actor holds, e.g. ``1 GPU`` or ``2 CPU``."""
         return f"{self.gpus_per_actor:g} GPU" if self.gpus_per_actor else f"{self.cpus_per_actor:g} CPU"
 
     def _ship(self, stage: BlockStage, ledger: BlockLedger | None) -> str:
