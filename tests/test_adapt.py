@@ -35,6 +35,7 @@ from volseg.training.promptdas.pseudo_labels import (
     keep_components_with_centres,
     nms_radius,
     segmentation_pseudo_labels,
+    window_max,
 )
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.teacher import EMATeacher, ema_decay
@@ -162,6 +163,13 @@ def test_density_peaks_keep_one_peak_per_blob():
     peaks = density_peaks(batch, threshold=0.3, radius_vx=nms_radius(sigma))
     assert peaks[0].tolist() == [[12, 12], [45, 40]]
     assert len(peaks[1]) == 1 and 30 <= peaks[1][0, 0] <= 32 and 5 <= peaks[1][0, 1] <= 8
+
+
+@pytest.mark.parametrize("radius", [1, 4, 16])
+def test_window_max_equals_the_square_max_pool(radius):
+    maps = torch.randn(3, 2, 41, 57, generator=torch.Generator().manual_seed(radius))
+    square = torch.nn.functional.max_pool2d(maps, 2 * radius + 1, stride=1, padding=radius)
+    assert torch.equal(window_max(maps, radius), square)
 
 
 def test_unconfirmed_foreground_components_become_ignored():
