@@ -18,6 +18,7 @@ over the global window grid, and test-time points are the points file's points w
   peer_oracle       the same on Lucchi z < 100, the CPU seconds of ``oracle``
   oracle_paper      ``oracle`` with the paper's head (stride 2, interpolated) instead of the fine head
   source_raw        ``source`` without robust intensity normalisation (grey values / 255)
+  source_zoom       ``source`` with the zoom augmentation ``train.zoom`` 1.5 (magnified 1/1.5 … 1.5×)
   source_uncalibrated  ``source`` scored without BatchNorm statistics calibrated on the test volume
   uda_pushed        UDA with settings that collapse it (``PUSHED``), the adaptation guard off
   uda_pushed_guarded  the same with the guard on: where it stopped, and the Dice of the teacher it kept
@@ -93,15 +94,18 @@ SCALES = {
               "calibrate_norms": True},
 }
 ROWS = ("source", "uda", "wda", "wda_points", "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw",
-        "source_uncalibrated", "uda_pushed", "uda_pushed_guarded")
+        "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "wda": "WDA (15% points, z < 100)",
     "wda_points": "WDA + test-time points (z ≥ 100)", "oracle": "supervised-target (oracle)",
     "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
     "oracle_paper": "oracle, paper's head", "source_raw": "source-only, grey values / 255",
     "source_uncalibrated": "source-only, norms not calibrated",
+    "source_zoom": "source-only, zoom 1.5 augmentation",
     "uda_pushed": "UDA pushed to collapse, guard off", "uda_pushed_guarded": "UDA pushed to collapse, guard on",
 }
+#: The ``source_zoom`` row's ``train.zoom``.
+ZOOM = 1.5
 #: UDA settings that drive self-training to background: pseudo-foreground needs p ≥ 0.999 and weighs 1%.
 PUSHED = {"delta_f": 0.999, "pseudo_foreground_share": 0.01}
 
@@ -271,9 +275,11 @@ def _augmented(image: torch.Tensor, mask: torch.Tensor, seed: int, step: int, au
     for i in range(len(image)):
         random = SampleRandom.from_seed(np.random.SeedSequence(seed, spawn_key=(7, step, i)))
         transform = GeometricTransform.random(random.generator, tuple(image.shape[-2:]), augment.elastic_alpha_vx,
-                                              augment.elastic_grid)
-        images.append(strong_intensity(random.generator, transform.apply(image[i])[None], augment)[0])
-        masks.append(transform.apply(mask[i], "nearest"))
+                                              augment.elastic_grid, augment.zoom)
+        padding = "reflection" if augment.zoom > 1 else "border"
+        images.append(strong_intensity(random.generator, transform.apply(image[i], "bilinear", padding)[None],
+                                       augment)[0])
+        masks.append(transform.apply(mask[i], "nearest", padding))
     return torch.stack(images), torch.stack(masks)
 
 
@@ -429,6 +435,12 @@ def _oracle(bench: Bench, name: str = "oracle", **options: Any) -> None:
     bench.record(name, bench.score_model(model, spec), wall, cpu)
 
 
+def _source_zoom(bench: Bench) -> None:
+    settings = bench.settings("source", source_augment=dataclasses.replace(WIDE, zoom=ZOOM))
+    model, wall, cpu = bench.trained(bench.spec(), settings, bench.source, None)
+    bench.record("source_zoom", bench.score_model(model, bench.spec()), wall, cpu, zoom=ZOOM)
+
+
 def _source_uncalibrated(bench: Bench) -> None:
     model, wall, cpu = bench.source_model()
     bench.record("source_uncalibrated", bench.score_model(model, bench.spec(), calibrate=False), wall, cpu)
@@ -456,6 +468,7 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
     "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),
     "source_raw": _source_raw,
+    "source_zoom": _source_zoom,
     "source_uncalibrated": _source_uncalibrated,
     "uda_pushed": lambda b: _pushed(b, guarded=False),
     "uda_pushed_guarded": lambda b: _pushed(b, guarded=True),

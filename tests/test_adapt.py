@@ -250,7 +250,8 @@ def test_rotation_and_flip_move_points_with_the_pixels(rotations, flip):
         assert moved[int(py), int(px)] == 1
 
 
-def test_a_point_on_an_object_stays_on_it_after_the_strong_geometric_transform():
+@pytest.mark.parametrize("zoom", [1.0, 1.6])
+def test_a_point_on_an_object_stays_on_it_after_the_strong_geometric_transform(zoom):
     generator = torch.Generator().manual_seed(0)
     centres = [(12, 14), (40, 20), (30, 50), (52, 52)]
     _, labels = disks_image(64, centres, 6)
@@ -258,7 +259,7 @@ def test_a_point_on_an_object_stays_on_it_after_the_strong_geometric_transform()
     # points 2 px inside the edge (radius 6), where a misplaced point would fall off
     edge_points = np.array([[y + 4, x] for y, x in centres] + [[y, x - 4] for y, x in centres], float)
     for _ in range(20):
-        transform = GeometricTransform.random(generator, (64, 64), elastic_alpha_vx=3.0)
+        transform = GeometricTransform.random(generator, (64, 64), elastic_alpha_vx=3.0, zoom=zoom)
         moved_labels = transform.apply(torch.from_numpy(labels)[None].float(), "nearest")[0]
         for y, x in transform.points(edge_points, (64, 64)):
             assert moved_labels[round(y), round(x)] > 0
@@ -267,6 +268,16 @@ def test_a_point_on_an_object_stays_on_it_after_the_strong_geometric_transform()
             window = moved_density[max(0, int(y) - 4): int(y) + 5, max(0, int(x) - 4): int(x) + 5]
             peak = np.unravel_index(int(window.argmax()), tuple(window.shape))
             assert abs(peak[0] + max(0, int(y) - 4) - y) <= 1 and abs(peak[1] + max(0, int(x) - 4) - x) <= 1
+
+
+def test_a_zoom_magnifies_about_the_centre_and_drops_points_it_moves_out():
+    _, labels = disks_image(64, [(31.5, 31.5), (4, 4)], 4)
+    transform = GeometricTransform(0, False, None, scale=2.0)
+    moved = transform.apply(torch.from_numpy(labels)[None].float(), "nearest")[0].numpy()
+    assert (moved == 1).sum() == pytest.approx(4 * (labels == 1).sum(), rel=0.1)  # twice the radius
+    assert (moved == 2).sum() == 0  # the corner disk left the view
+    points = transform.points(np.array([[31.5, 31.5], [4.0, 4.0], [20.0, 31.5]]), (64, 64))
+    assert points.tolist() == [[31.5, 31.5], [8.5, 31.5]]
 
 
 class FakeTeacher(nn.Module):

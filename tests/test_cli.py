@@ -4,6 +4,8 @@ naming the field or file, no traceback, nothing written or overwritten."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,8 @@ def tree_digest(root: Path) -> str:
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
+    """The exit code and stderr of this one command (what earlier commands printed is dropped)."""
+    capsys.readouterr()
     code = main(args)
     return code, capsys.readouterr().err
 
@@ -277,3 +281,45 @@ def test_points_for_a_model_without_prompts(tmp_path, run_config, capsys):
     code, err = run_cli(["run", str(config), "--points", str(tmp_path / "clicks.csv")], capsys)
     assert_user_error(code, err, "takes no prompts", "promptdas")
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"volseg {importlib.metadata.version('volseg')}"
+
+
+def test_set_overrides_a_config_value_as_the_file_would(tmp_path, run_config, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config())
+    assert main(["validate", str(config), "--set", "execution.block=[2, 32, 48]"]) == 0
+    assert "blocks of core (2, 32, 48)" in capsys.readouterr().out
+    # a new section, and several overrides in order (the last wins)
+    assert main(["validate", str(config), "--set", "execution.block=[8, 32, 48]",
+                 "--set", "execution.block=[4, 16, 48]", "--set", f"eval.labels.url={run_config()['input']['url']}",
+                 "--set", "eval.threshold=0.7"]) == 0
+    assert "blocks of core (4, 16, 48)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("override", "needles"), [
+    ("execution.block=[3, 32, 48]", ["execution", "block"]),     # misaligned with the chunks, as in a file
+    ("inference.batch_size=-1", ["inference", "batch_size"]),    # out of range
+    ("execution.blok=[4, 32, 48]", ["blok"]),                    # an unknown field
+    ("execution.block", ["--set", "section.field=value"]),       # no value
+    ("input.url.x=1", ["--set", "input.url", "not a section"]),  # through a value
+])
+def test_a_bad_override_is_one_line_naming_it(tmp_path, run_config, capsys, override, needles):
+    config = write_config(tmp_path / "run.yaml", run_config())
+    code, err = run_cli(["run", str(config), "--no-progress", "--set", override], capsys)
+    assert_user_error(code, err, *needles)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_without_bars_a_run_writes_plain_progress_lines(tmp_path, run_config, capsys):
+    config = write_config(tmp_path / "run.yaml", run_config())
+    code, err = run_cli(["run", str(config), "--no-progress"], capsys)
+    assert code == 0, err
+    assert re.search(r"segmenting: (\d+)/\1 blocks \(100%\), [\d.]+ Mvox/s, took \d+ s", err), err
+    # -q keeps only warnings and errors
+    code, err = run_cli(["run", str(config), "-q"], capsys)
+    assert code == 0 and err == ""

@@ -8,6 +8,7 @@ one line on stderr and exits with code 2; Ctrl-C prints one line saying what was
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -48,51 +49,88 @@ def _port(text: str) -> int:
     return port
 
 
+NO_PROGRESS = "no progress bars: plain log lines instead"
+
+
+def _config(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("config", help=what)
+    _set(parser)
+
+
+def _set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
+                        help="override one config value (YAML), validated like the file's; repeatable, e.g. "
+                             "--set adapt.steps=100 --set inference.window=[1,256,256]")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``--no-progress`` or ``-q`` (without a terminal, plain lines instead)."""
+    return not args.no_progress and args.verbose >= args.quiet
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from volseg.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
 def _overwrite(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=what)
 
 
+def _verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more log lines (-vv: debug); also shows the Ray workers' output")
+    parser.add_argument("-q", "--quiet", action="count", default=default,
+                        help="only warnings and errors (no progress lines)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="volseg", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"volseg {_version()}")
+    _verbosity(parser, 0)
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity(common, argparse.SUPPRESS)  # after the verb too, without resetting what came before it
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=lambda **kw: _Parser(parents=[common], **kw))
 
     run = commands.add_parser("run", help="segment a volume blockwise as the config says")
-    run.add_argument("config", help="YAML run config")
+    _config(run, "YAML config with input:, model:, output: (and inference:, execution:, prompts:)")
     _overwrite(run, "replace outputs that a different volseg run wrote (never data volseg did not write)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     run.add_argument("--points", metavar="FILE",
                      help="point prompts (CSV z,y,x or Neuroglancer annotation JSON); overrides prompts.points")
 
     validate = commands.add_parser("validate", help="check a config, its volumes and model; write nothing")
-    validate.add_argument("config")
+    _config(validate, "YAML config to check (any verb's)")
     _overwrite(validate, "check as the command would run with --overwrite")
 
     checkpoint_help = "replace an existing checkpoint (only one volseg wrote)"
     train = commands.add_parser("train", help="train a model on a labelled volume (config: train:)")
-    train.add_argument("config")
-    train.add_argument("--no-progress", action="store_true")
+    _config(train, "YAML config with train: and model:")
+    train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     _overwrite(train, checkpoint_help)
 
     adapt = commands.add_parser("adapt", help="adapt a source-trained model to a target volume (config: adapt:)")
-    adapt.add_argument("config")
-    adapt.add_argument("--no-progress", action="store_true")
+    _config(adapt, "YAML config with adapt: and model:")
+    adapt.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     _overwrite(adapt, checkpoint_help)
 
     sam_adapt = commands.add_parser("sam-adapt", help="SAM prompt learning, All-in-SAM or DFG (config: sam_adapt:)")
-    sam_adapt.add_argument("config")
-    sam_adapt.add_argument("--no-progress", action="store_true")
+    _config(sam_adapt, "YAML config with sam_adapt: and model:")
+    sam_adapt.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     _overwrite(sam_adapt, checkpoint_help)
 
     peaks = commands.add_parser("peaks", help="write the density peaks of a run's output as a points CSV")
-    peaks.add_argument("config")
+    _config(peaks, "YAML run config whose output.density was written")
     peaks.add_argument("--out", required=True, metavar="CSV", help="where the points (z,y,x) go (a new file)")
 
     evaluate = commands.add_parser("eval", help="score a prediction against labels (config: eval:)")
-    evaluate.add_argument("config")
-    evaluate.add_argument("--no-progress", action="store_true")
+    _config(evaluate, "YAML config with eval: (prediction defaults to output.probabilities)")
+    evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     view = commands.add_parser("view", help="serve a run's local volumes and print a Neuroglancer link")
-    view.add_argument("config")
+    _config(view, "YAML config whose input and outputs to show")
     view.add_argument("--port", type=_port, default=9015, help="HTTP port (default 9015)")
     view.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default 127.0.0.1: this machine only)")
@@ -100,9 +138,35 @@ def _parser() -> argparse.ArgumentParser:
                       help="the Neuroglancer client to link to and allow (CORS); default the public demo client")
 
     demo = commands.add_parser("demo", help="generate data, train, segment and score, end to end")
-    demo.add_argument("config", nargs="?", default=DEMO_CONFIG, help=f"default: {DEMO_CONFIG}")
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("config", nargs="?", default=DEMO_CONFIG, help=f"YAML demo config (default: {DEMO_CONFIG})")
+    _set(demo)
+    demo.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("volseg")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown (not installed)"
+
+
+def configure_logging(verbosity: int) -> None:
+    """volseg's log lines on stderr: progress and INFO by default, DEBUG with ``-vv``, warnings only with
+    ``-q``; ``-v`` also shows the Ray workers' output on the driver."""
+    from volseg.engine import cluster
+
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity < 2 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s" if verbosity < 2 else
+                                           "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("volseg")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    cluster.worker_logs = verbosity > 0
 
 
 def _print(lines: Sequence[str]) -> None:
@@ -112,12 +176,12 @@ def _print(lines: Sequence[str]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from volseg.commands.run import run
-    from volseg.config import PromptsConfig, load_config
+    from volseg.config import PromptsConfig
 
-    config = load_config(args.config)
+    config = _load(args)
     if args.points:
         config = config.model_copy(update={"prompts": PromptsConfig(points=args.points)})
-    result = run(config, overwrite=args.overwrite, progress=not args.no_progress)
+    result = run(config, overwrite=args.overwrite, progress=_progress(args))
     _print(result.summary_lines())
     if result.failed:
         print(f"volseg run: error: {result.failure_message()}", file=sys.stderr)
@@ -127,19 +191,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from volseg.commands.validate import validate
-    from volseg.config import load_config
 
-    _print(validate(load_config(args.config), overwrite=args.overwrite))
+    _print(validate(_load(args), overwrite=args.overwrite))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from volseg.commands.train import train
-    from volseg.config import load_config
 
-    config = load_config(args.config)
+    config = _load(args)
     with torch_threads(config.train.threads if config.train is not None else None):
-        _print(_trained_lines(train(config, progress=not args.no_progress, overwrite=args.overwrite)))
+        _print(_trained_lines(train(config, progress=_progress(args), overwrite=args.overwrite)))
     return 0
 
 
@@ -157,9 +219,8 @@ def _trained_lines(result: Any) -> list[str]:
 
 def _demo(args: argparse.Namespace) -> int:
     from volseg.commands.demo import demo
-    from volseg.config import load_config
 
-    result = demo(load_config(args.config), progress=not args.no_progress)
+    result = demo(_load(args), progress=_progress(args))
     before, after = result.before.score, result.after.score
     lines = ["", "volseg demo summary (Prompt-DAS, source domain tem → target domain fibsem)",
              *result.after.run.summary_lines(),
@@ -174,48 +235,43 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _adapt(args: argparse.Namespace) -> int:
     from volseg.commands.adapt import adapt
-    from volseg.config import load_config
 
-    config = load_config(args.config)
+    config = _load(args)
     with torch_threads(config.adapt.threads if config.adapt is not None else None):
-        _print(_trained_lines(adapt(config, progress=not args.no_progress, overwrite=args.overwrite)))
+        _print(_trained_lines(adapt(config, progress=_progress(args), overwrite=args.overwrite)))
     return 0
 
 
 def _sam_adapt(args: argparse.Namespace) -> int:
     from volseg.commands.sam_adapt import sam_adapt
-    from volseg.config import load_config
 
-    config = load_config(args.config)
+    config = _load(args)
     with torch_threads(config.sam_adapt.threads if config.sam_adapt is not None else None):
-        result = sam_adapt(config, progress=not args.no_progress, overwrite=args.overwrite)
+        result = sam_adapt(config, progress=_progress(args), overwrite=args.overwrite)
     _print([*_trained_lines(result.trained), *result.lines])
     return 0
 
 
 def _peaks(args: argparse.Namespace) -> int:
     from volseg.commands.peaks import export_peaks
-    from volseg.config import load_config
 
-    points = export_peaks(load_config(args.config), args.out)
+    points = export_peaks(_load(args), args.out)
     print(f"{len(points)} density peaks written to {args.out}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from volseg.commands.evaluate import evaluate
-    from volseg.config import load_config
 
-    report = evaluate(load_config(args.config), progress=not args.no_progress)
+    report = evaluate(_load(args), progress=_progress(args))
     _print(report.table_lines())
     return 0
 
 
 def _view(args: argparse.Namespace) -> int:
     from volseg.commands.view import NEUROGLANCER, open_viewer
-    from volseg.config import load_config
 
-    viewer = open_viewer(load_config(args.config), args.port, host=args.host,
+    viewer = open_viewer(_load(args), args.port, host=args.host,
                          neuroglancer=args.neuroglancer or NEUROGLANCER)
     _print(viewer.lines())
     sys.stdout.flush()
@@ -230,6 +286,7 @@ COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt
 def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # before any I/O thread starts (see volseg.allocator)
     args = _parser().parse_args(argv)
+    configure_logging(args.verbose - args.quiet)
     from volseg.io import storage
 
     storage.drop_native_logs = True  # a storage failure is one volseg line, not tensorstore's log too

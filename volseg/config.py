@@ -8,8 +8,10 @@ command-line path. Below ``cli.py`` nothing sees a dict or an argparse namespace
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -228,7 +230,9 @@ class ClusterConfig(Section):
 class TrainConfig(Section):
     """Supervised training on labelled volumes (source domain). ``unprompted_share`` (Prompt-DAS): the
     share of crops trained without point prompts (the others get a random subset of their objects'
-    centres), so that runs without prompts meet a model trained for them."""
+    centres), so that runs without prompts meet a model trained for them. ``zoom`` (Prompt-DAS): each crop
+    is magnified by a random factor, log-uniform in ``[1/zoom, zoom]`` (1: off), so the model meets
+    organelles of other sizes than the source's."""
 
     raw: VolumeRef
     labels: VolumeRef
@@ -238,6 +242,7 @@ class TrainConfig(Section):
     learning_rate: float = Field(default=2e-3, gt=0)
     density_sigma_nm: float = Field(default=40.0, gt=0)
     unprompted_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    zoom: float = Field(default=1.0, ge=1.0, le=4.0)
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
     checkpoint: str = Field(min_length=1)
@@ -298,7 +303,8 @@ class AdaptConfig(Section):
 
     Values the paper leaves open (METHOD.md, *choose*) are fields here with the defaults volseg uses;
     their meaning is that of :class:`volseg.training.promptdas.settings.AdaptSettings`. ``threads``:
-    torch threads of the training process (None: torch's default, one per core)."""
+    torch threads of the training process (None: torch's default, one per core). ``zoom``: the labelled
+    crops' random magnification, as ``train.zoom``."""
 
     mode: Literal["uda", "wda", "supervised-target"] = "uda"
     source: LabelledVolume | None = None
@@ -328,6 +334,7 @@ class AdaptConfig(Section):
     contrastive_points: int = Field(default=16, ge=0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     poly_power: float = Field(default=0.9, ge=0.0)
+    zoom: float = Field(default=1.0, ge=1.0, le=4.0)
     guard: GuardConfig = GuardConfig()
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
@@ -501,8 +508,9 @@ def parse_config(data: Any, source: str = "config") -> Config:
                           "correct the field(s) named above.") from None
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read and validate a YAML config file, with ``overrides`` (``section.field=value``, the value read
+    as YAML) applied before validation, so an override is checked exactly as the file's own value."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist.",
@@ -515,4 +523,36 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}.",
                           "fix the YAML syntax there (indentation, colons, quotes).") from None
+    for override in overrides:
+        data = apply_override(data, override)
     return parse_config(data, str(path))
+
+
+def apply_override(data: Any, override: str) -> dict:
+    """``data`` (a config's YAML mapping) with one ``a.b.c=value`` override set; missing sections are
+    created. The value is YAML (``3``, ``0.5``, ``[1, 256, 256]``, ``null``, ``{url: x.zarr}``)."""
+    key, sep, text = override.partition("=")
+    names = key.strip().split(".")
+    if not sep or not all(names):
+        raise ConfigError(f"--set {override!r} is not of the form section.field=value.",
+                          "write e.g. --set adapt.steps=100 or --set inference.window=[1,256,256].")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {override!r}: the value {text!r} is not valid YAML.",
+                          "quote it for the shell, e.g. --set 'input.url=\"a b.zarr\"'.") from None
+    data = {} if data is None else copy.deepcopy(data)
+    if not isinstance(data, dict):
+        return data  # parse_config names what is wrong with the file itself
+    node = data
+    for depth, name in enumerate(names[:-1]):
+        child = node.setdefault(name, {})
+        if child is None:
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {'.'.join(names[:depth + 1])} is not a section "
+                              f"(it is {child!r}).", "set the whole value instead, e.g. "
+                              f"--set {'.'.join(names[:depth + 1])}=<value>.")
+        node = child
+    node[names[-1]] = value
+    return data

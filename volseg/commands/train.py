@@ -7,6 +7,7 @@ loop, see :mod:`volseg.training.distributed`); other models train with the plain
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,7 @@ from volseg.models.checkpoint import (
     curve_path,
     save_checkpoint,
 )
+from volseg.training.augment import WIDE
 from volseg.training.crops import CropSampler
 from volseg.training.loop import SupervisedSettings, TrainHistory, train_supervised
 from volseg.training.promptdas.settings import AdaptSettings
@@ -177,7 +179,8 @@ def source_inputs(config: Config, model: nn.Module | None = None) -> TrainingInp
         model = build_model(config.model.spec)
     settings = AdaptSettings(mode="source", steps=cfg.steps, batch_size=cfg.batch_size, crop=cfg.crop,
                              learning_rate=cfg.learning_rate, density_sigma=_sigma_vx(cfg, raw), seed=cfg.seed,
-                             unprompted_share=cfg.unprompted_share)
+                             unprompted_share=cfg.unprompted_share,
+                             source_augment=dataclasses.replace(WIDE, zoom=cfg.zoom))
     return TrainingInputs(model, settings, DomainData(raw, labels))
 
 

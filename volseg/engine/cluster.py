@@ -17,6 +17,9 @@ import ray
 
 from volseg.errors import ConfigError
 
+#: Whether the Ray workers' stdout and stderr are shown on the driver (``volseg -v``).
+worker_logs = False
+
 
 @dataclass(frozen=True)
 class ClusterResources:
@@ -34,7 +37,8 @@ def connected(address: str | None = None) -> Iterator[ClusterResources]:
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(address=target, include_dashboard=False if not target else None, log_to_driver=False)
+            ray.init(address=target, include_dashboard=False if not target else None,
+                     log_to_driver=worker_logs)
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise ConfigError(
                 f"cannot connect to the Ray cluster at {target!r}: {str(error).splitlines()[0]}",

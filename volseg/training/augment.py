@@ -36,6 +36,8 @@ class AugmentSettings:
     elastic_alpha_vx, elastic_grid: a smooth random displacement, Gaussian with standard deviation
         ``elastic_alpha_vx`` pixels at ``elastic_grid × elastic_grid`` control points, bicubically
         interpolated; 0 turns it off.
+    zoom: a random magnification, log-uniform in ``[1/zoom, zoom]`` about the crop's centre, so that a
+        model meets organelles of other sizes (1: off).
     """
 
     weak_intensity: float = 0.05
@@ -47,6 +49,7 @@ class AugmentSettings:
     blur_probability: float = 0.5
     elastic_alpha_vx: float = 2.0
     elastic_grid: int = 4
+    zoom: float = 1.0
 
 
 #: Source-crop augmentation: wider contrast, noise and blur ranges than the target student's view.
@@ -59,33 +62,41 @@ def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, hig
 
 @dataclass(frozen=True)
 class GeometricTransform:
-    """An elastic warp, then ``rotations`` × 90° (``torch.rot90`` on y, x), then a flip of x if ``flip``.
+    """A zoom and an elastic warp, then ``rotations`` × 90° (``torch.rot90`` on y, x), then a flip of x
+    if ``flip``.
 
-    ``displacement`` (``2×Y×X`` pixels (dy, dx), or None): output pixel ``p`` of the warp reads the
-    input at ``p + d(p)``. Point coordinates are pixel (y, x) with pixel centres at integers.
+    ``displacement`` (``2×Y×X`` pixels (dy, dx), or None) and ``scale``: output pixel ``p`` of the warp
+    reads the input at ``c + (p + d(p) − c) / scale``, ``c`` the crop's centre (``scale`` > 1 magnifies).
+    Point coordinates are pixel (y, x) with pixel centres at integers.
     """
 
     rotations: int
     flip: bool
     displacement: torch.Tensor | None = None
+    scale: float = 1.0
 
     @classmethod
     def random(cls, generator: torch.Generator, shape_yx: tuple[int, int], elastic_alpha_vx: float = 0.0,
-               elastic_grid: int = 4) -> GeometricTransform:
-        """A uniformly random rotation and flip, and an elastic warp when ``elastic_alpha_vx > 0``."""
+               elastic_grid: int = 4, zoom: float = 1.0) -> GeometricTransform:
+        """A uniformly random rotation and flip, an elastic warp when ``elastic_alpha_vx > 0`` and a
+        log-uniform zoom in ``[1/zoom, zoom]`` when ``zoom > 1``."""
         rotations = int(torch.randint(0, 4, (1,), generator=generator))
         flip = bool(torch.randint(0, 2, (1,), generator=generator))
         displacement = None
         if elastic_alpha_vx > 0:
             coarse = elastic_alpha_vx * torch.randn((1, 2, elastic_grid, elastic_grid), generator=generator)
             displacement = F.interpolate(coarse, size=shape_yx, mode="bicubic", align_corners=True)[0]
-        return cls(rotations, flip, displacement)
+        scale = 1.0
+        if zoom > 1:
+            scale = float(torch.exp(_uniform(generator, (1,), -float(np.log(zoom)), float(np.log(zoom)))))
+        return cls(rotations, flip, displacement, scale)
 
     def apply(self, maps: torch.Tensor, mode: Literal["bilinear", "nearest"] = "bilinear",
-              padding: Literal["border", "zeros"] = "border") -> torch.Tensor:
+              padding: Literal["border", "zeros", "reflection"] = "border") -> torch.Tensor:
         """Transform ``C×Y×X`` maps. ``mode``: bilinear for images and densities, nearest for labels;
-        ``padding``: what the warp reads outside the crop (``zeros`` marks it invalid in a valid mask)."""
-        if self.displacement is not None:
+        ``padding``: what the warp reads outside the crop (``zeros`` marks it invalid in a valid mask,
+        ``reflection`` mirrors the crop)."""
+        if self.displacement is not None or self.scale != 1:
             maps = self._warp(maps, mode, padding)
         return self.view.apply(maps)
 
@@ -98,18 +109,25 @@ class GeometricTransform:
         """Where ``M×2`` points (y, x) of a ``Y×X`` crop land in the transformed view.
 
         The warp is inverted by fixed-point iteration (exact for displacements smooth on the scale of
-        a pixel); warped points are kept inside the crop.
+        a pixel); warped points are kept inside the crop, and points a zoom moves out of it are dropped.
         """
         p = np.asarray(points_yx, dtype=np.float64).reshape(-1, 2).copy()
+        if self.scale != 1:  # input q = c + (p + d(p) − c) / s  ⇔  p + d(p) = c + s (q − c)
+            size = np.asarray(shape_yx, dtype=np.float64)
+            p = (size - 1) / 2 + self.scale * (p - (size - 1) / 2)
+            p = p[np.all((p >= -0.5) & (p <= size - 0.5), axis=1)]
         if self.displacement is not None and len(p):
             p = self._unwarp(p, shape_yx)
-        return self.view.points(p, shape_yx)
+        return self.view.points(np.clip(p, 0, np.asarray(shape_yx) - 1), shape_yx)
 
     def _warp(self, maps: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
         h, w = maps.shape[-2:]
         ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                                 indexing="ij")
-        y, x = ys + self.displacement[0], xs + self.displacement[1]
+        if self.displacement is not None:
+            ys, xs = ys + self.displacement[0], xs + self.displacement[1]
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        y, x = cy + (ys - cy) / self.scale, cx + (xs - cx) / self.scale
         grid = torch.stack([2 * x / max(w - 1, 1) - 1, 2 * y / max(h - 1, 1) - 1], dim=-1).unsqueeze(0)
         out = F.grid_sample(maps.unsqueeze(0).float(), grid, mode=mode, padding_mode=padding, align_corners=True)
         return out[0].to(maps.dtype)

@@ -111,19 +111,21 @@ def crop_slices(crops: Sequence[Crop], contract: InputContract, intensity: tuple
 
 def _student_views(images: torch.Tensor, maps: dict[str, tuple[torch.Tensor, str, str]],
                    point_lists: Sequence[Sequence[np.ndarray]], randoms: Sequence[SampleRandom],
-                   augment: AugmentSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[list[np.ndarray]]]:
-    """Per sample, a random geometric transform applied to the image, to each ``name → (maps, mode,
-    padding)`` and to each list of points, then the strong intensity changes on the image."""
+                   augment: AugmentSettings, padding: str = "border"
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[list[np.ndarray]]]:
+    """Per sample, a random geometric transform applied to the image (``padding`` outside the crop), to
+    each ``name → (maps, mode, padding)`` and to each list of points, then the strong intensity changes
+    on the image."""
     shape = tuple(images.shape[-2:])
     out_images, out_maps = [], {name: [] for name in maps}
     out_points: list[list[np.ndarray]] = [[] for _ in point_lists]
     for i, random in enumerate(randoms):
         transform = GeometricTransform.random(random.generator, shape, augment.elastic_alpha_vx,
-                                              augment.elastic_grid)
-        image = transform.apply(images[i], "bilinear", "border")
+                                              augment.elastic_grid, augment.zoom)
+        image = transform.apply(images[i], "bilinear", padding)
         out_images.append(strong_intensity(random.generator, image[None], augment)[0])
-        for name, (tensor, mode, padding) in maps.items():
-            out_maps[name].append(transform.apply(tensor[i], mode, padding))
+        for name, (tensor, mode, outside) in maps.items():
+            out_maps[name].append(transform.apply(tensor[i], mode, outside))
         for j, points in enumerate(point_lists):
             out_points[j].append(transform.points(points[i], shape))
     return torch.stack(out_images), {name: torch.stack(t) for name, t in out_maps.items()}, out_points
@@ -138,7 +140,8 @@ def labelled_batch(slices: Slices, sigma_vx: float, randoms: Sequence[SampleRand
                    augment: AugmentSettings, unprompted: float = 0.0) -> PromptBatch:
     """A supervised batch: mask = labels > 0, density = Gaussians at the 2D instance centres, and as
     prompts a uniformly random subset (size 0 … all) of each sample's centres, or with probability
-    ``unprompted`` none; strongly augmented. ``randoms``: one per sample."""
+    ``unprompted`` none; strongly augmented (mirrored at the crop's edges when it zooms). ``randoms``:
+    one per sample."""
     _check_randoms(slices, randoms)
     if slices.labels is None:
         raise ValueError("a labelled batch needs crops with labels")
@@ -147,9 +150,10 @@ def labelled_batch(slices: Slices, sigma_vx: float, randoms: Sequence[SampleRand
     density = torch.from_numpy(np.stack([gaussian_density(slices.labels.shape[1:], c, sigma_vx)
                                          for c in centres])).unsqueeze(1)
     prompts = [random_subset(c, random.rng, unprompted) for c, random in zip(centres, randoms, strict=True)]
+    padding = "reflection" if augment.zoom > 1 else "border"  # a zoom out reads well past the crop's edge
     image, maps, (prompts,) = _student_views(
-        slices.images, {"target": (mask, "nearest", "border"), "density": (density, "bilinear", "border")},
-        [prompts], randoms, augment)
+        slices.images, {"target": (mask, "nearest", padding), "density": (density, "bilinear", padding)},
+        [prompts], randoms, augment, padding)
     points, point_mask = pad_points(prompts)
     stats = {"prompts": float(point_mask.sum()) / len(prompts)}
     return PromptBatch(image, maps["target"], torch.ones_like(maps["target"]), maps["density"], points, point_mask,

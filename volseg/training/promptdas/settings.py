@@ -139,6 +139,7 @@ class AdaptSettings:
         fields = {f.name for f in dataclasses.fields(cls)} & set(type(config).model_fields)
         values = {name: getattr(config, name) for name in fields}
         values["guard"] = GuardSettings(**config.guard.model_dump())
+        values["source_augment"] = dataclasses.replace(WIDE, zoom=config.zoom)
         values["density_sigma"] = config.density_sigma_nm / target_voxel_nm
         if source_voxel_nm is not None:
             values["source_density_sigma"] = config.density_sigma_nm / source_voxel_nm
