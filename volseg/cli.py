@@ -167,6 +167,7 @@ def configure_logging(verbosity: int) -> None:
     logger.setLevel(level)
     logger.propagate = False
     cluster.worker_logs = verbosity > 0
+    cluster.ray_log_level = logging.WARNING if verbosity < 0 else logging.INFO
 
 
 def _print(lines: Sequence[str]) -> None:

@@ -7,6 +7,7 @@ instance for the command and shuts it down afterwards; under ``ray job submit`` 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from volseg.errors import ConfigError
 
 #: Whether the Ray workers' stdout and stderr are shown on the driver (``volseg -v``).
 worker_logs = False
+#: The level of Ray's own log lines on the driver (``volseg -q``: warnings only).
+ray_log_level = logging.INFO
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ def connected(address: str | None = None) -> Iterator[ClusterResources]:
         target = address or os.environ.get("RAY_ADDRESS")
         try:
             ray.init(address=target, include_dashboard=False if not target else None,
-                     log_to_driver=worker_logs)
+                     log_to_driver=worker_logs, logging_level=ray_log_level)
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise ConfigError(
                 f"cannot connect to the Ray cluster at {target!r}: {str(error).splitlines()[0]}",
