@@ -231,13 +231,38 @@ class Probe:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+#: The adaptation's learning rate and steps in ``killed_run`` (the config's defaults and ``steps``).
+ADAPT_LR, ADAPT_STEPS = 5e-4, 6
+
+
+def _key_bias(key: str, value: torch.Tensor) -> torch.Tensor | None:
+    """The attention key biases inside a weight (a mask of them), or None: a key bias adds the same
+    ``q·b`` to every logit of a query, which the softmax ignores, so its gradient is 0 analytically."""
+    if key.endswith(".k.bias"):
+        return torch.ones_like(value, dtype=torch.bool)
+    if key.endswith(".qkv.bias"):  # fused q, k, v: the middle third
+        third = value.shape[0] // 3
+        mask = torch.zeros_like(value, dtype=torch.bool)
+        mask[third:2 * third] = True
+        return mask
+    return None
+
+
 def assert_close(trained: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    """Equal to float rounding. Measured after 4 steps: ≤ 4e-6 for every weight but the attention key
-    biases, ≤ 5e-5 for those (their gradient is 0 analytically, so Adam turns rounding into updates); with
-    per-replica losses (plain DDP, no sums across replicas) nearly every weight is ~2e-3 off."""
+    """Equal to float rounding: measured ≤ 1e-5 for every weight but the attention key biases; with
+    per-replica losses (plain DDP, no sums across replicas) nearly every weight is ~2e-3 off.
+
+    The key biases' gradient is 0 analytically, so what reaches them is rounding noise, which Adam
+    normalises into steps of up to about the learning rate: two runs may differ by up to 2·lr per step
+    there (measured 6e-5 to 3e-4 after 6 steps, depending on the code's float rounding)."""
     assert trained.keys() == reference.keys()
     for key, value in reference.items():
-        torch.testing.assert_close(trained[key], value, rtol=0, atol=2e-4, msg=key)
+        keys = _key_bias(key, value)
+        rest = torch.ones_like(value, dtype=torch.bool) if keys is None else ~keys
+        torch.testing.assert_close(trained[key][rest], value[rest], rtol=0, atol=2e-4, msg=key)
+        if keys is not None:
+            torch.testing.assert_close(trained[key][keys], value[keys], rtol=0, atol=2 * ADAPT_LR * ADAPT_STEPS,
+                                       msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +277,7 @@ def killed_run(ray_cluster, source_trained, small_dataset, tmp_path_factory):
     folder = tmp_path_factory.mktemp("killed")
     adapt = {"mode": "uda", "source": {"raw": {"url": f"{small_dataset}/raw"},
                                        "labels": {"url": f"{small_dataset}/mito"}},
-             "target": {"raw": {"url": f"{small_dataset}/raw"}}, "init": str(source_trained), "steps": 6,
+             "target": {"raw": {"url": f"{small_dataset}/raw"}}, "init": str(source_trained), "steps": ADAPT_STEPS,
              "batch_size": 4, "crop": [1, 32, 32], "peak_threshold": 0.1, "delta_f": 0.45, "delta_b": 0.3,
              "density_sigma_nm": 12.0, "checkpoint": str(folder / "two.safetensors")}
     config = write_config(folder / "two.yaml", {"model": MODEL, "adapt": adapt,
