@@ -517,3 +517,15 @@ def test_the_adapted_teacher_normalises_with_statistics_of_the_target_alone(crop
     gaps = [float((a.running_mean - b.running_mean).abs().max()) for a, b in
             zip(norm_layers(teacher), norm_layers(reference), strict=True)]
     assert gaps and (max(gaps) < 1e-5) == (crops > 0), gaps
+
+
+def test_without_zoom_the_warp_reads_exactly_p_plus_d():
+    """Zoom 1 adds no arithmetic: earlier recipes (and their cached models) train bit for bit as before."""
+    transform = GeometricTransform.random(torch.Generator().manual_seed(3), (48, 40), elastic_alpha_vx=2.0)
+    maps = torch.rand(2, 48, 40, generator=torch.Generator().manual_seed(4))
+    ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(40.0), indexing="ij")
+    y, x = ys + transform.displacement[0], xs + transform.displacement[1]
+    grid = torch.stack([2 * x / 39 - 1, 2 * y / 47 - 1], dim=-1)[None]
+    expected = torch.nn.functional.grid_sample(maps[None], grid, mode="bilinear", padding_mode="border",
+                                               align_corners=True)[0]
+    assert torch.equal(transform.apply(maps), transform.view.apply(expected))

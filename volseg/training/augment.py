@@ -126,8 +126,10 @@ class GeometricTransform:
                                 indexing="ij")
         if self.displacement is not None:
             ys, xs = ys + self.displacement[0], xs + self.displacement[1]
-        cy, cx = (h - 1) / 2, (w - 1) / 2
-        y, x = cy + (ys - cy) / self.scale, cx + (xs - cx) / self.scale
+        y, x = ys, xs
+        if self.scale != 1:  # (zoom 1 is exactly the warp it was: no rounding from a division by 1)
+            cy, cx = (h - 1) / 2, (w - 1) / 2
+            y, x = cy + (ys - cy) / self.scale, cx + (xs - cx) / self.scale
         grid = torch.stack([2 * x / max(w - 1, 1) - 1, 2 * y / max(h - 1, 1) - 1], dim=-1).unsqueeze(0)
         out = F.grid_sample(maps.unsqueeze(0).float(), grid, mode=mode, padding_mode=padding, align_corners=True)
         return out[0].to(maps.dtype)
