@@ -293,3 +293,19 @@ def test_a_symlink_inside_the_volume_pointing_inside_it_is_served(run_dir, serve
         os.symlink(root / "out.zarr" / "density" / "zarr.json", link_path)
     assert _get(server, "/density/alias.json")[2] == (root / "out.zarr" / "density" / "zarr.json").read_bytes()
     assert resolve("/density/alias.json", volume_routes(run_dir[1])) == link_path.resolve()
+
+
+def test_the_state_opens_on_the_volume_centre_with_overlays_that_keep_the_em_visible(run_dir):
+    _, config, _ = run_dir
+    state = neuroglancer_state(config, port=8123)
+    image = open_volume(config.input.url)
+    z, y, x = (np.asarray(image.voxel_offset) + np.asarray(image.shape) / 2).tolist()
+    assert state["position"] == [x, y, z]
+    _, vy, vx = image.voxel_size_nm
+    fitted = max(image.shape[1] * vy, image.shape[2] * vx) / min(vx, vy)  # the larger in-plane side, in voxels
+    assert state["crossSectionScale"] == pytest.approx(fitted / 800)
+    shaders = {layer["name"]: layer.get("shader") for layer in state["layers"]}
+    assert shaders["image"] is None and shaders["instances"] is None
+    for name in ("probabilities", "density"):  # alpha follows the value: transparent where it is 0
+        assert "emitRGBA(vec4(" in shaders[name] and "0.6 * v)" in shaders[name] and "emitRGB(" not in shaders[name]
+    assert all("opacity" not in layer for layer in state["layers"])

@@ -46,6 +46,10 @@ from volseg.io.urls import parse_url
 NEUROGLANCER = "https://neuroglancer-demo.appspot.com/"
 DEFAULT_PORT = 9015
 DEFAULT_HOST = "127.0.0.1"
+#: Overlay colours of the outputs drawn over the EM (probabilities red, density green).
+OVERLAY_COLOURS = {"probabilities": (1.0, 0.0, 0.0), "density": (0.0, 1.0, 0.0)}
+#: Screen pixels the state's zoom fits the volume's larger in-plane side into.
+VIEW_PIXELS = 800
 #: Prompts beyond this many are left out of the state (a URL has to stay short enough to open).
 MAX_INLINE_POINTS = 2000
 #: A local point index is read whole for the state only when it has at most this many cells.
@@ -115,9 +119,8 @@ def neuroglancer_state(config: Config, prompts: PointSet | PointIndex | None = N
     layers = []
     for name, kind, url, volume in layers_found:
         layer: dict[str, Any] = {"type": kind, "name": name, "source": source(name, url, volume.format, server)}
-        if name in ("probabilities", "density"):
-            layer["opacity"] = 0.5
-            layer["shader"] = "#uicontrol invlerp normalized\nvoid main() { emitRGB(vec3(normalized(), 0, 0)); }"
+        if name in OVERLAY_COLOURS:
+            layer["shader"] = overlay_shader(OVERLAY_COLOURS[name])
         layers.append(layer)
     if isinstance(prompts, PointIndex) and prompts.url.scheme != "file":  # Neuroglancer reads the collection
         layers.append({"type": "annotation", "name": "prompts", "source": f"precomputed://{prompts.url.location}"})
@@ -130,8 +133,20 @@ def neuroglancer_state(config: Config, prompts: PointSet | PointIndex | None = N
                        "annotations": [{"type": "point", "id": str(i),
                                         "point": [float(v) for v in (p + 0.5 + offset)[::-1]]}
                                        for i, p in enumerate(prompts.zyx)]})
+    shape = np.asarray(layers_found[0][3].shape[-3:], dtype=np.float64)
+    centre = offset + shape / 2  # Neuroglancer's voxel corners are at integers
     return {"dimensions": {"x": [vx * 1e-9, "m"], "y": [vy * 1e-9, "m"], "z": [vz * 1e-9, "m"]},
+            "position": [float(v) for v in centre[::-1]],
+            "crossSectionScale": float(max(shape[1] * vy, shape[2] * vx) / min(vx, vy) / VIEW_PIXELS),
             "layout": "xy", "layers": layers}
+
+
+def overlay_shader(rgb: tuple[float, float, float]) -> str:
+    """An image layer's shader drawing its values in ``rgb``, transparent where they are low: the EM under
+    it keeps its brightness (an opaque black-to-colour ramp at half opacity halves it)."""
+    colour = ", ".join(f"{c:.1f}" for c in rgb)
+    return ("#uicontrol invlerp normalized\n"
+            f"void main() {{ float v = clamp(normalized(), 0.0, 1.0); emitRGBA(vec4({colour}, 0.6 * v)); }}")
 
 
 def link(state: dict[str, Any], neuroglancer: str = NEUROGLANCER) -> str:
