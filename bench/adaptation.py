@@ -276,7 +276,7 @@ def _augmented(image: torch.Tensor, mask: torch.Tensor, seed: int, step: int, au
         random = SampleRandom.from_seed(np.random.SeedSequence(seed, spawn_key=(7, step, i)))
         transform = GeometricTransform.random(random.generator, tuple(image.shape[-2:]), augment.elastic_alpha_vx,
                                               augment.elastic_grid, augment.zoom)
-        padding = "reflection" if augment.zoom > 1 else "border"
+        padding = augment.labelled_padding
         images.append(strong_intensity(random.generator, transform.apply(image[i], "bilinear", padding)[None],
                                        augment)[0])
         masks.append(transform.apply(mask[i], "nearest", padding))

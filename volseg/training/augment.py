@@ -51,6 +51,12 @@ class AugmentSettings:
     elastic_grid: int = 4
     zoom: float = 1.0
 
+    @property
+    def labelled_padding(self) -> Literal["border", "reflection"]:
+        """What the warp of a labelled crop (image, labels, density alike) reads outside the crop: the
+        mirrored crop when it zooms (a zoom out reads well past the edge), else the edge pixels."""
+        return "reflection" if self.zoom > 1 else "border"
+
 
 #: Source-crop augmentation: wider contrast, noise and blur ranges than the target student's view.
 WIDE = AugmentSettings(contrast=0.6, gamma=1.4, noise_sigma=0.1, blur_sigma_vx=2.0)

@@ -150,7 +150,7 @@ def labelled_batch(slices: Slices, sigma_vx: float, randoms: Sequence[SampleRand
     density = torch.from_numpy(np.stack([gaussian_density(slices.labels.shape[1:], c, sigma_vx)
                                          for c in centres])).unsqueeze(1)
     prompts = [random_subset(c, random.rng, unprompted) for c, random in zip(centres, randoms, strict=True)]
-    padding = "reflection" if augment.zoom > 1 else "border"  # a zoom out reads well past the crop's edge
+    padding = augment.labelled_padding
     image, maps, (prompts,) = _student_views(
         slices.images, {"target": (mask, "nearest", padding), "density": (density, "bilinear", padding)},
         [prompts], randoms, augment, padding)
