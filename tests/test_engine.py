@@ -22,9 +22,12 @@ from volseg.errors import ConfigError
 from volseg.geometry import Block, BlockGrid, Box
 from volseg.inference.peaks import PeakStage
 from volseg.inference.postprocess import MinAreaStage
-from volseg.instances.stages import RelabelStage
+from volseg.instances.labels import InstanceParams
+from volseg.instances.stages import FaceContactStage, RelabelStage
 from volseg.instances.stitching import RelabelTable
 from volseg.io import create_volume, open_volume
+from volseg.io.storage import open_kvstore
+from volseg.io.urls import parse_url
 
 
 class CoreIdStage:
@@ -326,8 +329,8 @@ class RecordingVolume:
 
 
 def test_what_a_block_reads_lies_in_its_read_box(tmp_path):
-    """Peaks, small components (whose second, wider read comes only when a component is in doubt) and
-    relabelling each read inside the box their stage says a block reads."""
+    """Peaks, small components (whose second, wider read comes only when a component is in doubt),
+    relabelling and face contacts each read inside the box their stage says a block reads."""
     rng = np.random.default_rng(0)
     values = np.zeros((2, 40, 200), np.float32)
     values[0] = rng.random((40, 200))  # peaks
@@ -341,7 +344,11 @@ def test_what_a_block_reads_lies_in_its_read_box(tmp_path):
     recorded, readers = RecordingVolume(stored), RecordingVolume(labels)
     table = RelabelTable(np.zeros(grid.num_blocks, np.int64), np.zeros(grid.num_blocks, np.int64),
                          np.zeros(0, np.uint64), np.zeros(0, np.uint64), 0)
-    stages = [PeakStage(recorded, 0.5, (1, 3, 3)), MinAreaStage(recorded, 0.5, 100), RelabelStage(table, readers)]
+    merge_folder = parse_url(str(tmp_path / "merge"))
+    open_kvstore(merge_folder).write("relabel/0", table.encode()).result()
+    stages = [PeakStage(recorded, 0.5, (1, 3, 3)), MinAreaStage(recorded, 0.5, 100),
+              RelabelStage(merge_folder, grid.num_blocks, readers),
+              FaceContactStage(InstanceParams("connected_components", 0.5, connectivity=26), grid, readers)]
     outcomes = {}
     for stage in stages:
         for block in grid:

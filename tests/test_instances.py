@@ -20,6 +20,7 @@ from volseg.errors import ConfigError, GeometryMismatchError, OutputExistsError
 from volseg.geometry import BlockGrid, Box
 from volseg.inference.job import to_storage
 from volseg.instances.labels import label_box, unit_range
+from volseg.instances.merge import MergeInputs, MergeTree, merge
 from volseg.instances.run import (
     InstancePlan,
     InstanceResult,
@@ -29,15 +30,7 @@ from volseg.instances.run import (
     run_instances,
 )
 from volseg.instances.stages import FaceContactStage, HaloOverlapStage, LabelStage, RelabelStage
-from volseg.instances.stitching import (
-    agreed_pairs,
-    contact_pairs,
-    gather_outcomes,
-    merge_pieces,
-    overlap_pairs,
-    owner_blocks,
-    piece_ids,
-)
+from volseg.instances.stitching import RelabelTable, contact_pairs, overlap_pairs, owner_blocks, piece_ids
 from volseg.io import create_volume, open_volume
 from volseg.metrics import connected_instances
 
@@ -101,9 +94,14 @@ def _plan(settings: InstancesConfig, probabilities_url: str, density_url: str, c
     return plan_instances(settings, grid, geometry, probabilities_url, density_url, **options)
 
 
-def _run(plan: InstancePlan, executor: Executor | None = None,
-         ledger: BlockLedger | None = None) -> tuple[InstanceResult, np.ndarray]:
-    result = run_instances(plan, executor or SerialExecutor(), ledger)
+#: A merge tree of many levels on the tests' grids (tens of blocks): leaves of 3 blocks, 2 children a node.
+DEEP = {"leaf_blocks": 3, "fan_in": 2}
+
+
+def _run(plan: InstancePlan, executor: Executor | None = None, ledger: BlockLedger | None = None,
+         tree: dict[str, int] | None = DEEP) -> tuple[InstanceResult, np.ndarray]:
+    merge_tree = None if tree is None else MergeTree(plan.grid.num_blocks, **tree)
+    result = run_instances(plan, executor or SerialExecutor(), ledger, merge_tree=merge_tree)
     output = open_volume(plan.url)
     return result, output.read(output.bounds)
 
@@ -314,8 +312,12 @@ def test_resume_skips_done_blocks_and_stitches_with_their_marks(tmp_path, scenes
     executor = RecordingExecutor()
     result, labels = _run(plan, executor, ledger)
     every = list(range(plan.grid.num_blocks))
-    assert executor.ran == {"instances-label": [b for b in every if b % 3 == 1], "instances-stitch": every,
-                            "instances-relabel": every}
+    merged = {name: ids for name, ids in executor.ran.items() if name.startswith("instances-merge")}
+    assert {name: ids for name, ids in executor.ran.items() if name not in merged} == {
+        "instances-label": [b for b in every if b % 3 == 1], "instances-stitch": every, "instances-relabel": every}
+    tree = MergeTree(plan.grid.num_blocks, **DEEP)
+    assert merged == {f"instances-merge-{way}-{level}": list(range(tree.nodes(level)))
+                      for way in ("up", "down") for level in range(tree.top + 1)} and tree.top >= 3
     _assert_same_partition(labels, connected_instances(probability > 0.5, min_size_vx=300, connectivity=6))
     assert sorted(ledger.done("instances-label")) == every
 
@@ -344,8 +346,8 @@ def test_stages_pickle_small_and_compute_the_same_after(tmp_path, scenes) -> Non
         copy = pickle.loads(payload)
         if stage.name in outcomes:
             assert run_block(copy, block) == outcomes[stage.name]
-    table, _ = merge_pieces(*gather_outcomes({b.id: {"sizes": [1] * 3} for b in plan.grid}, {}, plan.grid.num_blocks))
-    assert len(pickle.dumps(RelabelStage(table, instances))) < 4096
+    relabel = RelabelStage(BlockLedger.beside(plan.url, "s").run_folder("merge"), 1024, instances)
+    assert len(pickle.dumps(relabel)) < 4096
 
 
 @pytest.mark.ray
@@ -378,20 +380,93 @@ def test_piece_ids_put_the_block_in_the_high_bits_and_keep_background() -> None:
     np.testing.assert_array_equal(piece_ids(6, np.array([0, 1, 7], np.uint32)), [0, pid(6, 1), pid(6, 7)])
 
 
-def test_merge_pieces_unions_pairs_drops_small_objects_and_numbers_consecutively() -> None:
-    counts = np.array([3, 2, 1])
-    sizes = np.array([5, 1, 7, 4, 2, 9])  # block 0: pieces 1..3, block 1: 1..2, block 2: 1
-    pairs = np.array([[pid(0, 2), pid(1, 1)], [pid(1, 1), pid(2, 1)],
-                      [pid(0, 3), pid(0, 3)]], np.uint64)
-    table, summary = merge_pieces(counts, sizes, pairs, min_size_vx=5)
-    # objects: {0:1} 5 vx, {0:2, 1:1, 2:1} 14 vx, {0:3} 7 vx, {1:2} 2 vx (dropped)
-    assert (summary.pieces, summary.objects, summary.dropped, table.instances) == (6, 4, 1, 3)
-    assert table.mapping(0) == {pid(0, 1): 1, pid(0, 2): 2, pid(0, 3): 3}
-    assert table.mapping(1) == {pid(1, 1): 2, pid(1, 2): 0}
-    assert table.mapping(2) == {pid(2, 1): 2}
-    assert len(table.exception_ids) == 3  # only the pieces not numbered by their block's base
-    empty, _ = merge_pieces(np.zeros(2, np.int64), np.zeros(0), np.zeros((0, 2), np.uint64))
-    assert empty.instances == 0 and empty.mapping(1) == {}
+def _merged(tmp_path: Path, counts: list[int], sizes: list[int], half_edges: dict[int, list[tuple[int, int]]],
+            min_size_vx: int, **tree: int) -> tuple[dict[int, int], object]:
+    """Merge blocks' outcomes given as the label and stitch passes would mark them; piece id → final id."""
+    ledger = BlockLedger.beside(f"{tmp_path}/out-{len(list(tmp_path.iterdir()))}.zarr", "signature")
+    offsets = np.cumsum([0, *counts])
+    for block, count in enumerate(counts):
+        ledger.mark("label", block, {"sizes": sizes[offsets[block]:offsets[block] + count]})
+        ledger.mark("stitch", block, {"pairs": [list(map(int, e)) for e in half_edges.get(block, [])]})
+    ledger.flush()
+    inputs = MergeInputs(MergeTree(len(counts), **tree), ledger.run_folder("merge"), ledger, "label", "stitch",
+                         min_size_vx)
+    result = merge(SerialExecutor(), inputs, ledger)
+    stage = RelabelStage(inputs.folder, inputs.tree.leaf_blocks, None)
+    grid = BlockGrid(Box.from_shape((1, 1, len(counts))), (1, 1, 1), 0, Box.from_shape((1, 1, len(counts))))
+    mapping: dict[int, int] = {}
+    for block in range(len(counts)):
+        mapping.update(stage.table(grid.block(block)).mapping(block))
+    return mapping, result
+
+
+def test_merge_joins_pieces_both_blocks_report_drops_small_objects_and_numbers_consecutively(tmp_path) -> None:
+    counts = [3, 2, 1]
+    sizes = [5, 1, 7, 4, 2, 9]  # block 0: pieces 1..3, block 1: 1..2, block 2: 1
+    edges = {0: [(pid(0, 2), pid(1, 1))], 1: [(pid(1, 1), pid(0, 2)), (pid(1, 1), pid(2, 1)), (pid(1, 2), pid(2, 1))],
+             2: [(pid(2, 1), pid(1, 1))]}  # (1:2, 2:1) is reported by one side only: not joined
+    mapping, result = _merged(tmp_path, counts, sizes, edges, 5)
+    # objects: {0:1} 5 vx, {0:2, 1:1, 2:1} 14 vx, {0:3} 7 vx, {1:2} 2 vx (dropped); numbered by smallest piece
+    assert (result.pieces, result.objects, result.dropped, result.instances) == (6, 4, 1, 3)
+    assert mapping == {pid(0, 1): 1, pid(0, 2): 2, pid(0, 3): 3, pid(1, 1): 2, pid(1, 2): 0, pid(2, 1): 2}
+    for tree in ({"leaf_blocks": 1, "fan_in": 2}, {"leaf_blocks": 2, "fan_in": 3}):
+        deep, again = _merged(tmp_path, counts, sizes, edges, 5, **tree)
+        assert again.instances == 3 and sorted(set(deep.values())) == [0, 1, 2, 3]
+        assert [deep[pid(0, 2)]] * 2 == [deep[pid(1, 1)], deep[pid(2, 1)]] and deep[pid(1, 2)] == 0
+    empty, nothing = _merged(tmp_path, [0, 0], [], {}, 0)
+    assert empty == {} and nothing.instances == 0
+
+
+@pytest.mark.parametrize("tree", [{"leaf_blocks": 1, "fan_in": 2}, {"leaf_blocks": 4, "fan_in": 3},
+                                  {"leaf_blocks": 1024, "fan_in": 16}])
+def test_merge_tree_equals_one_union_find_over_every_pair(tmp_path, tree) -> None:
+    """Random pieces in 37 blocks, random contacts between blocks (most reported by both, some by one):
+    whatever the tree, the objects are the connected components of the pairs both blocks reported."""
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 6, 37).tolist()
+    pieces = [pid(b, i) for b, c in enumerate(counts) for i in range(1, c + 1)]
+    sizes = rng.integers(1, 30, len(pieces)).tolist()
+    block_of = {p: (p >> 32) - 1 for p in pieces}
+    edges: dict[int, list[tuple[int, int]]] = {}
+    both = set()
+    for _ in range(60):
+        p, q = rng.choice(pieces, 2)
+        p, q = int(p), int(q)
+        if block_of[p] == block_of[q]:
+            continue
+        edges.setdefault(block_of[p], []).append((p, q))
+        if rng.random() < 0.8:
+            edges.setdefault(block_of[q], []).append((q, p))
+            both.add((p, q))
+    mapping, result = _merged(tmp_path, counts, sizes, edges, 25, **tree)
+
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    index = {p: i for i, p in enumerate(pieces)}
+    rows = [index[p] for p, _ in both]
+    cols = [index[q] for _, q in both]
+    n, component = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(pieces),) * 2))
+    size = np.bincount(component, weights=sizes, minlength=n)
+    kept = size >= 25
+    assert result.instances == kept.sum() and result.dropped == n - kept.sum() and result.pieces == len(pieces)
+    finals = np.array([mapping[p] for p in pieces])
+    assert (finals == 0).tolist() == (~kept[component]).tolist()
+    pairs = set(zip(component[finals > 0].tolist(), finals[finals > 0].tolist(), strict=True))
+    assert len(pairs) == kept.sum() and sorted({f for _, f in pairs}) == list(range(1, kept.sum() + 1))
+    if tree["leaf_blocks"] >= len(counts):  # one leaf: numbered by smallest piece, as one whole-volume pass
+        roots = sorted(min(p for p, c in zip(pieces, component, strict=True) if c == k) for k in np.flatnonzero(kept))
+        assert [mapping[r] for r in roots] == list(range(1, kept.sum() + 1))
+
+
+def test_relabel_table_encodes_and_names_blocks_it_lacks() -> None:
+    table = RelabelTable(np.array([2, 1]), np.array([4, 5]), np.array([pid(7, 2)], np.uint64),
+                         np.array([9], np.uint64), 2, first_block=7)
+    again = RelabelTable.decode(table.encode())
+    assert again.mapping(7) == table.mapping(7) == {pid(7, 1): 5, pid(7, 2): 9}
+    assert again.mapping(8) == {pid(8, 1): 6}
+    with pytest.raises(IndexError, match="block 9"):
+        again.mapping(9)
 
 
 def test_contact_pairs_follow_connectivity_and_skip_pieces_of_one_block() -> None:
@@ -411,7 +486,6 @@ def test_overlap_pairs_need_a_majority_both_ways_and_both_blocks() -> None:
     np.testing.assert_array_equal(overlap_pairs(mine, written, owners), [[a, b]])
     written = np.array([b] * 4 + [c] * 3 + [0] * 3, np.uint64)  # no majority of mine
     assert overlap_pairs(mine, written, owners).shape == (0, 2)
-    np.testing.assert_array_equal(agreed_pairs(np.array([[a, b], [b, a], [a, c]], np.uint64)), [[a, b]])
 
 
 def test_volseg_run_writes_instances_of_its_own_probabilities(run_config, tmp_path) -> None:

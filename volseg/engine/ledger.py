@@ -47,7 +47,7 @@ import tensorstore as ts
 
 from volseg.engine.lease import LEASE_KEY, STATE_DIRECTORY, LeaseToken
 from volseg.errors import OutputExistsError
-from volseg.io.storage import CONTEXT, env_seconds, update_json
+from volseg.io.storage import CONTEXT, env_seconds, read_keys, update_json
 from volseg.io.urls import VolumeURL, parse_url
 
 #: Key of the output attributes holding the run signature (and what wrote the output).
@@ -249,16 +249,35 @@ class BlockLedger:
                         self._unwritten.setdefault(key, {}).update(marks)
 
     # -- reading (a resume) -----------------------------------------------------------------------------
-    def done(self, stage: str) -> DoneMarks:
-        """Every block of ``stage`` marked done under this signature, with the outcomes kept in the marks;
+    def done(self, stage: str, outcomes: bool = True) -> DoneMarks:
+        """Every block of ``stage`` marked done under this signature, with the outcomes kept in the marks
+        (none with ``outcomes=False``: a stage whose outcomes are read per super-block where needed);
         reads one object per super-block (and folds in per-block marks of older volseg versions first)."""
         self._fold_in_per_block_marks(stage)
         prefix = f"{self._prefix(stage)}groups/"
         marks = DoneMarks()
         for key, document in self._read_all(prefix, prefix[:-1] + "0"):
             if key[len(prefix):].isdigit():  # nothing else lives there; a stray file is not a mark
-                marks.add(int(key[len(prefix):]), *decode_group(json.loads(document)))
+                bits, found = decode_group(json.loads(document))
+                marks.add(int(key[len(prefix):]), bits, found if outcomes else {})
         return marks
+
+    def outcomes(self, stage: str, first: int, stop: int) -> dict[int, Any]:
+        """The outcomes of blocks ``first … stop - 1`` of ``stage``, from their super-blocks' mark objects
+        (written by a finished pass). Raises ``RuntimeError`` naming a block that has no mark."""
+        groups = range(first // SUPER_BLOCK, -(-stop // SUPER_BLOCK))
+        keys = [self.group_key(stage, group) for group in groups]
+        found = read_keys(self.where, keys)
+        outcomes: dict[int, Any] = {}
+        for key in keys:
+            if found[key] is not None:
+                _, values = decode_group(json.loads(found[key]))
+                outcomes.update((block, value) for block, value in values.items() if first <= block < stop)
+        missing = next((b for b in range(first, stop) if b not in outcomes), None)
+        if missing is not None:
+            raise RuntimeError(f"block {missing} of pass {stage!r} has no outcome in its done-mark under "
+                               f"{self.where.url}; rerun the run to compute it again")
+        return outcomes
 
     def _read_all(self, start: str, stop: str) -> Iterator[tuple[str, bytes]]:
         """``(key, value)`` of every key in ``[start, stop)``, read :data:`READ_BATCH` at a time."""
@@ -282,6 +301,13 @@ class BlockLedger:
             self.mark(stage, block_id, json.loads(value or b"null"))
         self.flush()
         self.store.delete_range(ts.KvStore.KeyRange(prefix + "0", prefix + ":")).result()
+
+    def forget(self) -> None:
+        """Delete this signature's marks and run folders (a run that kept them only while it ran)."""
+        with self._lock:
+            self._unwritten.clear()
+        prefix = f"{self.signature[:32]}/"
+        self.store.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
 
     def clear(self) -> None:
         """Forget every mark, of this and of any other signature (a fresh start under --overwrite); the

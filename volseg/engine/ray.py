@@ -49,6 +49,7 @@ from volseg.engine.stage import (
     RunStats,
     closing_pass,
     error_summary,
+    keeps_outcomes,
     write_block,
 )
 from volseg.errors import VolsegError
@@ -306,7 +307,7 @@ class RayExecutor:
                 continue
             if ledger is not None:
                 ledger.mark(stage.name, block.id, value)
-            dispatch.stats.record(block, value)
+            dispatch.stats.record(block, value if keeps_outcomes(stage) else None)
             if on_done is not None:
                 on_done(block, seconds, worker)
 

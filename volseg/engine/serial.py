@@ -22,6 +22,7 @@ from volseg.engine.stage import (
     RunStats,
     closing_pass,
     error_summary,
+    keeps_outcomes,
     write_block,
 )
 from volseg.geometry import Block
@@ -66,7 +67,7 @@ class SerialExecutor:
         def finish(block: Block, outcome: Any, started: float) -> None:
             if ledger is not None:
                 ledger.mark(stage.name, block.id, outcome)
-            stats.record(block, outcome)
+            stats.record(block, outcome if keeps_outcomes(stage) else None)
             if on_done is not None:
                 on_done(block, time.perf_counter() - started, self.name)
 

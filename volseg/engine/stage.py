@@ -39,7 +39,11 @@ class BlockStage(Protocol):
     """One pass over blocks. ``name`` keys its done-marks; ``read_box`` is the box of voxels (volume
     coordinates) a block may read, core and context: what it reads never reaches past it, so anything
     routed to a block by place (prompts, relabel tables) is what lies in that box. ``compute`` may use the
-    torch device an executor assigns with ``to(device)`` (stages without a model ignore it)."""
+    torch device an executor assigns with ``to(device)`` (stages without a model ignore it).
+
+    A stage whose outcomes are read back from the done-marks by whoever needs them (the instance merge
+    reads each super-block's from storage) sets ``keep_outcomes = False``: the executor then keeps none
+    in the driver, which holds nothing per block (see :func:`keeps_outcomes`)."""
 
     name: str
 
@@ -54,6 +58,11 @@ class BlockStage(Protocol):
     def outcome(self, block: Block, computed: Any) -> Any: ...
 
     def to(self, device: str) -> None: ...
+
+
+def keeps_outcomes(stage: BlockStage) -> bool:
+    """Whether the driver keeps ``stage``'s outcomes in :attr:`RunStats.outcomes` (default yes)."""
+    return bool(getattr(stage, "keep_outcomes", True))
 
 
 #: Called after each block is durably written: (block, seconds it took, who ran it).
@@ -167,7 +176,7 @@ def run_stage(executor: Executor, stage: BlockStage, grid: BlockGrid, ledger: Bl
     """Run ``stage`` on the blocks of ``grid`` not marked done in ``ledger`` (all of them without one),
     as a lazy stream; the result's outcomes include those of the blocks done before, read from their
     marks. ``on_start`` is told how many blocks are left before the first one runs."""
-    done = ledger.done(stage.name) if ledger is not None else DoneMarks()
+    done = ledger.done(stage.name, outcomes=keeps_outcomes(stage)) if ledger is not None else DoneMarks()
     if on_start is not None:
         on_start(grid.num_blocks - len(done))
     stats = executor.run(stage, pending_blocks(grid, done), on_done=on_done, ledger=ledger)

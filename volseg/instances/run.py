@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +24,8 @@ from volseg.engine.stage import BlockDone, BlockStage, Executor, RunStats, run_s
 from volseg.errors import ConfigError, GeometryMismatchError
 from volseg.geometry import BlockGrid
 from volseg.instances.labels import InstanceParams, instance_params
+from volseg.instances.merge import MergeInputs, MergeTree, merge
 from volseg.instances.stages import FaceContactStage, HaloOverlapStage, LabelStage, RelabelStage
-from volseg.instances.stitching import gather_outcomes, merge_pieces
 from volseg.io import Volume, VolumeGeometry, create_volume, open_volume, parse_url
 from volseg.io.formats import creation_format
 
@@ -156,37 +157,51 @@ def _open_inputs(plan: InstancePlan) -> tuple[Volume, Volume | None]:
 
 
 def run_instances(plan: InstancePlan, executor: Executor, ledger: BlockLedger | None = None,
-                  on_done: BlockDone | None = None) -> InstanceResult:
-    """Label, stitch and relabel every block of ``plan.grid``; create the output first.
+                  on_done: BlockDone | None = None, merge_tree: MergeTree | None = None) -> InstanceResult:
+    """Label, stitch, merge and relabel every block of ``plan.grid``; create the output first.
 
-    With a ``ledger`` each pass skips the blocks marked done and takes their outcomes from the marks,
-    so a resumed run stitches exactly as an uninterrupted one."""
+    The passes' outcomes and the merge's files live beside the output, in ``ledger``'s storage: each
+    pass skips the blocks marked done, so a resumed run stitches exactly as an uninterrupted one.
+    Without a ledger the run keeps its own while it runs, and deletes it at the end. ``merge_tree``:
+    the merge's tree (default: leaves of one super-block of marks)."""
     begin = time.perf_counter()
     probabilities, density = _open_inputs(plan)
     instances = open_instances(plan)
+    own_ledger = ledger is None
+    if ledger is None:
+        ledger = BlockLedger.beside(plan.url, f"unsigned-{uuid.uuid4().hex}")
+    try:
+        return _run_passes(plan, executor, ledger, on_done, merge_tree, probabilities, density, instances, begin)
+    finally:
+        if own_ledger:
+            ledger.forget()
+
+
+def _run_passes(plan: InstancePlan, executor: Executor, ledger: BlockLedger, on_done: BlockDone | None,
+                merge_tree: MergeTree | None, probabilities: Volume, density: Volume | None, instances: Volume,
+                begin: float) -> InstanceResult:
     label = LabelStage(plan.params, plan.grid, probabilities, density, instances)
     stitch: BlockStage
     if plan.params.method == "connected_components":
         stitch = FaceContactStage(plan.params, plan.grid, instances)
     else:
         stitch = HaloOverlapStage(plan.params, plan.grid, probabilities, density, instances)
-
-    stats = run_stage(executor, label, plan.grid, ledger, on_done).stats
-    label_outcomes = stats.outcomes
+    stats = RunStats()
+    for stage in (label, stitch):
+        stats = stats.merge(run_stage(executor, stage, plan.grid, ledger, on_done).stats)
+        if stats.failed:
+            return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
+    tree = merge_tree or MergeTree(plan.grid.num_blocks)
+    inputs = MergeInputs(tree, ledger.run_folder("instances-merge"), ledger, label.name, stitch.name,
+                         plan.min_size_vx)
+    merged = merge(executor, inputs, ledger)
+    stats = stats.merge(merged.stats)
     if stats.failed:
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
-    stitch_stats = run_stage(executor, stitch, plan.grid, ledger, on_done).stats
-    stitch_outcomes = stitch_stats.outcomes
-    stats = stats.merge(stitch_stats)
-    if stats.failed:
-        return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
-    mutual = plan.params.method == "watershed"
-    table, summary = merge_pieces(*gather_outcomes(label_outcomes, stitch_outcomes, plan.grid.num_blocks, mutual),
-                                  plan.min_size_vx)
-    relabel_stats = run_stage(executor, RelabelStage(table, instances), plan.grid, ledger, on_done).stats
-    stats = stats.merge(relabel_stats)
+    relabel = RelabelStage(inputs.folder, tree.leaf_blocks, instances)
+    stats = stats.merge(run_stage(executor, relabel, plan.grid, ledger, on_done).stats)
     if not stats.failed:
         instances.update_attributes({SIGNATURE_KEY: {**instances.attributes.get(SIGNATURE_KEY, {}),
-                                                     "instances": table.instances}})
-    return InstanceResult(plan.url, table.instances, summary.pieces, summary.objects, summary.dropped,
+                                                     "instances": merged.instances}})
+    return InstanceResult(plan.url, merged.instances, merged.pieces, merged.objects, merged.dropped,
                           time.perf_counter() - begin, stats)

@@ -1,27 +1,31 @@
 """The block stages of instance segmentation: the semantic outputs labelled blockwise, stitched across
 block faces.
 
-Three block stages (any executor of :mod:`volseg.engine` runs them) and one merge in the driver
+Three block stages and a merge between the last two, all on any executor of :mod:`volseg.engine`
 (:func:`volseg.instances.run.run_instances` runs them in turn)::
 
     pass 1  LabelStage        foreground = probability > threshold; connected components of the core,
                               or a watershed of the context box (core + halo) from density peaks;
                               writes the core as piece ids (block id in the high bits), outcome: sizes
     pass 2  FaceContactStage  connected components: reads the written labels in slabs across its faces,
-                              outcome: the pairs of pieces of different blocks that touch
+                              outcome: the pairs (its piece, a neighbour's piece) that touch
             HaloOverlapStage  watershed: recomputes its labels over the context box and compares them
                               with what the neighbours wrote there, outcome: pieces that agree
-    driver  merge_pieces      union-find over the pairs; sizes summed; small objects dropped
+    merge   volseg.instances.merge: a union-find distributed over super-blocks, joining pieces where both
+                              blocks report the pair; sizes summed; small objects dropped; a relabel
+                              table per super-block
     pass 3  RelabelStage      remaps each core's piece ids to consecutive final ids (fastremap), in place
 
 Connected components are **exact**: a block's components are the whole volume's components cut by
 its core, and two pieces of one component always touch across a face, edge or corner, which pass 2
-sees in a slab two voxels thick (the last layer of the core and the first of the next core)::
+sees in a slab two voxels thick (the last layer of the core and the first of the next core), from
+both sides::
 
     core of b          | core of b+1 (along x)
     . . . . . . . [p] [q] . . . .      slab of b along x: x in [stop-1, stop+1); on y and z the core
-                  ^^^^^^^              widened by one voxel past its stop, so pieces of diagonal
-                                       neighbours that touch only at an edge or corner are paired too
+                  ^^^^^^^              widened by one voxel on both sides, so pieces of diagonal
+                                       neighbours that touch only at an edge or corner are paired too;
+                                       b reports (p, q), b+1 reports (q, p) from its slab at x = start
 
 A watershed floods from seeds that may lie far away, so no finite halo makes it exact. What keeps a
 block close to the whole-volume pass: its core's seeds are exact (a seed only looks ``seed_radius_vx``
@@ -44,8 +48,17 @@ import numpy as np
 from volseg.engine.stage import Pending
 from volseg.geometry import Block, BlockGrid, Box
 from volseg.instances.labels import InstanceParams, core_pieces, label_box, piece_sizes
-from volseg.instances.stitching import RelabelTable, contact_pairs, overlap_pairs, owner_blocks, piece_ids
+from volseg.instances.stitching import (
+    RelabelTable,
+    contact_pairs,
+    overlap_pairs,
+    owner_blocks,
+    piece_blocks,
+    piece_ids,
+)
 from volseg.io import Volume
+from volseg.io.storage import read_keys
+from volseg.io.urls import VolumeURL
 
 #: The part of the halo (from the core outwards) where a block's watershed is compared with its
 #: neighbours': farther out, its labels see too little context to be trusted.
@@ -108,6 +121,7 @@ class LabelStage(_SemanticReader):
     Outcome: ``{"sizes": [voxels of local piece 1, 2, ...]}``."""
 
     name = "instances-label"
+    keep_outcomes = False  # the merge reads them per super-block from the done-marks
 
     def read(self, block: Block) -> Pending:
         return _Reads(*self._read_semantic(self.context(block)))
@@ -125,12 +139,13 @@ class LabelStage(_SemanticReader):
 
 
 class FaceContactStage:
-    """Pass 2 of connected components: pairs of pieces of different blocks that touch across the
-    faces, edges or corners at the upper end of this block's core (see the module docstring).
+    """Pass 2 of connected components: the pairs (this block's piece, another block's piece) that touch
+    across this block's faces, edges or corners (see the module docstring), every one from this side.
 
-    Outcome: ``{"pairs": [[piece id, piece id], ...]}``."""
+    Outcome: ``{"pairs": [[my piece id, its piece id], ...]}``."""
 
     name = "instances-stitch"
+    keep_outcomes = False
 
     def __init__(self, params: InstanceParams, grid: BlockGrid, instances: Volume) -> None:
         self.params = params
@@ -138,26 +153,33 @@ class FaceContactStage:
         self.instances = instances
 
     def read_box(self, block: Block) -> Box:
-        """The core widened by one voxel past its stop on every axis, clipped to the roi: the slabs' union."""
-        return block.core.grow(0, 1).intersect(self.grid.roi)
+        """The core grown by one voxel on every side, clipped to the roi: the slabs' union."""
+        return block.core.grow(1).intersect(self.grid.roi)
 
     def slabs(self, block: Block) -> list[Box]:
-        """One slab per axis along which another block follows this one."""
-        roi, core, widened = self.grid.roi, block.core, self.read_box(block)
+        """Per face with a neighbour: the core's last layer and the neighbour's first, across the grown box."""
+        roi, core, grown = self.grid.roi, block.core, self.read_box(block)
         boxes = []
         for axis in range(3):
-            if core.stop[axis] < roi.stop[axis]:
-                start = list(widened.start)
-                start[axis] = core.stop[axis] - 1
-                boxes.append(Box(tuple(start), widened.stop))
+            for edge, inside in ((core.start[axis], core.start[axis] > roi.start[axis]),
+                                 (core.stop[axis], core.stop[axis] < roi.stop[axis])):
+                if inside:
+                    start, stop = list(grown.start), list(grown.stop)
+                    start[axis], stop[axis] = edge - 1, edge + 1
+                    boxes.append(Box(tuple(start), tuple(stop)))
         return boxes
 
     def read(self, block: Block) -> Pending:
         return _Reads(*(self.instances.read_async(box) for box in self.slabs(block)))
 
     def compute(self, block: Block, slabs: tuple[np.ndarray, ...]) -> np.ndarray:
-        pairs = [contact_pairs(slab, self.params.connectivity) for slab in slabs]
-        return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)
+        pairs = np.concatenate([np.zeros((0, 2), np.uint64)]
+                               + [contact_pairs(slab, self.params.connectivity) for slab in slabs])
+        owner = piece_blocks(pairs) if len(pairs) else np.zeros((0, 2), np.int64)
+        mine = owner == block.id
+        one = mine[:, 0] != mine[:, 1]  # a pair of two neighbours is theirs to report
+        oriented = np.where(mine[one, :1], pairs[one], pairs[one][:, ::-1])
+        return np.unique(oriented, axis=0)
 
     def write(self, block: Block, computed: np.ndarray) -> list[Pending]:
         return []
@@ -176,6 +198,7 @@ class HaloOverlapStage(_SemanticReader):
     Outcome: ``{"pairs": [[piece id, piece id], ...]}``."""
 
     name = "instances-stitch"
+    keep_outcomes = False
 
     def band(self, block: Block) -> Box:
         """The core grown by the inner part of the halo: where this block's labels are compared."""
@@ -205,25 +228,42 @@ class HaloOverlapStage(_SemanticReader):
 
 
 class RelabelStage:
-    """Pass 3: remap a core's piece ids to final ids, in place. Idempotent: final ids lie below 2**32,
-    piece ids above, so a core remapped already (a crash before its done-mark) stays as it is.
+    """Pass 3: remap a core's piece ids to final ids, in place, from the relabel table of its super-block
+    (the one file of the merge it reads; an actor keeps the last one it read). Idempotent: final ids lie
+    below 2**32, piece ids above, so a core remapped already (a crash before its done-mark) stays as it is.
 
     Outcome: ``{"instances": distinct final ids in the core}``."""
 
     name = "instances-relabel"
+    keep_outcomes = False
 
-    def __init__(self, table: RelabelTable, instances: Volume) -> None:
-        self.table = table
+    def __init__(self, folder: VolumeURL, leaf_blocks: int, instances: Volume) -> None:
+        self.folder = folder
+        self.leaf_blocks = leaf_blocks
         self.instances = instances
+        self._table: tuple[int, RelabelTable] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_table": None}
 
     def read_box(self, block: Block) -> Box:
         return block.core
+
+    def table(self, block: Block) -> RelabelTable:
+        leaf = block.id // self.leaf_blocks
+        if self._table is None or self._table[0] != leaf:
+            key = f"relabel/{leaf}"
+            raw = read_keys(self.folder, [key])[key]
+            if raw is None:
+                raise RuntimeError(f"the relabel table {self.folder.url.rstrip('/')}/{key} is missing; rerun the run")
+            self._table = (leaf, RelabelTable.decode(raw))
+        return self._table[1]
 
     def read(self, block: Block) -> Pending:
         return self.instances.read_async(block.core)
 
     def compute(self, block: Block, labels: np.ndarray) -> np.ndarray:
-        relabelled = fastremap.remap(labels, self.table.mapping(block.id), preserve_missing_labels=True)
+        relabelled = fastremap.remap(labels, self.table(block).mapping(block.id), preserve_missing_labels=True)
         return relabelled.astype(np.uint64, copy=False)
 
     def write(self, block: Block, computed: np.ndarray) -> list[Pending]:

@@ -1,4 +1,4 @@
-"""Stitching blockwise instances into one labelling: piece ids, face contacts, halo overlaps, union-find.
+"""Stitching blockwise instances into one labelling: piece ids, face contacts, halo overlaps, relabel tables.
 
 Every block labels its own core with **piece ids** that are unique without coordination: the block id
 in the high 32 bits, a local id 1..N in the low 32 bits (``(block_id + 1) << 32 | local``, so 0 stays
@@ -6,25 +6,25 @@ background and every piece id is at least 2**32, above any final id). The merge 
 per-block summaries, which is what the done-marks keep::
 
     label pass    block b → N_b and the size of each of its pieces
-    stitch pass   block b → pairs (piece, piece) that belong to one object
-    driver        union-find over all pairs → objects; sizes summed over pieces; objects under the
-                  minimum size dropped; the rest numbered 1..K in the order of their smallest piece id
+    stitch pass   block b → pairs (its piece, another block's piece) that belong to one object, found
+                  from its own side
+    merge         a union-find distributed over super-blocks (:mod:`volseg.instances.merge`) → objects;
+                  sizes summed over pieces; objects under the minimum size dropped; the rest numbered
+                  1..K; one relabel table per super-block
     relabel pass  block b → its core remapped piece id → final id (fastremap)
 
-Most objects lie inside one block and keep their piece's rank, so the :class:`RelabelTable` stores
+Most objects lie inside one block and keep their piece's rank, so a :class:`RelabelTable` stores
 only a base per block and the exceptions (pieces merged into another block's object, or dropped).
 """
 
 from __future__ import annotations
 
+import io
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from volseg.geometry import BlockGrid, Box
 
@@ -112,7 +112,7 @@ def overlap_pairs(mine: np.ndarray, written: np.ndarray, owners: np.ndarray) -> 
     piece ``Q`` are paired when they agree on a majority both ways: ``|P∩Q|`` is more than half of
     ``P``'s voxels there and more than half of ``Q``'s, so a piece pairs with at most one piece per
     neighbour. My labelling far from my core can still be wrong (flooded from a seed that is not
-    the object's own); :func:`agreed_pairs` therefore keeps only pairs that both blocks report.
+    the object's own); the merge (:mod:`volseg.instances.merge`) therefore joins only pairs that both blocks report.
     """
     keep = (mine != 0) | (written != 0)
     mine, written, owners = mine[keep], written[keep], owners[keep]
@@ -131,98 +131,46 @@ def overlap_pairs(mine: np.ndarray, written: np.ndarray, owners: np.ndarray) -> 
     return np.stack([mine_ids[p[agree]], written_ids[q[agree]]], axis=1).astype(np.uint64)
 
 
-def agreed_pairs(directed: np.ndarray) -> np.ndarray:
-    """The unordered pairs of ``directed`` (``K×2``) that occur in both orders, i.e. that both blocks
-    found from their own side (``K'×2``, smaller id first)."""
-    directed = np.unique(np.asarray(directed, np.uint64).reshape(-1, 2), axis=0)
-    canonical = np.sort(directed, axis=1)
-    pairs, times = np.unique(canonical, axis=0, return_counts=True)
-    return pairs[times == 2]
-
-
 @dataclass(frozen=True)
 class RelabelTable:
-    """Final ids of every piece, stored compactly: pieces not in ``exception_ids`` are the smallest
-    piece of a kept object, and block ``b``'s such pieces get ``bases[b] + 1, bases[b] + 2, ...`` in
-    local-id order. ``exception_ids`` (sorted) / ``exception_finals`` list every other piece with its
-    final id (0: dropped). ``counts[b]`` is the number of pieces of block ``b``."""
+    """Final ids of the pieces of blocks ``first_block, first_block + 1, …``, stored compactly: pieces not
+    in ``exception_ids`` are the smallest piece of a kept object, and block ``b``'s such pieces get
+    ``bases[b] + 1, bases[b] + 2, ...`` in local-id order (``b`` counted from ``first_block``).
+    ``exception_ids`` (sorted) / ``exception_finals`` list every other piece with its final id (0:
+    dropped). ``counts[b]`` is the number of pieces of block ``b``; ``defaults`` the pieces not listed."""
 
     counts: np.ndarray
     bases: np.ndarray
     exception_ids: np.ndarray
     exception_finals: np.ndarray
-    instances: int
+    defaults: int
+    first_block: int = 0
 
     def mapping(self, block_id: int) -> dict[int, int]:
         """Piece id → final id for every piece of ``block_id`` (a dict for ``fastremap.remap``)."""
-        ids = piece_ids(block_id, np.arange(1, int(self.counts[block_id]) + 1))
+        row = block_id - self.first_block
+        if not 0 <= row < len(self.counts):
+            raise IndexError(f"block {block_id} is not in this relabel table (blocks {self.first_block}.."
+                             f"{self.first_block + len(self.counts) - 1})")
+        ids = piece_ids(block_id, np.arange(1, int(self.counts[row]) + 1))
         bounds = np.array([block_id + 1, block_id + 2], np.uint64) << np.uint64(LOCAL_BITS)
         lo, hi = np.searchsorted(self.exception_ids, bounds)
         listed = np.isin(ids, self.exception_ids[lo:hi], assume_unique=True)
         finals = np.zeros(ids.shape, np.uint64)
-        finals[~listed] = int(self.bases[block_id]) + np.arange(1, int((~listed).sum()) + 1)
+        finals[~listed] = int(self.bases[row]) + np.arange(1, int((~listed).sum()) + 1)
         finals[listed] = self.exception_finals[lo:hi][np.searchsorted(self.exception_ids[lo:hi], ids[listed])]
         return dict(zip(ids.tolist(), finals.tolist(), strict=True))
 
+    def encode(self) -> bytes:
+        """The table as ``.npz`` bytes (no pickle)."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, counts=self.counts, bases=self.bases, exception_ids=self.exception_ids,
+                            exception_finals=self.exception_finals, defaults=np.int64(self.defaults),
+                            first_block=np.int64(self.first_block))
+        return buffer.getvalue()
 
-@dataclass(frozen=True)
-class MergeSummary:
-    """What the merge found: pieces labelled by blocks, objects they form, objects dropped as too small."""
-
-    pieces: int
-    objects: int
-    dropped: int
-
-
-def merge_pieces(counts: np.ndarray, sizes: np.ndarray, pairs: np.ndarray, min_size_vx: int = 0
-                 ) -> tuple[RelabelTable, MergeSummary]:
-    """Union-find over ``pairs`` (``K×2`` piece ids; scipy's connected components of their graph) → the
-    :class:`RelabelTable` of all pieces.
-
-    ``counts[b]`` is block ``b``'s number of pieces; ``sizes`` the voxel count of every piece, block
-    after block, local id after local id. Objects (connected sets of pieces) of fewer than
-    ``min_size_vx`` voxels in total are dropped; the others get ids 1..K ordered by their smallest piece.
-    """
-    counts = np.asarray(counts, np.int64)
-    total = int(counts.sum())
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    pairs = np.asarray(pairs, np.uint64).reshape(-1, 2)
-    index = starts[piece_blocks(pairs)] + (pairs & np.uint64(LOCAL_MASK)).astype(np.int64) - 1
-    graph = coo_matrix((np.ones(len(index), np.int8), (index[:, 0], index[:, 1])), shape=(total, total))
-    num_objects, component = connected_components(graph, directed=False)
-    object_size = np.bincount(component, weights=np.asarray(sizes, np.float64), minlength=num_objects)
-    root = np.full(num_objects, total, np.int64)
-    np.minimum.at(root, component, np.arange(total))
-    kept = object_size >= max(min_size_vx, 1)
-    final_of_object = np.zeros(num_objects, np.uint64)
-    by_root = np.argsort(root)
-    ranked = by_root[kept[by_root]]
-    final_of_object[ranked] = np.arange(1, len(ranked) + 1, dtype=np.uint64)
-
-    final = final_of_object[component]
-    is_default = (np.arange(total) == root[component]) & kept[component]
-    block_of_piece = np.repeat(np.arange(len(counts)), counts)
-    defaults_per_block = np.bincount(block_of_piece[is_default], minlength=len(counts))
-    bases = np.concatenate([[0], np.cumsum(defaults_per_block)[:-1]]).astype(np.int64)
-    local = np.arange(total) - starts[block_of_piece] + 1
-    exceptions = ~is_default
-    table = RelabelTable(counts, bases, piece_ids(block_of_piece[exceptions], local[exceptions]),
-                         final[exceptions], len(ranked))
-    return table, MergeSummary(total, num_objects, int((~kept).sum()))
-
-
-def gather_outcomes(label_outcomes: Mapping[int, Any], stitch_outcomes: Mapping[int, Any], num_blocks: int,
-                    mutual: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(counts, sizes, pairs)`` for :func:`merge_pieces` from the label and stitch passes' outcomes
-    (as returned by an executor or read back from done-marks: ``{"sizes": [...]}`` and ``{"pairs": [...]}``).
-    With ``mutual`` only the pairs both blocks reported count (see :func:`agreed_pairs`)."""
-    counts = np.zeros(num_blocks, np.int64)
-    sizes = []
-    for block_id in range(num_blocks):
-        block_sizes = label_outcomes[block_id]["sizes"]
-        counts[block_id] = len(block_sizes)
-        sizes.append(np.asarray(block_sizes, np.int64))
-    pairs = np.concatenate([np.zeros((0, 2), np.uint64)]
-                           + [np.asarray(o["pairs"], np.uint64).reshape(-1, 2) for o in stitch_outcomes.values()])
-    return (counts, np.concatenate(sizes) if sizes else np.zeros(0, np.int64),
-            agreed_pairs(pairs) if mutual else pairs)
+    @classmethod
+    def decode(cls, raw: bytes) -> RelabelTable:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+            return cls(data["counts"], data["bases"], data["exception_ids"].astype(np.uint64),
+                       data["exception_finals"].astype(np.uint64), int(data["defaults"]), int(data["first_block"]))
