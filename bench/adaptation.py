@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from volseg.allocator import keep_freed_memory
+from volseg.evaluation.metrics import Confusion
 from volseg.geometry import Box, PointSet
 from volseg.inference.blockwise import predict_box
 from volseg.inference.postprocess import min_area_pixels, small_components
@@ -61,7 +62,6 @@ from volseg.inference.windows import WindowGrid
 from volseg.intensity import measure_intensity
 from volseg.io import open_volume
 from volseg.io.points import read_points
-from volseg.metrics import Confusion
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.checkpoint import load_checkpoint, save_checkpoint
 from volseg.training.augment import WIDE, AugmentSettings, GeometricTransform, strong_intensity

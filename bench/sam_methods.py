@@ -37,10 +37,10 @@ from adaptation import score as adaptation_score
 
 from volseg.allocator import keep_freed_memory
 from volseg.errors import ConfigError
+from volseg.evaluation.metrics import Confusion
 from volseg.geometry import Box, PointSet
 from volseg.io import open_volume
 from volseg.io.points import read_points
-from volseg.metrics import Confusion
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.checkpoint import load_checkpoint, read_card
 from volseg.models.sam.model import SamSegmenter, load_sam

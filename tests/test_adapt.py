@@ -12,9 +12,9 @@ from torch import nn
 
 from volseg.data.synthetic import generate_volume
 from volseg.errors import ConfigError
+from volseg.evaluation.metrics import dice
 from volseg.geometry import PointSet
 from volseg.intensity import measure_intensity
-from volseg.metrics import dice
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.norms import calibrate_norms, norm_layers
 from volseg.models.promptdas.model import PromptDASOutput

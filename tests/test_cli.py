@@ -323,3 +323,54 @@ def test_without_bars_a_run_writes_plain_progress_lines(tmp_path, run_config, ca
     # -q keeps only warnings and errors
     code, err = run_cli(["run", str(config), "-q"], capsys)
     assert code == 0 and err == ""
+
+
+# --- convert ------------------------------------------------------------------------------------------
+
+
+def _stack(folder: Path, planes: np.ndarray, suffix: str = "png") -> None:
+    from PIL import Image
+
+    folder.mkdir()
+    for z, plane in enumerate(planes):  # numbered without padding: 10 sorts after 9
+        Image.fromarray(plane).save(folder / f"im{z}.{suffix}")
+
+
+def test_convert_writes_a_stack_into_a_new_volume(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (12, 33, 40), dtype=np.uint8)
+    labels = rng.integers(0, 60000, (12, 33, 40)).astype(np.uint16)
+    _stack(tmp_path / "im", grey)
+    _stack(tmp_path / "seg", labels, "tif")
+    code, err = run_cli(["convert", str(tmp_path / "im"), f"{tmp_path}/v.zarr/im", "--voxel-size-nm", "30", "8", "8",
+                         "--chunk", "5", "16", "16", "--no-progress"], capsys)
+    assert code == 0, err
+    volume = open_volume(f"{tmp_path}/v.zarr/im")
+    assert volume.voxel_size_nm == (30.0, 8.0, 8.0) and volume.chunk_shape == (5, 16, 16)
+    np.testing.assert_array_equal(volume.read(volume.bounds), grey)
+    code, err = run_cli(["convert", f"{tmp_path}/seg/*.tif", f"precomputed://{tmp_path}/seg_pc", "--voxel-size-nm",
+                         "30", "8", "8", "--labels", "--no-progress"], capsys)
+    assert code == 0, err
+    segmentation = open_volume(f"precomputed://{tmp_path}/seg_pc")
+    assert segmentation.kind == "segmentation"
+    np.testing.assert_array_equal(segmentation.read(segmentation.bounds), labels)
+
+    before = sorted(p.name for p in (tmp_path / "im").iterdir())
+    for args, needles in [
+        ([str(tmp_path / "im"), f"{tmp_path}/v.zarr/im"], ("exists",)),             # never over a volume
+        ([str(tmp_path / "im"), str(tmp_path / "im" / "out.zarr")], ("SLICES",)),  # never into the slices
+        ([f"{tmp_path}/nothing/*.png", f"{tmp_path}/n.zarr"], ("no image files match",)),
+    ]:
+        code, err = run_cli(["convert", *args, "--voxel-size-nm", "30", "8", "8", "--no-progress"], capsys)
+        assert_user_error(code, err, *needles)
+    assert sorted(p.name for p in (tmp_path / "im").iterdir()) == before
+
+
+def test_convert_names_a_slice_that_does_not_fit(tmp_path, capsys) -> None:
+    _stack(tmp_path / "im", np.zeros((3, 8, 8), np.uint8))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(tmp_path / "im" / "im3.png")
+    code, err = run_cli(["convert", str(tmp_path / "im"), f"{tmp_path}/v.zarr", "--voxel-size-nm", "1", "1", "1",
+                         "--chunk", "2", "8", "8", "--no-progress"], capsys)
+    assert_user_error(code, err, "im3.png", "9×8")

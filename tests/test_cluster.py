@@ -16,9 +16,12 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import write_config
 from volseg.cli import main
 from volseg.config import load_config
+from volseg.engine.cluster import _unseen_markers, check_shared_storage
 from volseg.io import create_volume
+from volseg.io.guard import check_job_paths
 from volseg.models import build_model
 from volseg.models.checkpoint import card_path, save_checkpoint
 
@@ -318,3 +321,39 @@ def test_cluster_launcher_config_passes_rays_own_validation():
     util = pytest.importorskip("ray.autoscaler._private.util")
     config = util.prepare_config(copy.deepcopy(load_yaml(CLUSTER / "aws-gpu.yaml")))  # what `ray up` does first
     util.validate_config(config)  # ray-schema.json, then the node-type checks
+
+
+# --- paths on a cluster ---------------------------------------------------------------------------------
+
+
+def test_a_ray_job_refuses_relative_outputs_in_its_uploaded_working_dir(tmp_path, monkeypatch, capsys) -> None:
+    """`ray job submit --working-dir .` runs volseg in a temporary copy: relative outputs would vanish."""
+    job_dir = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job_dir.mkdir(parents=True)
+    config = {"input": {"url": "data/in.zarr"}, "model": {"name": "unet"},
+              "output": {"probabilities": "volseg-output/p.zarr"}}
+    write_config(job_dir / "run.yaml", config)
+    monkeypatch.chdir(job_dir)
+    capsys.readouterr()
+    assert main(["validate", "run.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "output.probabilities 'volseg-output/p.zarr' is a relative path" in err
+    assert "_ray_pkg_abc" in err and "bucket URL" in err
+    assert not (job_dir / "volseg-output").exists()
+    # absolute paths and buckets are fine; outside a job working dir, relative paths are too
+    check_job_paths([("output.probabilities", str(tmp_path / "p.zarr")), ("instances.url", "gs://b/i.zarr")])
+    check_job_paths([("output.probabilities", "p.zarr")], cwd=str(tmp_path))
+
+
+@pytest.mark.ray
+def test_every_node_must_see_a_local_output(ray_cluster, tmp_path) -> None:
+    """One task per node reads a marker the driver wrote beside each output; markers are deleted after."""
+    (tmp_path / "out").mkdir()
+    check_shared_storage([("output.probabilities", str(tmp_path / "out" / "new.zarr" / "p")),
+                          ("instances.url", "gs://bucket/i.zarr")], min_nodes=1)
+    assert list((tmp_path / "out").iterdir()) == []  # the marker is gone, nothing else written
+    marker = tmp_path / "out" / ".volseg-shared-x"
+    marker.write_text("x")
+    assert _unseen_markers([str(marker), str(tmp_path / "elsewhere" / ".volseg-shared-x")], "x") == [
+        str(tmp_path / "elsewhere" / ".volseg-shared-x")]
+    assert _unseen_markers([str(marker)], "another run's token") == [str(marker)]

@@ -11,12 +11,20 @@ import pytest
 
 from tests.conftest import write_config
 from volseg.cli import main
-from volseg.commands import evaluate as evaluate_module
-from volseg.commands.evaluate import EvalReport, default_report_path, evaluate, volume_as_dask
+from volseg.commands.evaluate import evaluate
 from volseg.config import parse_config
 from volseg.errors import VolumeFormatError
+from volseg.evaluation import streaming as evaluate_module
+from volseg.evaluation.metrics import (
+    Confusion,
+    aggregated_jaccard,
+    average_precision,
+    connected_instances,
+    panoptic_quality,
+)
+from volseg.evaluation.report import EvalReport, default_report_path
+from volseg.evaluation.streaming import slice_instances, volume_as_dask
 from volseg.io import create_volume, open_volume
-from volseg.metrics import Confusion, aggregated_jaccard, average_precision, connected_instances, panoptic_quality
 
 SHAPE = (5, 40, 36)          # no chunk shape below divides it
 A = (slice(4, 12), slice(4, 12))            # 8×8 = 64 voxels
@@ -152,6 +160,52 @@ def test_streaming_equals_whole_arrays(tmp_path, monkeypatch, slab_target_vx, me
         assert s.panoptic == panoptic_quality(p, t)
     assert 0.0 < report.mean["aji"] < 1.0                      # a non-trivial case
     assert report.ap75 == average_precision(predicted, truth)
+
+
+@pytest.mark.parametrize("slab_target_vx, memory_budget", [
+    (2**24, 2**32),        # one shared slab of all 7 slices
+    (6 * 45 * 39, 1),      # shared slabs of 6 (lcm of the z chunks), one slab per compute
+    (2 * 45 * 39, 1),      # direct slab reads of 2 slices
+])
+def test_an_instance_output_streams_the_ap_of_the_whole_volume(tmp_path, monkeypatch, slab_target_vx, memory_budget):
+    """AP-75 of an instance output against instance labels, summed over slabs, equals the whole-volume
+    AP; AJI / PQ use both volumes' ids (touching objects stay apart); alone, ``id > 0`` is the foreground."""
+    monkeypatch.setattr(evaluate_module, "SLAB_TARGET_VX", slab_target_vx)
+    monkeypatch.setattr(evaluate_module, "MEMORY_BUDGET_BYTES", memory_budget)
+    shape = (7, 45, 39)
+    truth = connected_instances(blobs(shape, 1, 0.3)).astype(np.uint32) * 7  # ids not 1..n
+    truth[:, :, 20:][truth[:, :, 20:] > 0] += 1  # objects cut at x = 20: touching, two ids
+    found = connected_instances((truth > 0) | blobs(shape, 2, 0.02)).astype(np.uint64)  # merges and extras
+    found[found > 0] += 2**40  # a volseg-sized id
+    instances = write(f"{tmp_path}/r.zarr/instances", found, (3, 16, 16))
+    labels = write(f"{tmp_path}/r.zarr/labels", truth, (2, 20, 13))
+    probabilities = write(f"{tmp_path}/r.zarr/prob", np.where(found > 0, 0.9, 0.1).astype(np.float32), (3, 16, 16))
+    both = evaluate(eval_config(probabilities, labels, instances={"url": instances}, min_size_vx=3,
+                                report=str(tmp_path / "both.json")), progress=False)
+    alone = evaluate(parse_config({"eval": {"labels": {"url": labels}, "instances": {"url": instances},
+                                            "min_size_vx": 3, "report": str(tmp_path / "alone.json")}}),
+                     progress=False)
+
+    whole = average_precision(found, truth)
+    assert both.ap75 == alone.ap75 == whole and 0 < whole.ap < 1 and whole.tp > 3
+    assert "instance output" in alone.ap75_note and alone.instances_url == open_volume(instances).url
+    for z, (a, b) in enumerate(zip(alone.slices, both.slices, strict=True)):
+        assert a == b  # the same foreground, from probabilities > 0.5 or from ids > 0
+        p = slice_instances(found[z], 3)
+        t = slice_instances(truth[z])
+        assert a.confusion == Confusion.of(found[z] > 0, truth[z] > 0)
+        assert a.aji == pytest.approx(aggregated_jaccard(p, t)) and a.panoptic == panoptic_quality(p, t)
+    json_report = json.loads((tmp_path / "alone.json").read_text())
+    assert json_report["ap75"]["ap"] == whole.ap and json_report["instances"] == alone.instances_url
+
+
+def test_instances_against_a_mask_say_so(tmp_path):
+    truth = blobs((4, 30, 30), 1, 0.3).astype(np.uint8)
+    found = connected_instances(truth > 0).astype(np.uint32)
+    report = evaluate(parse_config({"eval": {"labels": {"url": write(f"{tmp_path}/m.zarr/l", truth, (4, 30, 30))},
+                                             "instances": {"url": write(f"{tmp_path}/m.zarr/i", found, (4, 30, 30))},
+                                             "report": str(tmp_path / "m.json")}}), progress=False)
+    assert "labels hold one id only" in report.ap75_note
 
 
 def test_volume_as_dask_reads_chunks_and_pickles(tmp_path):

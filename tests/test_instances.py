@@ -17,6 +17,7 @@ from volseg.engine.ledger import BlockLedger
 from volseg.engine.serial import SerialExecutor
 from volseg.engine.stage import Executor, run_block
 from volseg.errors import ConfigError, GeometryMismatchError, OutputExistsError
+from volseg.evaluation.metrics import connected_instances
 from volseg.geometry import BlockGrid, Box
 from volseg.inference.job import to_storage
 from volseg.instances.labels import label_box, unit_range
@@ -32,7 +33,6 @@ from volseg.instances.run import (
 from volseg.instances.stages import FaceContactStage, HaloOverlapStage, LabelStage, RelabelStage
 from volseg.instances.stitching import RelabelTable, contact_pairs, overlap_pairs, owner_blocks, piece_ids
 from volseg.io import create_volume, open_volume
-from volseg.metrics import connected_instances
 
 SHAPE = (16, 64, 72)
 VOXEL_NM = (30.0, 8.0, 8.0)  # anisotropic z

@@ -750,3 +750,30 @@ def test_plain_array_inherits_the_voxel_size_of_its_group(tmp_path):
     own.attrs["resolution"] = [40, 4, 4]
     assert open_volume(str(tmp_path / "ds.zarr/raw")).voxel_size_nm == (50.0, 4.6, 4.6)
     assert open_volume(str(tmp_path / "ds.zarr/own")).voxel_size_nm == (40.0, 4.0, 4.0)
+
+
+@pytest.mark.parametrize("prefix", ["", "zarr2://"])
+def test_outputs_in_a_zarr_container_are_ome_images_and_labels(tmp_path: Path, prefix: str) -> None:
+    """The container is a zarr group listing its images; a segmentation is an NGFF label image, and one in
+    ``<image>/labels/<name>`` is listed by that image's labels group: ome-zarr-py reads them so."""
+    from ome_zarr.io import parse_url as ome_url
+    from ome_zarr.reader import Reader
+
+    base = tmp_path / "prediction.zarr"
+    create_volume(f"{prefix}{base}/probabilities", shape=(4, 32, 32), dtype="uint8", voxel_size_nm=(30, 8, 8))
+    instances = create_volume(f"{prefix}{base}/instances", shape=(4, 32, 32), dtype="uint64",
+                              voxel_size_nm=(30, 8, 8), kind="segmentation")
+    create_volume(f"{prefix}{base}/probabilities/labels/cells", shape=(4, 32, 32), dtype="uint32",
+                  voxel_size_nm=(30, 8, 8), kind="segmentation")
+    labels = np.zeros((4, 32, 32), np.uint64)
+    labels[1:3, 5:20, 5:20] = 7
+    instances.write(instances.bounds, labels)
+
+    assert sorted(zarr.open_group(str(base), mode="r").keys()) == ["instances", "probabilities"]
+    (node,) = Reader(ome_url(str(base / "instances")))()
+    assert [type(spec).__name__ for spec in node.specs] == ["Label", "Multiscales"]
+    np.testing.assert_array_equal(np.asarray(node.data[0]), labels)
+    nodes = list(Reader(ome_url(str(base / "probabilities")))())
+    assert [type(n.specs[0]).__name__ for n in nodes] == ["Multiscales", "Labels", "Label"]
+    assert nodes[2].metadata["name"] == "cells"
+    assert open_volume(f"{base}/instances").shape == (4, 32, 32)  # volseg opens them as before

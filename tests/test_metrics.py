@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from volseg.metrics import (
+from volseg.evaluation.metrics import (
     Confusion,
     Overlaps,
     aggregated_jaccard,

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from volseg.data.synthetic import generate_volume
 from volseg.errors import ConfigError
+from volseg.evaluation.metrics import dice
 from volseg.geometry import Box
 from volseg.inference.blockwise import predict_box
 from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
-from volseg.metrics import dice
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.training.crops import CropSampler
 from volseg.training.loop import SupervisedSettings, poly_lr, train_supervised

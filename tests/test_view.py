@@ -17,6 +17,7 @@ from volseg.commands.view import (
     NEUROGLANCER,
     ViewerPortError,
     VolumeServer,
+    bundled_client,
     byte_range,
     link,
     make_server,
@@ -28,7 +29,7 @@ from volseg.commands.view import (
     web_origin,
 )
 from volseg.config import Config, parse_config
-from volseg.errors import UnsupportedURLError, VolumeNotFoundError
+from volseg.errors import ConfigError, UnsupportedURLError, VolumeNotFoundError
 from volseg.io import create_volume, open_volume
 
 ORIGIN = "https://neuroglancer-demo.appspot.com"
@@ -93,14 +94,33 @@ def _get(server: VolumeServer, path: str, method: str = "GET", **headers: str) -
         connection.close()
 
 
-def test_routes_are_the_existing_local_volumes(run_dir):
+def test_routes_are_the_local_volumes_written_or_not(run_dir):
     root, config, _ = run_dir
     routes = volume_routes(config)
     assert routes == {"image": root / "data.zarr" / "raw", "probabilities": root / "out.zarr" / "prob",
                       "density": root / "out.zarr" / "density", "instances": root / "seg"}
     missing = parse_config({"input": {"url": f"{root}/data.zarr/raw"},
                             "output": {"probabilities": f"{root}/not-yet.zarr/prob"}})
-    assert volume_routes(missing) == {"image": root / "data.zarr" / "raw"} and needs_server(missing)
+    assert volume_routes(missing) == {"image": root / "data.zarr" / "raw",
+                                      "probabilities": root / "not-yet.zarr" / "prob"} and needs_server(missing)
+
+
+def test_a_link_made_before_the_run_shows_its_outputs_once_written(run_dir):
+    """`volseg view` started before `volseg run`: the state links the outputs where the run writes them,
+    and the server answers for their files as soon as they exist."""
+    root = run_dir[0]
+    config = parse_config({"input": {"url": f"{root}/data.zarr/raw"},
+                           "output": {"probabilities": f"{root}/later.zarr/prob"},
+                           "instances": {"url": f"precomputed://{root}/later_seg"}})
+    state = neuroglancer_state(config, port=8124)
+    assert {layer["name"]: layer["source"] for layer in state["layers"]} == {
+        "image": "zarr3://http://127.0.0.1:8124/image", "probabilities": "zarr3://http://127.0.0.1:8124/probabilities",
+        "instances": "precomputed://http://127.0.0.1:8124/instances"}
+    for started in _start(make_server(volume_routes(config), 0)):
+        assert _get(started, "/probabilities/zarr.json")[0] == 404
+        _volume(f"{root}/later.zarr/prob", "float32", 4, chunk_shape=(2, 8, 8))
+        status, _, body = _get(started, "/probabilities/zarr.json")
+        assert status == 200 and body == (root / "later.zarr" / "prob" / "zarr.json").read_bytes()
 
 
 def test_each_volume_is_served_under_its_route(run_dir, server):
@@ -260,6 +280,28 @@ def test_open_viewer_serves_and_links(run_dir):
     assert link({"layers": []}, "http://localhost:8080/#!old") == "http://localhost:8080/#!%7B%22layers%22%3A%5B%5D%7D"
     for server in _start(viewer.server):
         assert _get(server, "/density/zarr.json")[0] == 200
+
+
+def test_the_bundled_client_is_served_beside_the_volumes(run_dir, monkeypatch):
+    """`--neuroglancer bundled`: the neuroglancer package's client from the same server (no internet), its
+    WebAssembly with the type browsers compile; without the package, one line saying how to get it."""
+    port = _free_port()
+    viewer = open_viewer(run_dir[1], port=port, neuroglancer="bundled")
+    client = f"http://127.0.0.1:{port}/neuroglancer/index.html"
+    assert viewer.link.startswith(client + "#!%7B") and f"http%3A//127.0.0.1%3A{port}/image" in viewer.link
+    for server in _start(viewer.server):
+        status, headers, body = _get(server, "/neuroglancer/index.html")
+        assert status == 200 and b"<script" in body
+        wasm = next(p.name for p in bundled_client().iterdir() if p.suffix == ".wasm")
+        status, headers, _ = _get(server, f"/neuroglancer/{wasm}", Origin=f"http://127.0.0.1:{port}")
+        assert status == 200 and headers["Content-Type"] == "application/wasm"
+        assert headers["Access-Control-Allow-Origin"] == f"http://127.0.0.1:{port}"
+        assert _get(server, "/image/zarr.json")[0] == 200
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if the package were absent
+    with pytest.raises(ConfigError, match="not installed"):
+        open_viewer(run_dir[1], port=_free_port(), neuroglancer="bundled")
 
 
 def test_port_errors_are_one_line(run_dir):

@@ -1,4 +1,4 @@
-"""The command line: `volseg run | validate | train | adapt | sam-adapt | peaks | eval | view | demo`.
+"""The command line: `volseg run | validate | train | adapt | sam-adapt | peaks | eval | view | convert | demo`.
 
 Every user error (a :class:`~volseg.errors.VolsegError`, or a malformed command line) is printed as
 one line on stderr and exits with code 2; Ctrl-C prints one line saying what was kept and exits with
@@ -70,8 +70,11 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _load(args: argparse.Namespace) -> Any:
     from volseg.config import load_config
+    from volseg.io.guard import check_job_paths
 
-    return load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
+    check_job_paths(config.written_paths())  # inside `ray job submit --working-dir`: no relative outputs
+    return config
 
 
 def _overwrite(parser: argparse.ArgumentParser, what: str) -> None:
@@ -135,7 +138,23 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default 127.0.0.1: this machine only)")
     view.add_argument("--neuroglancer", default=None, metavar="URL",
-                      help="the Neuroglancer client to link to and allow (CORS); default the public demo client")
+                      help="the Neuroglancer client to link to and allow (CORS); default the public demo client; "
+                           "`bundled`: serve the client of the installed neuroglancer package from this server "
+                           "(the link then needs no internet)")
+
+    convert = commands.add_parser("convert", help="write an image stack (one PNG/TIFF per slice) into a new volume")
+    convert.add_argument("slices", metavar="SLICES",
+                         help="the slices: a quoted glob (e.g. 'MitoEM-R/im/*.png') or their folder; sorted by the "
+                              "numbers in their names")
+    convert.add_argument("out", metavar="OUT", help="the new volume's URL (zarr / OME-Zarr, .n5, precomputed://; "
+                                                   "never an existing one)")
+    convert.add_argument("--voxel-size-nm", type=float, nargs=3, required=True, metavar=("Z", "Y", "X"),
+                         help="voxel size in nanometres, z y x (MitoEM: 30 8 8)")
+    convert.add_argument("--chunk", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                         help="storage chunk shape, z y x (default: chosen from the shape and dtype)")
+    convert.add_argument("--labels", action="store_true",
+                         help="the slices hold label ids (a precomputed output becomes a segmentation)")
+    convert.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     demo = commands.add_parser("demo", help="generate data, train, segment and score, end to end")
     demo.add_argument("config", nargs="?", default=DEMO_CONFIG, help=f"YAML demo config (default: {DEMO_CONFIG})")
@@ -269,6 +288,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from volseg.commands.convert import convert
+
+    stack, volume = convert(args.slices, args.out, args.voxel_size_nm, args.chunk, args.labels, _progress(args))
+    _print([f"{len(stack.files)} slices ({stack.files[0]} … {stack.files[-1]}) → {volume.url}: shape (z, y, x) "
+            f"{volume.shape}, {volume.dtype}, voxel size {volume.voxel_size_nm} nm, chunks {volume.chunk_shape}"])
+    return 0
+
+
 def _view(args: argparse.Namespace) -> int:
     from volseg.commands.view import NEUROGLANCER, open_viewer
 
@@ -281,7 +309,7 @@ def _view(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _run, "validate": _validate, "train": _train, "adapt": _adapt, "eval": _eval, "demo": _demo,
-            "view": _view, "sam-adapt": _sam_adapt, "peaks": _peaks}
+            "view": _view, "sam-adapt": _sam_adapt, "peaks": _peaks, "convert": _convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

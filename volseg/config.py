@@ -130,7 +130,13 @@ class OutputConfig(Section):
     (probability > ``inference.threshold``; per z slice, 8-connected in y and x) whose area is under
     this many square nanometres (in pixels: divided by voxel y × voxel x, rounded up) has its
     probabilities set to 0, exactly as one whole-volume pass would; the density output is untouched.
-    0 (the default) removes nothing."""
+    0 (the default) removes nothing.
+
+    ``levels``: scale levels of every output (and of the instances), level 0 included; each level is the
+    one below downsampled blockwise (mean; instance labels: mode) by 2 on the axes whose voxels are the
+    finest (see :mod:`volseg.io.pyramid`), so Neuroglancer can zoom out of a large volume. Zarr (OME-Zarr
+    multiscales) and precomputed outputs only. Not part of the run signature: a rerun with more levels
+    adds the missing ones."""
 
     probabilities: str = Field(min_length=1)
     density: str | None = None
@@ -138,6 +144,7 @@ class OutputConfig(Section):
     chunk: PositiveTriple | None = None
     shard: PositiveTriple | None = None
     min_area_nm2: float = Field(default=0.0, ge=0.0)
+    levels: int = Field(default=1, ge=1, le=20)
 
 
 class ExecutionConfig(Section):
@@ -252,11 +259,14 @@ class EvalConfig(Section):
     """Scoring a semantic output against ground truth (`volseg eval`, and the demo's summary).
 
     ``prediction`` defaults to ``output.probabilities``; foreground is ``prediction > threshold``
-    (probabilities stored as uint8 are scaled back to [0, 1] first). ``report`` is where the JSON
-    report goes (default: beside the prediction)."""
+    (probabilities stored as uint8 are scaled back to [0, 1] first). ``instances``: an instance output
+    (e.g. ``instances.url``) scored against ``labels`` holding instance ids, with the MitoEM AP-75,
+    streamed at any size (alone, its ``id > 0`` is the foreground). ``report`` is where the JSON report
+    goes (default: beside the prediction)."""
 
     labels: VolumeRef
     prediction: VolumeRef | None = None
+    instances: VolumeRef | None = None
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     min_size_vx: int = Field(default=0, ge=0)
     report: str | None = None
@@ -443,6 +453,23 @@ class Config(Section):
                     "and there is none.",
                     f"add a `{name}:` section (see the config reference in README.md).",
                 )
+
+    def written_paths(self) -> list[tuple[str, str]]:
+        """``(field, path or URL)`` of everything a command of this config may write: outputs,
+        checkpoints, the eval report, synthetic volumes."""
+        found: list[tuple[str, str | None]] = []
+        if self.output is not None:
+            found += [("output.probabilities", self.output.probabilities), ("output.density", self.output.density)]
+        if self.instances is not None:
+            found.append(("instances.url", self.instances.url))
+        for name in ("train", "adapt", "sam_adapt"):
+            section = getattr(self, name)
+            if section is not None:
+                found.append((f"{name}.checkpoint", section.checkpoint))
+        if self.eval is not None:
+            found.append(("eval.report", self.eval.report))
+        found += [(f"synthetic[{i}].url", s.url) for i, s in enumerate(self.synthetic or [])]
+        return [(field, url) for field, url in found if url]
 
     def output_fingerprint(self) -> str:
         """A hash of every field that changes what a run writes (not where, nor how it is scheduled)."""

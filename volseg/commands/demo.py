@@ -17,15 +17,15 @@ import numpy as np
 from PIL import Image
 
 from volseg.commands.adapt import adapt
-from volseg.commands.evaluate import score_blockwise
 from volseg.commands.run import RunResult, run
 from volseg.commands.train import train
 from volseg.config import Config, SyntheticConfig
 from volseg.data.synthetic import generate_volume
 from volseg.errors import OutputExistsError, VolumeNotFoundError
+from volseg.evaluation.metrics import Confusion
+from volseg.evaluation.streaming import score_blockwise
 from volseg.geometry import Box
 from volseg.io import create_volume, open_volume
-from volseg.metrics import Confusion
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from volseg.geometry import Block, BlockGrid, PointSet
 from volseg.inference.job import OutputTarget
 from volseg.inference.peaks import PeakStage, peak_radius
 from volseg.inference.postprocess import MinAreaStage, min_area_pixels
+from volseg.inference.pyramid import build_pyramid
 from volseg.inference.segment import (
     SegmentationPlan,
     check_device,
@@ -38,6 +39,7 @@ from volseg.inference.segment import (
     resolve_device,
 )
 from volseg.instances.run import InstanceResult, run_instances
+from volseg.io import open_volume
 from volseg.io.point_index import PointIndex
 from volseg.threads import torch_threads
 
@@ -152,10 +154,12 @@ def open_executor(config: Config) -> Iterator[Any]:
             executor.device_kind = resolve_device(config.inference.device).type
             yield executor
         return
-    from volseg.engine.cluster import check_fits, connected
+    from volseg.engine.cluster import check_fits, check_shared_storage, connected
     from volseg.engine.ray import RayExecutor, plan_actors
 
     with connected(config.cluster.address) as cluster:
+        check_shared_storage([(field, url) for field, url in config.written_paths()
+                              if field.startswith(("output.", "instances."))])
         actors, cpus, gpus = plan_actors(execution.actors, execution.cpus_per_actor, execution.gpus_per_actor,
                                          cluster.cpus, cluster.gpus, execution.threads)
         check_fits(cluster, actors, cpus, gpus)
@@ -263,6 +267,20 @@ def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: A
             bar.close()
         leases.check()
         result.passes.append(StageResult("instances", result.instances.stats, 0))
+    levels = plan.config.output.levels if plan.config.output is not None else 1
+    if levels > 1 and not result.failed:
+        pyramids = [(spec.name, target.volume, "mean") for spec, target in zip(plan.outputs, targets, strict=True)]
+        if plan.instances is not None:
+            pyramids.append(("instances", open_volume(plan.instances.url, "r+"), "mode"))
+        for name, volume, method in pyramids:
+            bar = BlockProgress(0, progress, f"{name} levels 1-{levels - 1}")
+            try:
+                result.passes += build_pyramid(executor, volume, levels, method, name, ledger, plan.grid.roi,
+                                               on_done=checked(bar, leases), on_start=bar.start)
+            finally:
+                bar.close()
+            if result.failed:
+                break
 
 
 def _named(plan: SegmentationPlan, targets: list[OutputTarget], name: str) -> OutputTarget:

@@ -100,18 +100,27 @@ def _sam_adapt_line(config: Config, overwrite: bool) -> str:
 
 
 def _eval_line(config: Config) -> str:
-    from volseg.commands.evaluate import check_pair, check_report_path, eval_paths, prediction_ref
+    from volseg.commands.evaluate import check_report_path, eval_paths, prediction_ref
+    from volseg.evaluation.streaming import check_pair
 
     assert config.eval is not None
     inputs, report = eval_paths(config)
     check_report_path(report, inputs)
     labels = config.eval.labels.open()
-    ref = prediction_ref(config)
-    if config.eval.prediction is None and not volume_exists(ref.url):  # the run's own output, not written yet
-        return f"eval: labels {labels.url} {labels.shape}; the prediction {ref.url} is written by `volseg run`"
-    prediction = ref.open()
-    check_pair(prediction, labels)
-    return f"eval: {prediction.url} {prediction.shape} against {labels.url} → report {report.url}"
+    instances = config.eval.instances
+    own_instances = instances is not None and config.instances is not None and instances.url == config.instances.url
+    scored = [(config.eval.prediction is not None, prediction_ref(config)), (not own_instances, instances)]
+    lines = []
+    for given, ref in scored:
+        if ref is None:
+            continue
+        if not given and not volume_exists(ref.url):  # the run's own output, not written yet
+            lines.append(f"{ref.url} (written by `volseg run`)")
+            continue
+        volume = ref.open()
+        check_pair(volume, labels)
+        lines.append(f"{volume.url} {volume.shape}")
+    return f"eval: {' and '.join(lines)} against {labels.url} {labels.shape} → report {report.url}"
 
 
 def volume_exists(url: str) -> bool:

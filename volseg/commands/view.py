@@ -18,6 +18,7 @@ client's origin (CORS), and serves byte ranges, which sharded zarr v3 volumes ne
 from __future__ import annotations
 
 import errno
+import importlib.util
 import ipaddress
 import json
 import mimetypes
@@ -37,13 +38,18 @@ import numpy as np
 
 from volseg.config import Config
 from volseg.engine.lease import STATE_DIRECTORY  # run state (done-marks, lease): never served
-from volseg.errors import UnsupportedURLError, VolsegError, VolumeNotFoundError
+from volseg.errors import ConfigError, UnsupportedURLError, VolsegError, VolumeNotFoundError
 from volseg.geometry import PointSet
 from volseg.io import open_volume
+from volseg.io.formats import creation_format
 from volseg.io.point_index import PointIndex
 from volseg.io.urls import parse_url
 
 NEUROGLANCER = "https://neuroglancer-demo.appspot.com/"
+#: ``--neuroglancer`` value that serves the ``neuroglancer`` package's own client (offline clusters).
+BUNDLED = "bundled"
+#: The route of that client on the server (no volume layer has this name).
+CLIENT_ROUTE = "neuroglancer"
 DEFAULT_PORT = 9015
 DEFAULT_HOST = "127.0.0.1"
 #: Overlay colours of the outputs drawn over the EM (probabilities red, density green).
@@ -55,6 +61,7 @@ MAX_INLINE_POINTS = 2000
 #: A local point index is read whole for the state only when it has at most this many cells.
 MAX_INLINE_CELLS = 1000
 SOURCE_PREFIX = {"zarr2": "zarr2", "zarr3": "zarr3", "n5": "n5", "precomputed": "precomputed"}
+mimetypes.add_type("application/wasm", ".wasm")  # the client compiles its WebAssembly only with this type
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _COPY_BYTES = 1 << 16
 
@@ -85,10 +92,11 @@ def needs_server(config: Config) -> bool:
 
 
 def volume_routes(config: Config) -> dict[str, Path]:
-    """Route name → directory (symlinks resolved) of every local volume of the run that exists: what
-    `volseg view` serves. A volume not written yet (e.g. instances of a run still going) has no route."""
+    """Route name → directory (symlinks resolved) of every local volume of the run: what `volseg view`
+    serves. An output not written yet (a run still going, or not started) has its route too: its files
+    are served as the run writes them, so a link made before the run shows them once it has."""
     return {name: Path(os.path.realpath(parse_url(url).path)) for name, _, url in layer_urls(config)
-            if parse_url(url).scheme == "file" and _exists(url)}
+            if parse_url(url).scheme == "file"}
 
 
 def server_url(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
@@ -108,17 +116,23 @@ def source(name: str, url: str, volume_format: str, server: str) -> str:
 
 def neuroglancer_state(config: Config, prompts: PointSet | PointIndex | None = None, port: int = DEFAULT_PORT,
                        host: str = DEFAULT_HOST) -> dict[str, Any]:
-    """The viewer state (JSON) of a run's existing volumes, local ones at their routes on the server at
-    ``host:port``, and of its prompts as an annotation layer."""
-    layers_found = [(n, t, u, open_volume(u)) for n, t, u in layer_urls(config) if _exists(u)]
-    if not layers_found:
+    """The viewer state (JSON) of a run's volumes, local ones at their routes on the server at
+    ``host:port``, and of its prompts as an annotation layer. Outputs not written yet are linked where and
+    in the format the run writes them (Neuroglancer shows them once they exist); position and zoom come
+    from the first volume that exists."""
+    found = [(n, t, u, _opened(u)) for n, t, u in layer_urls(config)]
+    existing = [volume for *_, volume in found if volume is not None]
+    if not existing:
         return {"layers": []}
     server = server_url(host, port)
-    vz, vy, vx = layers_found[0][3].voxel_size_nm
-    offset = np.asarray(layers_found[0][3].voxel_offset, dtype=np.float64)
+    vz, vy, vx = existing[0].voxel_size_nm
+    offset = np.asarray(existing[0].voxel_offset, dtype=np.float64)
     layers = []
-    for name, kind, url, volume in layers_found:
-        layer: dict[str, Any] = {"type": kind, "name": name, "source": source(name, url, volume.format, server)}
+    for name, kind, url, volume in found:
+        if volume is None and name == "image":
+            continue  # an input that does not exist is not the run's to write
+        fmt = volume.format if volume is not None else creation_format(parse_url(url), None)  # as it will be
+        layer: dict[str, Any] = {"type": kind, "name": name, "source": source(name, url, fmt, server)}
         if name in OVERLAY_COLOURS:
             layer["shader"] = overlay_shader(OVERLAY_COLOURS[name])
         layers.append(layer)
@@ -133,7 +147,7 @@ def neuroglancer_state(config: Config, prompts: PointSet | PointIndex | None = N
                        "annotations": [{"type": "point", "id": str(i),
                                         "point": [float(v) for v in (p + 0.5 + offset)[::-1]]}
                                        for i, p in enumerate(prompts.zyx)]})
-    shape = np.asarray(layers_found[0][3].shape[-3:], dtype=np.float64)
+    shape = np.asarray(existing[0].shape[-3:], dtype=np.float64)
     centre = offset + shape / 2  # Neuroglancer's voxel corners are at integers
     return {"dimensions": {"x": [vx * 1e-9, "m"], "y": [vy * 1e-9, "m"], "z": [vz * 1e-9, "m"]},
             "position": [float(v) for v in centre[::-1]],
@@ -154,12 +168,12 @@ def link(state: dict[str, Any], neuroglancer: str = NEUROGLANCER) -> str:
     return neuroglancer.split("#", 1)[0] + "#!" + urllib.parse.quote(json.dumps(state, separators=(",", ":")))
 
 
-def _exists(url: str) -> bool:
+def _opened(url: str) -> Any:
+    """The volume at ``url``, or None when it is not written yet (its layer still links where it will be)."""
     try:
-        open_volume(url)
-    except VolsegError:  # not written yet (e.g. instances of a run still going): not shown
-        return False
-    return True
+        return open_volume(url)
+    except VolsegError:
+        return None
 
 
 def web_origin(url: str) -> str:
@@ -416,15 +430,33 @@ class Viewer:
             self.server.server_close()
 
 
+def bundled_client() -> Path:
+    """The Neuroglancer client that the ``neuroglancer`` Python package ships (its ``static/client``
+    folder), found without importing the package. Raises :class:`ConfigError` when it is not installed."""
+    spec = importlib.util.find_spec("neuroglancer")
+    folders = [] if spec is None or spec.submodule_search_locations is None else list(spec.submodule_search_locations)
+    client = next((Path(f) / "static" / "client" for f in folders
+                   if (Path(f) / "static" / "client" / "index.html").is_file()), None)
+    if client is None:
+        raise ConfigError("--neuroglancer bundled serves the client of the `neuroglancer` Python package, which is "
+                          "not installed here.", "install it (`uv pip install neuroglancer`), or give the URL of a "
+                          "Neuroglancer client with --neuroglancer URL.")
+    return client
+
+
 def open_viewer(config: Config, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
                 neuroglancer: str = NEUROGLANCER) -> Viewer:
     """`volseg view`: bind the server of the run's local volumes on ``host:port`` and make the link that
-    shows every existing volume in the Neuroglancer client at ``neuroglancer``. Serving starts with
-    :meth:`Viewer.serve_forever`. Raises :class:`VolumeNotFoundError` when none of the volumes exists yet,
-    :class:`ViewerPortError` for a port outside 1..65535 or in use."""
+    shows every volume in the Neuroglancer client at ``neuroglancer`` (:data:`BUNDLED`: the client of the
+    ``neuroglancer`` package, served by this server under ``/neuroglancer/``, so the link needs no
+    internet). Serving starts with :meth:`Viewer.serve_forever`. Raises :class:`VolumeNotFoundError` when
+    none of the volumes exists yet, :class:`ViewerPortError` for a port outside 1..65535 or in use."""
     _check_port(port, lowest=1)
-    web_origin(neuroglancer)  # a malformed client URL fails before any volume is opened
     routes = volume_routes(config)
+    if neuroglancer == BUNDLED:
+        routes[CLIENT_ROUTE] = bundled_client()
+        neuroglancer = f"{server_url(host, port)}/{CLIENT_ROUTE}/index.html"
+    web_origin(neuroglancer)  # a malformed client URL fails before any volume is opened
     state = neuroglancer_state(config, port=port, host=host)
     if not state["layers"]:
         where = config.source_path or "the config"

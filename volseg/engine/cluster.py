@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from volseg.errors import ConfigError
+from volseg.io.urls import parse_url
 
 #: Whether the Ray workers' stdout and stderr are shown on the driver (``volseg -v``).
 worker_logs = False
@@ -70,3 +74,59 @@ def check_fits(cluster: ClusterResources, actors: int, cpus: float, gpus: float)
                           "lower execution.actors or execution.cpus_per_actor / gpus_per_actor, or leave them "
                           "unset to fit the machine.")
     print(f"volseg: warning: {what} now; actors wait until an autoscaler adds nodes.", file=sys.stderr)
+
+
+# --- paths on a cluster ---------------------------------------------------------------------------------
+
+#: Seconds the nodes have to answer whether they see the outputs' folders.
+SHARED_CHECK_SECONDS = 60.0
+
+
+def check_shared_storage(outputs: Sequence[tuple[str, str]], min_nodes: int = 2) -> None:
+    """On a cluster of at least ``min_nodes`` alive nodes, refuse local output paths (``(config field,
+    path)``) that some node does not see: its actors would write blocks the driver never reads.
+
+    The driver writes a marker file (a random name, deleted afterwards) in the nearest existing folder
+    of each path, and one task per node, pinned to it, reports which markers it cannot read."""
+    local = [(field, Path(parse_url(url).path)) for field, url in outputs if parse_url(url).scheme == "file"]
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) < min_nodes or not local:
+        return
+    token = uuid.uuid4().hex
+    markers: list[tuple[str, str]] = []
+    try:
+        for field, path in local:
+            folder = next(p for p in (path, *path.parents) if p.is_dir())
+            marker = folder / f".volseg-shared-{token}"
+            marker.write_text(token)
+            markers.append((field, str(marker)))
+        probe = ray.remote(num_cpus=0)(_unseen_markers)
+        pending = {node["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote([m for _, m in markers], token) for node in nodes}
+        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=SHARED_CHECK_SECONDS)
+        for address, ref in pending.items():
+            if ref not in ready:
+                continue  # a node too busy to answer: its actors would fail on their first write instead
+            unseen = ray.get(ref)
+            if unseen:
+                field = next(f for f, m in markers if m == unseen[0])
+                folder = str(Path(unseen[0]).parent)
+                raise ConfigError(
+                    f"{field} is a local path, but node {address} does not see {folder} as this node does (no "
+                    "shared storage): the blocks its actors write would never reach the output.",
+                    f"put {field} on storage every node mounts at the same path, or use a bucket URL (gs://, s3://).")
+    finally:
+        for _, marker in markers:
+            Path(marker).unlink(missing_ok=True)
+
+
+def _unseen_markers(markers: Sequence[str], token: str) -> list[str]:
+    """The markers this node cannot read with ``token`` inside (runs on each node)."""
+    unseen = []
+    for marker in markers:
+        try:
+            if Path(marker).read_text() != token:
+                unseen.append(marker)
+        except OSError:
+            unseen.append(marker)
+    return unseen

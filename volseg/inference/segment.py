@@ -27,10 +27,12 @@ from volseg.inference.predictor import CALIBRATION_LATTICE, INPUT_DTYPES, TorchP
 from volseg.inference.windows import WindowGrid
 from volseg.instances.run import InstancePlan, plan_instances
 from volseg.intensity import IntensityRange, measure_intensity
-from volseg.io import choose_output_chunks, create_volume
+from volseg.io import choose_output_chunks, create_volume, parse_url
+from volseg.io.array import VolumeGeometry
+from volseg.io.formats import creation_format
 from volseg.io.guard import PathRef, check_outputs, points_ref
 from volseg.io.points import read_points
-from volseg.io.volume import VolumeGeometry
+from volseg.io.pyramid import check_multiscale
 from volseg.models import input_contract
 from volseg.models.checkpoint import card_path, file_sha256, load_checkpoint, read_card
 
@@ -198,6 +200,10 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     check_executor_outputs(config)
     check_outputs(*run_paths(config))
     outputs = _output_specs(config, config.model.num_classes)
+    if config.output.levels > 1:
+        for field, url in [(f"output.{spec.name}", spec.url) for spec in outputs] + (
+                [("instances.url", config.instances.url)] if config.instances is not None else []):
+            check_multiscale(url, field, creation_format(parse_url(url), None))
     source = config.input.open()
     if source.num_channels is not None:
         raise VolumeFormatError(

@@ -10,11 +10,12 @@ Formats: zarr v2/v3 (incl. OME-Zarr and zarr v3 sharding), N5, Neuroglancer prec
 local paths, ``file://``, ``memory://``, ``gs://``, ``s3://`` and read-only ``http(s)://``.
 """
 
+from volseg.io.array import ResultFuture, VolumeGeometry
 from volseg.io.chunks import choose_output_chunks
 from volseg.io.creation import create_volume
-from volseg.io.opening import open_volume
+from volseg.io.opening import open_spec, open_volume
 from volseg.io.urls import VolumeURL, parse_url
-from volseg.io.volume import ResultFuture, Volume, VolumeGeometry, VolumeSpec
+from volseg.io.volume import Volume, VolumeSpec
 
 __all__ = [
     "ResultFuture",
@@ -24,6 +25,7 @@ __all__ = [
     "VolumeURL",
     "choose_output_chunks",
     "create_volume",
+    "open_spec",
     "open_volume",
     "parse_url",
 ]

@@ -23,10 +23,10 @@ import numpy as np
 
 from volseg.errors import UnsupportedURLError, VolsegError, VolumeFormatError
 from volseg.geometry import Box
+from volseg.io.array import OpenedArray, VolumeGeometry, as_zyx
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
 from volseg.io.storage import REMOTE_SCHEMES, read_json, run_bounded, short_error, storage_error, unreachable
 from volseg.io.urls import VolumeURL
-from volseg.io.volume import OpenedArray, VolumeGeometry, as_zyx
 
 CLOUDVOLUME_SCHEMES = frozenset({"file", "gs", "s3", "http", "https"})
 _POOL_WORKERS = 4
@@ -43,7 +43,7 @@ def _executor() -> ThreadPoolExecutor:
 
 
 class CloudVolumeArray:
-    """:class:`~volseg.io.volume.ArrayBackend` over a CloudVolume at one mip level."""
+    """:class:`~volseg.io.array.ArrayBackend` over a CloudVolume at one mip level."""
 
     def __init__(self, volume: Any, offset_zyx: tuple[int, int, int], has_channels: bool) -> None:
         self._volume = volume

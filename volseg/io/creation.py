@@ -20,13 +20,14 @@ from volseg.errors import (
     VolumeFormatError,
 )
 from volseg.io import ome_zarr
+from volseg.io.array import VolumeGeometry, as_zyx
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
 from volseg.io.chunks import choose_output_chunks
 from volseg.io.formats import candidates, check_dtype, creation_format, probe_format
 from volseg.io.opening import open_volume
 from volseg.io.tensorstore_backend import N5_RESERVED, create_n5, create_precomputed, create_zarr
 from volseg.io.urls import VolumeURL, parse_url
-from volseg.io.volume import Volume, VolumeGeometry, as_zyx
+from volseg.io.volume import Volume
 
 KINDS = ("image", "segmentation")
 
@@ -177,7 +178,7 @@ def _create(
 ) -> None:
     if fmt in ("zarr2", "zarr3"):
         name = parsed.path.rstrip("/").rsplit("/", 1)[-1] or "volume"
-        create_zarr(parsed, fmt, geometry, attributes, name)
+        create_zarr(parsed, fmt, geometry, attributes, name, label=kind == "segmentation")
     elif fmt == "n5":
         create_n5(parsed, geometry, attributes)
     else:

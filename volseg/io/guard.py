@@ -118,3 +118,32 @@ def check_writable(ref: PathRef) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"{ref.field} {ref.url!r} cannot be created: the folder {ancestor} is not writable.",
                           f"choose a path for {ref.field} where you can write, or fix the folder's permissions.")
+
+
+# --- Ray jobs ---------------------------------------------------------------------------------------
+
+#: Where Ray unpacks a job's ``--working-dir`` (the entrypoint runs inside it).
+RAY_WORKING_DIR_PART = "runtime_resources/working_dir_files"
+
+
+def job_working_dir(cwd: str | None = None) -> str | None:
+    """The temporary copy of a ``ray job submit --working-dir`` that this process runs in, or None."""
+    cwd = os.getcwd() if cwd is None else cwd
+    return cwd if RAY_WORKING_DIR_PART in cwd.replace(os.sep, "/") else None
+
+
+def check_job_paths(outputs: Sequence[tuple[str, str]], cwd: str | None = None) -> None:
+    """Inside a Ray job's uploaded working directory, refuse relative local output paths: they would be
+    written into that temporary copy, on whichever node ran the job, and deleted with it. ``outputs``:
+    ``(config field, path or URL)``."""
+    where = job_working_dir(cwd)
+    if where is None:
+        return
+    for field, url in outputs:
+        parsed = parse_url(url)
+        if parsed.scheme == "file" and parsed.relative:
+            raise ConfigError(
+                f"{field} {url!r} is a relative path, and volseg runs inside the Ray job's uploaded copy of the "
+                f"working directory ({where}): it would be written there, on one node, and deleted with the job.",
+                f"give {field} an absolute path on storage every node mounts (e.g. /mnt/shared/...), or a bucket "
+                "URL (gs://, s3://).")

@@ -106,35 +106,77 @@ def image_attributes(
     voxel_offset: Sequence[int],
     has_channels: bool,
     name: str,
+    label: bool = False,
+    label_source: str | None = None,
 ) -> dict[str, Any]:
     """Group attributes describing a single-scale OME-Zarr image whose array is at path ``"0"``.
 
     ``version`` ``"0.4"`` gives ``{"multiscales": [...]}`` (zarr v2 ``.zattrs``); ``"0.5"`` gives
-    ``{"ome": {"version": "0.5", "multiscales": [...]}}`` (zarr v3 group attributes).
+    ``{"ome": {"version": "0.5", "multiscales": [...]}}`` (zarr v3 group attributes). ``label``: a label
+    image (NGFF ``image-label``: integer ids, one per object), which viewers show as segments, not grey
+    values; ``label_source`` the relative path of the image it labels (``"../../"`` in that image's
+    ``labels`` group), if any.
     """
     axes: list[dict[str, str]] = [{"name": n, "type": "space", "unit": "nanometer"} for n in SPATIAL_AXES]
-    scale = [float(v) for v in voxel_size_nm]
-    translation = [float(o) * float(v) for o, v in zip(voxel_offset, voxel_size_nm, strict=True)]
     if has_channels:
         axes.insert(0, {"name": CHANNEL_AXIS, "type": "channel"})
-        scale.insert(0, 1.0)
-        translation.insert(0, 0.0)
     image: dict[str, Any] = {
         "name": name,
         "axes": axes,
-        "datasets": [
-            {
-                "path": "0",
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": scale},
-                    {"type": "translation", "translation": translation},
-                ],
-            }
-        ],
+        "datasets": [dataset("0", voxel_size_nm, voxel_offset, has_channels)],
     }
+    extra: dict[str, Any] = {}
+    if label:
+        extra["image-label"] = {} if label_source is None else {"source": {"image": label_source}}
     if version == "0.4":
-        return {"multiscales": [{"version": "0.4", **image}]}
-    return {"ome": {"version": version, "multiscales": [image]}}
+        if label:
+            extra["image-label"] = {"version": "0.4", **extra["image-label"]}
+        return {"multiscales": [{"version": "0.4", **image}], **extra}
+    return {"ome": {"version": version, "multiscales": [image], **extra}}
+
+
+def dataset(path: str, voxel_size_nm: Sequence[float], voxel_offset: Sequence[int], has_channels: bool
+            ) -> dict[str, Any]:
+    """One ``multiscales`` dataset: the array at ``path`` with its voxel size and offset (in nanometres)."""
+    scale = [float(v) for v in voxel_size_nm]
+    translation = [float(o) * float(v) for o, v in zip(voxel_offset, voxel_size_nm, strict=True)]
+    if has_channels:
+        scale.insert(0, 1.0)
+        translation.insert(0, 0.0)
+    return {"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale},
+                                                        {"type": "translation", "translation": translation}]}
+
+
+def with_dataset(attributes: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """Group ``attributes`` with dataset ``new`` in the first image's ``multiscales`` (in path order;
+    ``None`` if a dataset of that path is there already)."""
+    ome = attributes.get("ome")
+    in_ome = isinstance(ome, dict) and "multiscales" in ome
+    block = dict(ome if in_ome else attributes)
+    multiscales = [dict(m) for m in block["multiscales"]]
+    datasets = list(multiscales[0]["datasets"])
+    if any(d.get("path") == new["path"] for d in datasets):
+        return None
+    multiscales[0]["datasets"] = sorted([*datasets, new], key=lambda d: int(d["path"]) if str(d["path"]).isdigit()
+                                        else 0)
+    block["multiscales"] = multiscales
+    return {**attributes, "ome": block} if in_ome else block
+
+
+def labels_list(attributes: dict[str, Any] | None, version: str, name: str) -> dict[str, Any] | None:
+    """The attributes of an image's ``labels`` group with ``name`` added to its list of labels (``None``:
+    already listed)."""
+    attributes = dict(attributes or {})
+    if version == "0.4":
+        names = list(attributes.get("labels", []))
+        if name in names:
+            return None
+        return {**attributes, "labels": [*names, name]}
+    ome = dict(attributes.get("ome", {}))
+    names = list(ome.get("labels", []))
+    if name in names:
+        return None
+    return {**attributes, "ome": {**ome, "version": version, "labels": [*names, name]}}
 
 
 def _axes(axes: Any, where: str) -> tuple[list[str], list[str | None]]:

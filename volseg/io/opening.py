@@ -1,13 +1,19 @@
-"""Opening an existing volume by URL."""
+"""Opening an existing volume by URL, or again from its :class:`~volseg.io.volume.VolumeSpec` (how a Volume
+unpickles, e.g. on a Ray actor)."""
 
 from __future__ import annotations
 
+import copyreg
+from typing import Any
+
 from volseg.errors import UnsupportedURLError, VolumeFormatError
+from volseg.geometry import Box
+from volseg.io.array import BackendName, Mode
 from volseg.io.cloudvolume_backend import gzipped_chunks_on_disk, open_cloudvolume
 from volseg.io.formats import detect_format
 from volseg.io.tensorstore_backend import open_tensorstore
 from volseg.io.urls import parse_url
-from volseg.io.volume import BackendName, Mode, Volume, VolumeSpec
+from volseg.io.volume import Volume, VolumeSpec
 
 MODES = ("r", "r+")
 BACKENDS = ("auto", "tensorstore", "cloudvolume")
@@ -86,3 +92,16 @@ def open_volume(
         scale=scale or 0,
         kind=opened.kind,
     )
+
+
+def open_spec(spec: VolumeSpec) -> Volume:
+    """Open the volume ``spec`` describes (its region, if it names one)."""
+    volume = open_volume(spec.url, spec.mode, scale=spec.scale, backend=spec.backend)
+    return volume if spec.region is None else volume.region(Box(*spec.region))
+
+
+def _reduce_volume(volume: Volume) -> tuple[Any, tuple[VolumeSpec]]:
+    return open_spec, (volume.spec,)
+
+
+copyreg.pickle(Volume, _reduce_volume)  # a Volume pickles as its spec and reopens where it lands

@@ -25,6 +25,7 @@ import tensorstore as ts
 from volseg.errors import StorageUnreachableError, VolsegError, VolumeFormatError
 from volseg.geometry import Box
 from volseg.io import ome_zarr
+from volseg.io.array import OpenedArray, ResultFuture, VolumeGeometry, as_zyx
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
 from volseg.io.storage import (
     CONTEXT,
@@ -38,7 +39,6 @@ from volseg.io.storage import (
 )
 from volseg.io.units import nm_per_unit
 from volseg.io.urls import VolumeURL
-from volseg.io.volume import OpenedArray, ResultFuture, VolumeGeometry, as_zyx
 
 ZARR_PLACEMENT_KEYS = frozenset({"resolution", "voxel_size", "voxel_size_nm", "voxel_size_nm_zyx", "offset",
                                  "voxel_offset"})
@@ -62,7 +62,7 @@ ZSTD_LEVEL = 3
 
 
 class TensorStoreArray:
-    """:class:`~volseg.io.volume.ArrayBackend` over a tensorstore view indexed (c,) z, y, x from 0."""
+    """:class:`~volseg.io.array.ArrayBackend` over a tensorstore view indexed (c,) z, y, x from 0."""
 
     def __init__(self, view: ts.TensorStore, has_channels: bool) -> None:
         self._view = view
@@ -254,23 +254,41 @@ def _zarr_placement(attributes: dict[str, Any], where: str) -> tuple[tuple[float
 
 
 def create_zarr(
-    url: VolumeURL, fmt: str, geometry: VolumeGeometry, attributes: dict[str, Any], name: str
+    url: VolumeURL, fmt: str, geometry: VolumeGeometry, attributes: dict[str, Any], name: str, label: bool = False
 ) -> None:
     """Create an OME-Zarr image group at ``url`` with its scale-0 array at ``url/0``.
 
     The array is created (or reopened, if a previous attempt got that far with the same metadata)
     first; the group metadata — OME 0.4 ``.zattrs``/``.zgroup`` for zarr v2, OME 0.5 ``zarr.json``
     for v3, with ``attributes`` — is written last and only if absent, so a group whose metadata exists
-    always has its array.
+    always has its array. ``label``: an NGFF label image (see :func:`~volseg.io.ome_zarr.image_attributes`).
+
+    The folders between the ``.zarr`` container and ``url`` become zarr groups where they have no
+    metadata yet (``x.zarr/probabilities`` makes ``x.zarr`` a group, so zarr readers list its images);
+    a label image in ``<image>/labels/<name>`` is added to that ``labels`` group's list.
     """
+    _create_zarr_array(url.child("0"), fmt, geometry)
+    version = "0.5" if fmt == "zarr3" else "0.4"
+    parent = url.parent()
+    in_labels = label and parent is not None and parent.path.rstrip("/").endswith("/labels")
+    ome = ome_zarr.image_attributes(
+        version, geometry.voxel_size_nm, geometry.voxel_offset, geometry.num_channels is not None, name,
+        label=label, label_source="../../" if in_labels else None,
+    )
+    _write_group(url, fmt, {**ome, **attributes})
+    for folder in _container_folders(url):
+        _write_group(folder, fmt, {})
+    if in_labels and parent is not None:
+        _list_label(parent, fmt, version, name)
+
+
+def _create_zarr_array(array_url: VolumeURL, fmt: str, geometry: VolumeGeometry) -> None:
     channels = [] if geometry.num_channels is None else [geometry.num_channels]
-    full_shape = [*channels, *geometry.shape]
-    array_url = url.child("0")
     if fmt == "zarr3":
         spec = {"driver": "zarr3", "kvstore": array_url.kvstore(), "metadata": _zarr3_metadata(geometry)}
     else:
         metadata = {
-            "shape": full_shape,
+            "shape": [*channels, *geometry.shape],
             "chunks": [*channels, *geometry.chunk_shape],
             "dtype": geometry.dtype.str,
             "compressor": {"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1},
@@ -281,17 +299,68 @@ def create_zarr(
         }
         spec = {"driver": "zarr", "kvstore": array_url.kvstore(), "metadata": metadata}
     _ts_create(spec, array_url)
-    version = "0.5" if fmt == "zarr3" else "0.4"
-    ome = ome_zarr.image_attributes(
-        version, geometry.voxel_size_nm, geometry.voxel_offset, geometry.num_channels is not None, name
-    )
-    group_attributes = {**ome, **attributes}
+
+
+def create_zarr_level(url: VolumeURL, fmt: str, level: int, geometry: VolumeGeometry) -> None:
+    """Add scale level ``level`` (array ``url/<level>`` of ``geometry``) to the OME-Zarr image at ``url``:
+    the array first, then its dataset in the image's ``multiscales`` (compare-and-swap; kept if listed)."""
+    _create_zarr_array(url.child(str(level)), fmt, geometry)
+    dataset = ome_zarr.dataset(str(level), geometry.voxel_size_nm, geometry.voxel_offset,
+                               geometry.num_channels is not None)
+    key = "zarr.json" if fmt == "zarr3" else ".zattrs"
+
+    def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        if current is None:
+            raise VolumeFormatError(f"{url.url} has no OME-Zarr image metadata to add scale {level} to.",
+                                    "add scale levels only to images volseg created.")
+        updated = ome_zarr.with_dataset(current.get("attributes", {}) if fmt == "zarr3" else current, dataset)
+        if updated is None:
+            return None
+        return {**current, "attributes": updated} if fmt == "zarr3" else updated
+
+    update_json(url, key, change)
+
+
+def create_precomputed_level(url: VolumeURL, kind: str, geometry: VolumeGeometry) -> None:
+    """Add a scale of ``geometry`` to the precomputed volume at ``url`` (its ``info``), if not there yet."""
+    spec = {"driver": "neuroglancer_precomputed", "kvstore": url.kvstore(),
+            "scale_metadata": _precomputed_scale(geometry, kind)}
+    _ts_create(spec, url)
+
+
+def _write_group(url: VolumeURL, fmt: str, attributes: dict[str, Any]) -> None:
+    """Zarr group metadata with ``attributes`` at ``url``, only where there is none (never replaced)."""
     if fmt == "zarr3":
-        group = {"zarr_format": 3, "node_type": "group", "attributes": group_attributes}
+        group = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
         update_json(url, "zarr.json", lambda current: group if current is None else None)
     else:
-        update_json(url, ".zattrs", lambda current: group_attributes if current is None else None)
+        update_json(url, ".zattrs", lambda current: attributes if current is None else None)
         update_json(url, ".zgroup", lambda current: {"zarr_format": 2} if current is None else None)
+
+
+def _container_folders(url: VolumeURL) -> list[VolumeURL]:
+    """The folders from the outermost ``*.zarr`` folder above ``url`` down to ``url``'s parent."""
+    parents = []
+    folder = url.parent()
+    while folder is not None and folder.path.strip("/"):
+        parents.append(folder)
+        folder = folder.parent()
+    inside = [i for i, f in enumerate(parents) if f.path.rstrip("/").lower().endswith(".zarr")]
+    return list(reversed(parents[: inside[-1] + 1])) if inside else []
+
+
+def _list_label(labels: VolumeURL, fmt: str, version: str, name: str) -> None:
+    """Add ``name`` to the list of the ``labels`` group ``labels`` (a group itself if it was not one)."""
+    if fmt == "zarr3":
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            group = current or {"zarr_format": 3, "node_type": "group", "attributes": {}}
+            attributes = ome_zarr.labels_list(group.get("attributes"), version, name)
+            return None if attributes is None else {**group, "attributes": attributes}
+
+        update_json(labels, "zarr.json", change)
+    else:
+        update_json(labels, ".zattrs", lambda current: ome_zarr.labels_list(current, version, name))
+        update_json(labels, ".zgroup", lambda current: {"zarr_format": 2} if current is None else None)
 
 
 def _zarr3_compressor(dtype: np.dtype) -> dict[str, Any]:
@@ -471,8 +540,8 @@ def precomputed_encoding(kind: str, dtype: np.dtype) -> str:
     )
 
 
-def create_precomputed(url: VolumeURL, geometry: VolumeGeometry, kind: str) -> None:
-    """Create a single-scale Neuroglancer precomputed volume at ``url`` (its ``info`` file)."""
+def _precomputed_scale(geometry: VolumeGeometry, kind: str) -> dict[str, Any]:
+    """A precomputed ``info`` scale of ``geometry`` (x, y, z order)."""
     encoding = precomputed_encoding(kind, geometry.dtype)
     scale: dict[str, Any] = {
         "size": list(geometry.shape[::-1]),
@@ -483,6 +552,12 @@ def create_precomputed(url: VolumeURL, geometry: VolumeGeometry, kind: str) -> N
     }
     if encoding == "compressed_segmentation":
         scale["compressed_segmentation_block_size"] = list(COMPRESSED_SEGMENTATION_BLOCK)
+    return scale
+
+
+def create_precomputed(url: VolumeURL, geometry: VolumeGeometry, kind: str) -> None:
+    """Create a single-scale Neuroglancer precomputed volume at ``url`` (its ``info`` file)."""
+    scale = _precomputed_scale(geometry, kind)
     multiscale = {"type": kind, "data_type": geometry.dtype.name, "num_channels": geometry.num_channels or 1}
     spec = {
         "driver": "neuroglancer_precomputed",

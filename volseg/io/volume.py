@@ -7,109 +7,24 @@ spatial axes and reads or writes all channels::
 
     physical position (nm) = (index + voxel_offset) * voxel_size_nm        per axis z, y, x
 
-Backends (tensorstore, cloud-volume) implement :class:`ArrayBackend`; the Volume checks every box,
-array shape and dtype before handing them over, so all backends fail the same way on bad input.
+Backends (tensorstore, cloud-volume) implement :class:`~volseg.io.array.ArrayBackend`; the Volume checks
+every box, array shape and dtype before handing them over, so all backends fail the same way on bad input.
+A :class:`VolumeSpec` says how to open a volume again (:func:`volseg.io.opening.open_spec`); a Volume pickles
+as its spec (registered by :mod:`volseg.io.opening`, which this module does not import).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 
 from volseg.errors import GeometryMismatchError, VolumeFormatError
 from volseg.geometry import Box
+from volseg.io.array import ArrayBackend, BackendName, Mode, ResultFuture, VolumeGeometry
 from volseg.io.attributes import AttributeStore
-
-T_co = TypeVar("T_co", covariant=True)
-
-Mode = Literal["r", "r+"]
-BackendName = Literal["auto", "tensorstore", "cloudvolume"]
-
-
-class ResultFuture(Protocol[T_co]):
-    """An asynchronous result: ``result()`` blocks until it is ready (or raises the operation's error).
-
-    tensorstore futures and :class:`concurrent.futures.Future` both qualify.
-    """
-
-    def result(self, timeout: float | None = None) -> T_co: ...
-
-
-class ArrayBackend(Protocol):
-    """Box access to one stored array, indexed (c,) z, y, x from 0.
-
-    Boxes and arrays reaching a backend are already checked by :class:`Volume`.
-    """
-
-    def read(self, box: Box) -> ResultFuture[np.ndarray]:
-        """Start reading ``box`` (all channels)."""
-        ...
-
-    def write(self, box: Box, array: np.ndarray, handover: bool = False) -> ResultFuture[None]:
-        """Start writing ``array`` into ``box``; the caller may reuse ``array`` once this returns,
-        unless ``handover`` (then the backend may keep referring to it instead of copying it).
-
-        The future resolves once the data is durably stored.
-        """
-        ...
-
-
-@dataclass(frozen=True)
-class VolumeGeometry:
-    """Everything that fixes where a volume's voxels are and how they are stored.
-
-    ``shape``, ``voxel_size_nm``, ``voxel_offset``, ``chunk_shape`` and ``shard_shape`` are spatial
-    (z, y, x); channels are counted by ``num_channels`` (``None``: the array has no channel axis).
-    """
-
-    shape: tuple[int, int, int]
-    dtype: np.dtype
-    voxel_size_nm: tuple[float, float, float]
-    voxel_offset: tuple[int, int, int]
-    chunk_shape: tuple[int, int, int]
-    shard_shape: tuple[int, int, int] | None = None
-    num_channels: int | None = None
-
-    @property
-    def write_chunk(self) -> tuple[int, int, int]:
-        """The unit one writer must own: the shard if the array is sharded, else the chunk."""
-        return self.shard_shape if self.shard_shape is not None else self.chunk_shape
-
-    def differences(self, existing: VolumeGeometry) -> list[str]:
-        """One line per field that differs: ``"field: given X, existing Y"`` (voxel sizes to 1e-6)."""
-        lines = []
-        for name in ("shape", "dtype", "voxel_offset", "chunk_shape", "shard_shape", "num_channels"):
-            given, found = getattr(self, name), getattr(existing, name)
-            if given != found:
-                lines.append(f"{name}: given {_show(given)}, existing {_show(found)}")
-        if not np.allclose(self.voxel_size_nm, existing.voxel_size_nm, rtol=1e-6, atol=0):
-            lines.append(
-                f"voxel_size_nm: given {_show(self.voxel_size_nm)}, existing {_show(existing.voxel_size_nm)}"
-            )
-        return lines
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, np.dtype):
-        return value.name
-    if isinstance(value, tuple):
-        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
-    return str(value)
-
-
-@dataclass(frozen=True)
-class OpenedArray:
-    """What a backend found when opening a URL: the array, its geometry and its attributes."""
-
-    format: str
-    geometry: VolumeGeometry
-    array: ArrayBackend
-    attribute_store: AttributeStore
-    ome_version: str | None = None
-    kind: str = "image"
+from volseg.io.urls import parse_url
 
 
 @dataclass(frozen=True)
@@ -122,13 +37,6 @@ class VolumeSpec:
     backend: BackendName = "auto"
     #: ``(start, stop)`` (z, y, x) of a read-only region of the volume (see :meth:`Volume.region`).
     region: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
-
-    def open(self) -> Volume:
-        """Open the volume this spec describes (see :func:`volseg.io.open_volume`)."""
-        from volseg.io.opening import open_volume
-
-        volume = open_volume(self.url, self.mode, scale=self.scale, backend=self.backend)
-        return volume if self.region is None else volume.region(Box(*self.region))
 
 
 class Volume:
@@ -186,9 +94,6 @@ class Volume:
             f"dtype={self.dtype.name}, voxel_size_nm={self.voxel_size_nm}, chunk_shape={self.chunk_shape}, "
             f"writable={self.writable})"
         )
-
-    def __reduce__(self) -> tuple[Any, tuple[VolumeSpec]]:
-        return (VolumeSpec.open, (self.spec,))
 
     def region(self, box: Box) -> Volume:
         """A read-only view of ``box`` of this volume, indexed from the box's start (its voxel offset
@@ -320,18 +225,5 @@ class _ShiftedArray:
 def _absolute(spec: VolumeSpec) -> VolumeSpec:
     """The spec with a relative local path made absolute now: whoever reopens it (a Ray actor, after
     unpickling) may run in another working directory. Any other URL keeps the form it was given in."""
-    from volseg.io.urls import parse_url
-
     parsed = parse_url(spec.url)
     return replace(spec, url=str(parsed)) if parsed.relative else spec
-
-
-def as_zyx(values: Sequence[float] | Sequence[int], name: str, kind: type = int) -> tuple[Any, Any, Any]:
-    """``values`` as a 3-tuple of ``kind``; anything but 3 values raises VolumeFormatError naming ``name``."""
-    items = tuple(values)
-    if len(items) != 3:
-        raise VolumeFormatError(
-            f"{name} is {items!r}; expected 3 values in z, y, x order.", f"give {name} as (z, y, x)."
-        )
-    converted = tuple(kind(v) for v in items)
-    return converted[0], converted[1], converted[2]

@@ -10,7 +10,9 @@ are, so a 0/1 ``uint8`` mask is ONE instance per value — pass ``mask > 0`` to 
 
 * :func:`aggregated_jaccard` — AJI, Kumar et al. 2017 (per 2D slice in volseg).
 * :func:`panoptic_quality` — PQ = SQ × RQ, Kirillov et al. 2019 (per 2D slice in volseg).
-* :func:`average_precision` — AP at IoU 0.75 over 3D instances, the MitoEM challenge's AP-75.
+* :func:`average_precision` — AP at IoU 0.75 over 3D instances, the MitoEM challenge's AP-75; for a
+  volume too large for memory, :func:`overlap_counts` of its blocks, summed
+  (:func:`sum_overlap_counts`), give :meth:`Overlaps.from_counts` and :func:`ranked_average_precision`.
 
 Empty inputs: when neither map has any foreground, every metric is 1.0 (nothing to find, nothing
 found wrongly); when exactly one of them is empty, every metric is 0.0.
@@ -119,14 +121,17 @@ def connected_instances(mask: np.ndarray, min_size_vx: int = 0, connectivity: in
 
 
 def as_instances(array: np.ndarray, connectivity: int | None = None) -> np.ndarray:
-    """Instances of ``array`` numbered 1..n: connected components if it is boolean, else its labels."""
+    """Instances of ``array`` numbered 1..n: connected components if it is boolean, else its labels in
+    ascending order of their values (so a volume's ids do not depend on where its objects lie)."""
     array = np.asarray(array)
     if array.dtype == bool:
         return connected_instances(array, connectivity=connectivity)
     if array.dtype.kind not in "iu":
         raise ValueError(f"instance label maps must be integer (or boolean masks), got {array.dtype}")
-    labels, _ = fastremap.renumber(array, preserve_zero=True, in_place=False)
-    return labels
+    values = fastremap.unique(array)
+    values = values[values != 0]
+    mapping = {0: 0, **{int(v): i for i, v in enumerate(values.tolist(), start=1)}}
+    return fastremap.remap(array, mapping, in_place=False).astype(np.uint32 if len(values) < 2**32 else np.uint64)
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,29 @@ class Overlaps:
         predicted_area = np.bincount(p.ravel(), minlength=n_predicted + 1)
         union = true_area[true_id] + predicted_area[predicted_id] - intersection
         return cls(true_id, predicted_id, intersection, union, true_area, predicted_area)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> Overlaps:
+        """Overlaps from voxel counts of (predicted id, true id) pairs, ``K×3`` (any integer ids, 0 =
+        background; each pair once), as :func:`overlap_counts` gives them summed over the blocks of a
+        volume: the same as :meth:`of` on the whole volume, whose voxels never need to be in memory."""
+        counts = np.asarray(counts, np.uint64).reshape(-1, 3)
+        predicted_ids, p = np.unique(counts[:, 0], return_inverse=True)
+        true_ids, t = np.unique(counts[:, 1], return_inverse=True)
+        # ids 1..n in ascending order of the original ids (0 stays 0 when present)
+        p = p + (1 if len(predicted_ids) == 0 or predicted_ids[0] != 0 else 0)
+        t = t + (1 if len(true_ids) == 0 or true_ids[0] != 0 else 0)
+        n_predicted = len(predicted_ids) - int(len(predicted_ids) > 0 and predicted_ids[0] == 0)
+        n_true = len(true_ids) - int(len(true_ids) > 0 and true_ids[0] == 0)
+        voxels = counts[:, 2].astype(np.int64)
+        predicted_area = np.bincount(p, weights=voxels, minlength=n_predicted + 1).astype(np.int64)
+        true_area = np.bincount(t, weights=voxels, minlength=n_true + 1).astype(np.int64)
+        both = (p > 0) & (t > 0)
+        order = np.lexsort((p[both], t[both]))
+        true_id, predicted_id, intersection = t[both][order], p[both][order], voxels[both][order]
+        union = true_area[true_id] + predicted_area[predicted_id] - intersection
+        return cls(true_id.astype(np.int64), predicted_id.astype(np.int64), intersection, union, true_area,
+                   predicted_area)
 
     @property
     def num_true(self) -> int:
@@ -307,6 +335,13 @@ def average_precision(
     Works for 2D and 3D maps (boolean masks get 8/26-connected components).
     """
     o = Overlaps.of(predicted, truth, connectivity)
+    return ranked_average_precision(o, iou_threshold, None if scores is None else _scores_by_new_id(predicted, scores))
+
+
+def ranked_average_precision(o: Overlaps, iou_threshold: float = 0.75, score: np.ndarray | None = None
+                             ) -> AveragePrecision:
+    """:func:`average_precision` of the instances in ``o``, predictions ranked by ``score`` (one per
+    predicted id 1..n) or by size."""
     best_iou = np.zeros(o.num_predicted + 1)
     np.maximum.at(best_iou, o.predicted_id, o.iou)
     is_tp = best_iou[1:] >= min(iou_threshold, 1 - 1e-10)
@@ -315,7 +350,7 @@ def average_precision(
     if o.num_true == 0 or o.num_predicted == 0:
         return AveragePrecision(1.0 if o.num_true == o.num_predicted else 0.0, *counts)
     ids = np.arange(1, o.num_predicted + 1)
-    score = o.predicted_area[1:].astype(np.float64) if scores is None else _scores_by_new_id(predicted, scores)
+    score = o.predicted_area[1:].astype(np.float64) if score is None else np.asarray(score, np.float64)
     ranked = is_tp[np.lexsort((ids, -score))]
     tp_cumulative = np.cumsum(ranked)
     recall = tp_cumulative / o.num_true
@@ -326,12 +361,46 @@ def average_precision(
     return AveragePrecision(float(sampled.mean()), *counts)
 
 
+def overlap_counts(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Voxel counts of every (predicted id, true id) pair in two label blocks of one shape, ``K×3``
+    uint64 (background 0 included, so the areas of both sides follow): what
+    :meth:`Overlaps.from_counts` sums over a volume's blocks."""
+    p_small, p_ids = _small_ids(predicted)
+    t_small, t_ids = _small_ids(truth)
+    codes = p_small.astype(np.int64).ravel() * len(t_ids) + t_small.astype(np.int64).ravel()
+    pairs, voxels = np.unique(codes, return_counts=True)
+    p, t = np.divmod(pairs, len(t_ids))
+    return np.stack([p_ids[p], t_ids[t], voxels.astype(np.uint64)], axis=1).astype(np.uint64)
+
+
+def _small_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``labels`` renumbered 0..n-1 in ascending order of their values, and the values (uint64)."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        labels = labels.view(np.uint8)
+    values = fastremap.unique(labels)
+    small = fastremap.remap(labels, {int(v): i for i, v in enumerate(values.tolist())}, in_place=False)
+    return small, values.astype(np.uint64)
+
+
+def sum_overlap_counts(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """Several :func:`overlap_counts` tables (``K×3``) summed into one, each pair once."""
+    rows = np.concatenate([np.zeros((0, 3), np.uint64)] + [np.asarray(p, np.uint64).reshape(-1, 3) for p in parts])
+    if not len(rows):
+        return rows
+    order = np.lexsort((rows[:, 1], rows[:, 0]))
+    rows = rows[order]
+    starts = np.flatnonzero(np.concatenate([[True], (rows[1:, :2] != rows[:-1, :2]).any(axis=1)]))
+    return np.concatenate([rows[starts, :2], np.add.reduceat(rows[:, 2], starts)[:, None]], axis=1)
+
+
 def _scores_by_new_id(predicted: np.ndarray, scores: Mapping[int, float]) -> np.ndarray:
     """``scores`` (keyed by the ids in ``predicted``) ordered as :func:`as_instances` renumbers them."""
     predicted = np.asarray(predicted)
     if predicted.dtype == bool:
         raise ValueError("scores need an instance label map: a boolean mask has no instance ids to score")
-    _, new_id_of = fastremap.renumber(predicted, preserve_zero=True, in_place=False)
+    values = fastremap.unique(predicted)
+    new_id_of = {int(v): i for i, v in enumerate(values[values != 0].tolist(), start=1)}
     missing = sorted(int(i) for i in new_id_of if i != 0 and int(i) not in scores)
     if missing:
         raise ValueError(f"scores lack predicted instance ids {missing[:10]}")

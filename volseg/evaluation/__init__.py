@@ -1,0 +1,2 @@
+"""Scoring segmentations: metrics (Dice, IoU, AJI, PQ, AP-75), streaming over volumes larger than memory
+(dask), and the report."""
