@@ -168,6 +168,10 @@ def test_connected_components_blockwise_equal_whole_volume(tmp_path, scenes, cor
     volume = open_volume(plan.url)
     assert volume.dtype == np.uint64 and volume.voxel_offset == (3, 0, 5) and volume.shard_shape == shard
     assert volume.attributes["volseg"]["instances"] == result.instances
+    properties = json.loads((Path(volume.url) / "segment_properties" / "info").read_text())  # Neuroglancer's
+    assert properties["inline"]["ids"] == [str(i) for i in range(1, result.instances + 1)]
+    voxels = next(p for p in properties["inline"]["properties"] if p["id"] == "voxels")["values"]
+    assert voxels == np.bincount(labels.ravel().astype(np.int64))[1:].tolist()
 
 
 @pytest.mark.parametrize(("connectivity", "objects"), [(6, 24), (18, 13), (26, 2)])
@@ -314,7 +318,8 @@ def test_resume_skips_done_blocks_and_stitches_with_their_marks(tmp_path, scenes
     every = list(range(plan.grid.num_blocks))
     merged = {name: ids for name, ids in executor.ran.items() if name.startswith("instances-merge")}
     assert {name: ids for name, ids in executor.ran.items() if name not in merged} == {
-        "instances-label": [b for b in every if b % 3 == 1], "instances-stitch": every, "instances-relabel": every}
+        "instances-label": [b for b in every if b % 3 == 1], "instances-stitch": every, "instances-relabel": every,
+        "instances-properties": [0]}
     tree = MergeTree(plan.grid.num_blocks, **DEEP)
     assert merged == {f"instances-merge-{way}-{level}": list(range(tree.nodes(level)))
                       for way in ("up", "down") for level in range(tree.top + 1)} and tree.top >= 3

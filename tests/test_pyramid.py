@@ -3,6 +3,8 @@ downsampling the whole level; OME-Zarr multiscales and precomputed scales that r
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tensorstore as ts
 import zarr
@@ -46,6 +48,9 @@ def test_volseg_run_writes_levels_equal_to_downsampling_whole_levels(run_config,
             assert volume.voxel_size_nm == tuple(v * f for v, f in zip(below.voxel_size_nm, factor, strict=True))
             np.testing.assert_array_equal(volume.read(volume.bounds), _whole(below, factor, method))
             below = volume
+    info = json.loads((tmp_path / "instances_pc" / "info").read_text())  # the scales kept the properties
+    assert len(info["scales"]) == 3 and info["segment_properties"] == "segment_properties"
+    assert (tmp_path / "instances_pc" / "segment_properties" / "info").is_file()
     group = zarr.open_group(config["output"]["probabilities"], mode="r")
     assert [d["path"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]] == ["0", "1", "2"]
 

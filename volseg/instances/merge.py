@@ -21,6 +21,8 @@ blocks must agree)::
         what it dropped, and for what it sent up the ids its parent resolved; writes them to each child
         (resolved/<level>/<node>), and a leaf writes the relabel table of its blocks (relabel/<leaf>)
     relabel pass                              each block reads only its leaf's table
+    properties (one task)                     the objects' sizes (sizes/<level>/<node>, written by the
+        down pass) as Neuroglancer segment properties beside the instance output
 
 Every node writes the same bytes whoever runs it and however often (each is a pure function of its
 inputs), so a resumed or retried merge is exact, and a run with one leaf (under ``leaf_blocks`` blocks)
@@ -287,7 +289,7 @@ class MergeUpStage:
         files = {
             f"up/{self.level}/{node}": encode(ids=up.ids, sizes=up.sizes, half_edges=up.half_edges),
             f"map/{self.level}/{node}": encode(**shape, component=joined.component, roots=joined.roots,
-                                               ranks=joined.ranks),
+                                               ranks=joined.ranks, sizes=joined.sizes),
         }
         pieces = int(shape["counts"].sum()) if self.level == 0 else 0
         return files, {"pieces": pieces, "closed": joined.closed, "kept": joined.kept}
@@ -322,21 +324,24 @@ class MergeDownStage:
     def compute(self, block: Block, data: list[dict[str, np.ndarray]]) -> dict[str, bytes]:
         m, node = self.inputs, block.id
         stored = data[0]
-        joined = Joined(stored["component"], stored["roots"], np.zeros(0), stored["ranks"], Elements.concat([]))
+        joined = Joined(stored["component"], stored["roots"], stored["sizes"], stored["ranks"], Elements.concat([]))
         resolved = (data[1]["ids"], data[1]["finals"]) if len(data) > 1 else (np.zeros(0, np.uint64),
                                                                               np.zeros(0, np.uint64))
         base = int(self.bases[node])
         final = finals(joined, base, resolved)
+        kept = joined.ranks > 0
+        files = {f"sizes/{self.level}/{node}": encode(ids=(base + joined.ranks[kept]).astype(np.uint64),
+                                                      sizes=joined.sizes[kept])}  # the objects this node closed
         if self.level == 0:
             blocks = m.tree.blocks(0, node)
             counts = stored["counts"]
             table = leaf_table(counts, block_pieces(blocks, counts), joined, final, blocks.start, base)
-            return {f"relabel/{node}": table.encode()}
+            return {**files, f"relabel/{node}": table.encode()}
         ids = stored["ids"]
         child_of = (piece_blocks(ids) // m.tree.span(self.level - 1)) if len(ids) else np.zeros(0, np.int64)
-        return {f"resolved/{self.level - 1}/{child}": encode(ids=ids[child_of == child],
-                                                            finals=final[child_of == child])
-                for child in m.tree.children(self.level, node)}
+        return {**files, **{f"resolved/{self.level - 1}/{child}": encode(ids=ids[child_of == child],
+                                                                         finals=final[child_of == child])
+                            for child in m.tree.children(self.level, node)}}
 
     def write(self, block: Block, computed: dict[str, bytes]) -> list[Pending]:
         return [_Writes(self.inputs.folder, computed)]

@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,8 @@ from volseg.engine.stage import BlockDone, BlockStage, Executor, RunStats, run_s
 from volseg.errors import ConfigError, GeometryMismatchError
 from volseg.geometry import BlockGrid
 from volseg.instances.labels import InstanceParams, instance_params
-from volseg.instances.merge import MergeInputs, MergeTree, merge
+from volseg.instances.merge import MergeInputs, MergeTree, merge, task_grid
+from volseg.instances.properties import PropertiesStage
 from volseg.instances.stages import FaceContactStage, HaloOverlapStage, LabelStage, RelabelStage
 from volseg.io import Volume, VolumeGeometry, create_volume, open_volume, parse_url
 from volseg.io.formats import creation_format
@@ -200,6 +201,9 @@ def _run_passes(plan: InstancePlan, executor: Executor, ledger: BlockLedger, on_
         return InstanceResult(plan.url, 0, 0, 0, 0, time.perf_counter() - begin, stats)
     relabel = RelabelStage(inputs.folder, tree.leaf_blocks, instances)
     stats = stats.merge(run_stage(executor, relabel, plan.grid, ledger, on_done).stats)
+    if not stats.failed:  # the objects' sizes as Neuroglancer segment properties (one task)
+        properties = run_stage(executor, PropertiesStage(inputs.folder, instances), task_grid(1), ledger).stats
+        stats = stats.merge(replace(properties, blocks_done=0, voxels=0, outcomes={}))
     if not stats.failed:
         instances.update_attributes({SIGNATURE_KEY: {**instances.attributes.get(SIGNATURE_KEY, {}),
                                                      "instances": merged.instances}})
