@@ -517,3 +517,44 @@ def test_volseg_run_writes_instances_of_its_own_probabilities(run_config, tmp_pa
     again = run(parse_config(config), progress=False)
     assert again.passes[0].resumed == again.plan.grid.num_blocks and again.passes[0].stats.blocks_done == 0
     assert np.array_equal(open_volume(config["instances"]["url"]).read(probabilities.bounds), labels)
+
+
+def _area(vertices: np.ndarray, faces: np.ndarray) -> float:
+    a, b, c = (vertices[faces[:, i]] for i in range(3))
+    return float(np.linalg.norm(np.cross(b - a, c - a), axis=1).sum() / 2)
+
+
+def test_meshes_are_the_whole_volume_surface_cut_into_block_fragments(tmp_path, scenes) -> None:
+    """`instances.meshes`: every object's fragments (one per block it lies in, listed by its manifest) add
+    up to the surface zmesh finds on the whole volume, neither caps at block faces nor gaps; cloud-volume
+    reads them from a precomputed output, whose info points at them."""
+    import zmesh
+    from cloudvolume import CloudVolume
+
+    probability, density = scenes[0]
+    core = (5, 13, 17)
+    urls = _semantic_outputs(tmp_path, probability, density, core)
+    settings = InstancesConfig(url=f"precomputed://{tmp_path}/seg", method="connected_components", meshes=True)
+    plan = _plan(settings, *urls, core)
+    result, labels = _run(plan)
+    voxel = open_volume(plan.url).voxel_size_nm
+    offset = np.asarray(open_volume(plan.url).voxel_offset)
+    whole = zmesh.Mesher(voxel[::-1])
+    whole.mesh(np.asfortranarray(labels.transpose(2, 1, 0)), close=False)
+    info = json.loads((tmp_path / "seg" / "info").read_text())
+    assert info["mesh"] == "mesh" and json.loads((tmp_path / "seg" / "mesh" / "info").read_text())["@type"] == (
+        "neuroglancer_legacy_mesh")
+    cloud = CloudVolume(f"file://{tmp_path}/seg")
+    spanned = 0
+    for label in range(1, result.instances + 1):
+        manifest = json.loads((tmp_path / "seg" / "mesh" / f"{label}:0").read_text())["fragments"]
+        widened = [b.id for b in plan.grid
+                   if (labels[b.core.grow(0, 1).intersect(plan.grid.roi).slices] == label).any()]
+        assert manifest == [f"{label}:0:{b}" for b in widened]  # every block whose widened core holds it
+        blocks = np.unique(owner_blocks(plan.grid, plan.grid.roi)[labels == label])
+        spanned = max(spanned, len(blocks))
+        expected = whole.get(label, normals=False, voxel_centered=True)
+        mesh = cloud.mesh.get(label, remove_duplicate_vertices=False)
+        assert _area(mesh.vertices, mesh.faces) == pytest.approx(_area(expected.vertices, expected.faces), rel=1e-5)
+        np.testing.assert_allclose(mesh.vertices.min(0), expected.vertices.min(0) + offset[::-1] * voxel[::-1])
+    assert spanned >= 3

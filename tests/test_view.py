@@ -353,11 +353,12 @@ def test_the_state_opens_on_the_volume_centre_with_overlays_that_keep_the_em_vis
     assert all("opacity" not in layer for layer in state["layers"])
 
 
-def test_zarr_instances_bring_their_segment_properties_as_a_second_source(run_dir):
+def test_zarr_instances_bring_their_segment_properties_and_meshes_as_more_sources(run_dir):
     root = run_dir[0]
     config = parse_config({"input": {"url": f"{root}/data.zarr/raw"},
                            "output": {"probabilities": f"{root}/out.zarr/prob"},
-                           "instances": {"url": f"{root}/run.zarr/instances"}})
+                           "instances": {"url": f"{root}/run.zarr/instances", "meshes": True}})
     layers = {layer["name"]: layer for layer in neuroglancer_state(config, port=8125)["layers"]}
     assert layers["instances"]["type"] == "segmentation" and layers["instances"]["source"] == [
-        "zarr3://http://127.0.0.1:8125/instances", "precomputed://http://127.0.0.1:8125/instances/segment_properties"]
+        "zarr3://http://127.0.0.1:8125/instances", "precomputed://http://127.0.0.1:8125/instances/segment_properties",
+        "precomputed://http://127.0.0.1:8125/instances/mesh"]

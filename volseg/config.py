@@ -203,7 +203,8 @@ class InstancesConfig(Section):
     ``min_size_vx`` voxels or ``min_size_nm3`` cubic nanometres (with the volume's voxel size; the
     larger bound applies) are dropped, whole, wherever their pieces lie. ``halo_nm``: context each
     watershed block sees around its core (default 4 × ``min_distance_nm``); it should exceed the largest
-    object's radius."""
+    object's radius. ``meshes``: also write Neuroglancer meshes of the objects (zmesh, blockwise; see
+    :mod:`volseg.instances.meshes`); not part of the run signature (the labels are the same)."""
 
     url: str = Field(min_length=1)
     method: Literal["watershed", "connected_components"] = "watershed"
@@ -214,6 +215,7 @@ class InstancesConfig(Section):
     min_size_nm3: float = Field(default=0.0, ge=0.0)
     connectivity: Literal[6, 18, 26] = 6
     halo_nm: float | None = Field(default=None, gt=0.0)
+    meshes: bool = False
 
 
 class ClusterConfig(Section):
@@ -480,7 +482,7 @@ class Config(Section):
             "inference": self._inference_fields(),
             "output": self._output_fields(),
             "prompts": self.prompts.model_dump(exclude={"points", "layer"}) if self.prompts else None,
-            "instances": self.instances.model_dump(exclude={"url"}) if self.instances else None,
+            "instances": self.instances.model_dump(exclude={"url", "meshes"}) if self.instances else None,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
 

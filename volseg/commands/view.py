@@ -40,6 +40,7 @@ from volseg.config import Config
 from volseg.engine.lease import STATE_DIRECTORY  # run state (done-marks, lease): never served
 from volseg.errors import ConfigError, UnsupportedURLError, VolsegError, VolumeNotFoundError
 from volseg.geometry import PointSet
+from volseg.instances.meshes import MESHES
 from volseg.instances.properties import PROPERTIES
 from volseg.io import open_volume
 from volseg.io.formats import creation_format
@@ -134,9 +135,9 @@ def neuroglancer_state(config: Config, prompts: PointSet | PointIndex | None = N
             continue  # an input that does not exist is not the run's to write
         fmt = volume.format if volume is not None else creation_format(parse_url(url), None)  # as it will be
         layer: dict[str, Any] = {"type": kind, "name": name, "source": source(name, url, fmt, server)}
-        if kind == "segmentation" and fmt != "precomputed":  # precomputed lists its properties in its info
-            properties = source(name, url, "precomputed", server) + f"/{PROPERTIES}"
-            layer["source"] = [layer["source"], properties]
+        if kind == "segmentation" and fmt != "precomputed":  # precomputed lists these in its info
+            extra = [PROPERTIES] + ([MESHES] if config.instances is not None and config.instances.meshes else [])
+            layer["source"] = [layer["source"], *(source(name, url, "precomputed", server) + f"/{e}" for e in extra)]
         if name in OVERLAY_COLOURS:
             layer["shader"] = overlay_shader(OVERLAY_COLOURS[name])
         layers.append(layer)

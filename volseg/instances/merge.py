@@ -377,6 +377,7 @@ class MergeResult:
     dropped: int
     stats: RunStats
     nodes: int = 0
+    bases: tuple[np.ndarray, ...] = ()
 
 
 def merge(executor: Executor, inputs: MergeInputs, ledger: BlockLedger | None = None) -> MergeResult:
@@ -401,7 +402,7 @@ def merge(executor: Executor, inputs: MergeInputs, ledger: BlockLedger | None = 
         if result.failed:
             return MergeResult(0, 0, 0, 0, stats)
     instances = int(sum(int(k.sum()) for k in kept))
-    return MergeResult(instances, pieces, closed, closed - instances, stats, sum(len(k) for k in kept))
+    return MergeResult(instances, pieces, closed, closed - instances, stats, sum(len(k) for k in kept), tuple(bases))
 
 
 def _run_level(executor: Executor, stage: MergeUpStage | MergeDownStage, tree: MergeTree, level: int,

@@ -25,6 +25,7 @@ from volseg.errors import ConfigError, GeometryMismatchError
 from volseg.geometry import BlockGrid
 from volseg.instances.labels import InstanceParams, instance_params
 from volseg.instances.merge import MergeInputs, MergeTree, merge, task_grid
+from volseg.instances.meshes import ManifestStage, MeshStage, PairStage, write_mesh_info
 from volseg.instances.properties import PropertiesStage
 from volseg.instances.stages import FaceContactStage, HaloOverlapStage, LabelStage, RelabelStage
 from volseg.io import Volume, VolumeGeometry, create_volume, open_volume, parse_url
@@ -46,6 +47,7 @@ class InstancePlan:
     grid: BlockGrid
     creation: dict[str, Any]
     signature: str | None = None
+    meshes: bool = False
 
 
 def plan_instances(
@@ -97,7 +99,8 @@ def plan_instances(
         check_signature(existing, settings.url, "instances.url", signature, overwrite)
     instance_grid = BlockGrid(grid.roi, grid.core_shape, params.halo_vx, grid.roi)
     return InstancePlan(settings.url, probabilities_url, density_url, params,
-                        min_size_voxels(settings, geometry.voxel_size_nm), instance_grid, creation, signature)
+                        min_size_voxels(settings, geometry.voxel_size_nm), instance_grid, creation, signature,
+                        settings.meshes)
 
 
 def min_size_voxels(settings: InstancesConfig, voxel_size_nm: Sequence[float]) -> int:
@@ -204,6 +207,18 @@ def _run_passes(plan: InstancePlan, executor: Executor, ledger: BlockLedger, on_
     if not stats.failed:  # the objects' sizes as Neuroglancer segment properties (one task)
         properties = run_stage(executor, PropertiesStage(inputs.folder, instances), task_grid(1), ledger).stats
         stats = stats.merge(replace(properties, blocks_done=0, voxels=0, outcomes={}))
+    if plan.meshes and not stats.failed:  # fragments per block, then the manifests, level by level
+        stats = stats.merge(replace(run_stage(executor, MeshStage(instances, plan.grid), plan.grid, ledger).stats,
+                                    blocks_done=0, voxels=0))
+        stages = [(PairStage(inputs.folder, tree, merged.bases, ledger), 0)] + [
+            (ManifestStage(inputs.folder, level, instances), level) for level in range(tree.top + 1)]
+        for stage, level in stages:
+            if stats.failed:
+                break
+            stats = stats.merge(replace(run_stage(executor, stage, task_grid(tree.nodes(level)), ledger).stats,
+                                        blocks_done=0, voxels=0, outcomes={}))
+        if not stats.failed:
+            write_mesh_info(instances)
     if not stats.failed:
         instances.update_attributes({SIGNATURE_KEY: {**instances.attributes.get(SIGNATURE_KEY, {}),
                                                      "instances": merged.instances}})
