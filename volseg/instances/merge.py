@@ -231,7 +231,9 @@ def _elements(data: dict[str, np.ndarray]) -> Elements:
     return Elements(data["ids"], data["sizes"], data["half_edges"].reshape(-1, 3))
 
 
-class _Writes:
+class FileWrites:
+    """Concurrent writes of named files into one folder; ``result()`` waits for all of them."""
+
     def __init__(self, folder: VolumeURL, items: dict[str, bytes]) -> None:
         store = open_kvstore(folder)
         self.pending = [store.write(key, value) for key, value in items.items()]
@@ -295,7 +297,7 @@ class MergeUpStage:
         return files, {"pieces": pieces, "closed": joined.closed, "kept": joined.kept}
 
     def write(self, block: Block, computed: tuple[dict[str, bytes], dict[str, int]]) -> list[Pending]:
-        return [_Writes(self.inputs.folder, computed[0])]
+        return [FileWrites(self.inputs.folder, computed[0])]
 
     def outcome(self, block: Block, computed: tuple[dict[str, bytes], dict[str, int]]) -> dict[str, int]:
         return computed[1]
@@ -344,7 +346,7 @@ class MergeDownStage:
                             for child in m.tree.children(self.level, node)}}
 
     def write(self, block: Block, computed: dict[str, bytes]) -> list[Pending]:
-        return [_Writes(self.inputs.folder, computed)]
+        return [FileWrites(self.inputs.folder, computed)]
 
     def outcome(self, block: Block, computed: dict[str, bytes]) -> None:
         return None

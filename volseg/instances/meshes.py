@@ -34,7 +34,7 @@ import zmesh
 from volseg.engine.ledger import BlockLedger
 from volseg.engine.stage import Pending, Resolved
 from volseg.geometry import Block, BlockGrid, Box
-from volseg.instances.merge import MergeTree
+from volseg.instances.merge import FileWrites, MergeTree
 from volseg.io import Volume, parse_url
 from volseg.io.storage import open_kvstore, read_keys, update_json
 from volseg.io.urls import VolumeURL
@@ -46,18 +46,6 @@ MESHES = "mesh"
 def fragment_name(label: int, block: int) -> str:
     """A fragment's file name, ``<id>:0:<block>`` (``<id>:0`` is the manifest's: level of detail 0)."""
     return f"{label}:0:{block}"
-
-
-class _Store:
-    """Concurrent writes of named files into one folder; ``result()`` waits for all of them."""
-
-    def __init__(self, folder: VolumeURL, items: dict[str, bytes]) -> None:
-        store = open_kvstore(folder)
-        self.pending = [store.write(key, value) for key, value in items.items()]
-
-    def result(self) -> None:
-        for pending in self.pending:
-            pending.result()
 
 
 def fragment(mesher: Any, label: int, origin_nm: Sequence[float]) -> bytes:
@@ -101,7 +89,7 @@ class MeshStage:
         return files
 
     def write(self, block: Block, computed: dict[str, bytes]) -> list[Pending]:
-        return [_Store(self.folder, computed)] if computed else []
+        return [FileWrites(self.folder, computed)] if computed else []
 
     def outcome(self, block: Block, computed: dict[str, bytes]) -> dict[str, list[int]]:
         return {"ids": sorted(int(name.split(":")[0]) for name in computed)}
@@ -157,7 +145,7 @@ class PairStage:
         return routed
 
     def write(self, block: Block, computed: dict[str, bytes]) -> list[Pending]:
-        return [_Store(self.folder, computed)]
+        return [FileWrites(self.folder, computed)]
 
     def outcome(self, block: Block, computed: Any) -> None:
         return None
@@ -191,7 +179,7 @@ class ManifestStage:
         return _manifests(np.concatenate([np.zeros((0, 2), np.int64)] + [np.asarray(p).reshape(-1, 2) for p in parts]))
 
     def write(self, block: Block, computed: dict[str, bytes]) -> list[Pending]:
-        return [_Store(self.meshes, computed)]
+        return [FileWrites(self.meshes, computed)]
 
     def outcome(self, block: Block, computed: Any) -> None:
         return None
