@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from volseg.errors import ConfigError
 from volseg.models import ModelSpec
 
-Triple = tuple[int, int, int]
 PositiveTriple = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
 
 

@@ -33,7 +33,6 @@ class ClusterResources:
     cpus: float
     gpus: float
     nodes: int
-    joined_here: bool
     local: bool  # a Ray instance started by this command: no autoscaler will add nodes
 
 
@@ -56,7 +55,7 @@ def connected(address: str | None = None) -> Iterator[ClusterResources]:
     try:
         total = ray.cluster_resources()
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        yield ClusterResources(total.get("CPU", 0.0), total.get("GPU", 0.0), nodes, started, local)
+        yield ClusterResources(total.get("CPU", 0.0), total.get("GPU", 0.0), nodes, local)
     finally:
         if started:
             ray.shutdown()

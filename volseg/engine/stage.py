@@ -91,10 +91,6 @@ class RunStats:
         if outcome is not None:
             self.outcomes[block.id] = outcome
 
-    @property
-    def voxels_per_second(self) -> float:
-        return self.voxels / self.seconds if self.seconds > 0 else 0.0
-
     def merge(self, other: RunStats) -> RunStats:
         """The stats of two passes run one after the other."""
         return RunStats(self.blocks_done + other.blocks_done, self.voxels + other.voxels,

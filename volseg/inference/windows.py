@@ -63,10 +63,6 @@ class WindowGrid:
     def origins(self, axis: int) -> np.ndarray:
         return axis_origins(self.volume_shape[axis], self.window[axis], self.stride[axis])
 
-    def padded_window(self, axis: int) -> bool:
-        """Whether windows on ``axis`` extend past the volume (the axis is shorter than the window)."""
-        return self.volume_shape[axis] < self.window[axis]
-
     def window_box(self, origin: Sequence[int]) -> Box:
         """The voxels a window at ``origin`` covers inside the volume (padding excluded)."""
         box = Box.from_shape(self.window, origin)
