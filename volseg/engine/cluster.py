@@ -97,8 +97,13 @@ def check_shared_storage(outputs: Sequence[tuple[str, str]], min_nodes: int = 2)
         for field, path in local:
             folder = next(p for p in (path, *path.parents) if p.is_dir())
             marker = folder / f".volseg-shared-{token}"
-            marker.write_text(token)
+            try:
+                marker.write_text(token)
+            except OSError:  # a folder this process cannot write: creating the output says so, in one line
+                continue
             markers.append((field, str(marker)))
+        if not markers:
+            return
         probe = ray.remote(num_cpus=0)(_unseen_markers)
         pending = {node["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             node["NodeID"], soft=False)).remote([m for _, m in markers], token) for node in nodes}
