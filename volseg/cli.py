@@ -128,8 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     _config(peaks, "YAML run config whose output.density was written")
     peaks.add_argument("--out", required=True, metavar="CSV", help="where the points (z,y,x) go (a new file)")
 
-    evaluate = commands.add_parser("eval", help="score a prediction against labels (config: eval:)")
-    _config(evaluate, "YAML config with eval: (prediction defaults to output.probabilities)")
+    evaluate = commands.add_parser("eval", help="score a prediction and/or an instance output against labels "
+                                                "(config: eval:)")
+    _config(evaluate, "YAML config with eval: (prediction defaults to output.probabilities; eval.instances adds "
+                      "the MitoEM AP-75 of an instance output)")
     evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     view = commands.add_parser("view", help="serve a run's local volumes and print a Neuroglancer link")
