@@ -1,7 +1,7 @@
 """What every storage backend of a :class:`~volseg.io.volume.Volume` provides and returns: box access to one
 array (:class:`ArrayBackend`), asynchronous results, and the geometry that fixes where voxels are.
 
-The backends (:mod:`volseg.io.tensorstore_backend`, :mod:`volseg.io.cloudvolume_backend`) depend on this
+The backends (:mod:`volseg.io.backends.tensorstore`, :mod:`volseg.io.backends.cloudvolume`) depend on this
 module only, never on the Volume or on how volumes are opened, so the import graph has no cycle::
 
     array ← volume ← opening → backends → array

@@ -22,10 +22,10 @@ from volseg.errors import (
 from volseg.io import ome_zarr
 from volseg.io.array import VolumeGeometry, as_zyx
 from volseg.io.attributes import PRECOMPUTED_SIDECAR, AttributeStore
+from volseg.io.backends.tensorstore import N5_RESERVED, create_n5, create_precomputed, create_zarr
 from volseg.io.chunks import choose_output_chunks
 from volseg.io.formats import candidates, check_dtype, creation_format, probe_format
 from volseg.io.opening import open_volume
-from volseg.io.tensorstore_backend import N5_RESERVED, create_n5, create_precomputed, create_zarr
 from volseg.io.urls import VolumeURL, parse_url
 from volseg.io.volume import Volume
 

@@ -9,9 +9,9 @@ from typing import Any
 from volseg.errors import UnsupportedURLError, VolumeFormatError
 from volseg.geometry import Box
 from volseg.io.array import BackendName, Mode
-from volseg.io.cloudvolume_backend import gzipped_chunks_on_disk, open_cloudvolume
+from volseg.io.backends.cloudvolume import gzipped_chunks_on_disk, open_cloudvolume
+from volseg.io.backends.tensorstore import open_tensorstore
 from volseg.io.formats import detect_format
-from volseg.io.tensorstore_backend import open_tensorstore
 from volseg.io.urls import parse_url
 from volseg.io.volume import Volume, VolumeSpec
 

@@ -16,8 +16,8 @@ from dataclasses import replace
 
 from volseg.errors import ConfigError
 from volseg.io.array import VolumeGeometry
+from volseg.io.backends.tensorstore import create_precomputed_level, create_zarr_level
 from volseg.io.opening import open_volume
-from volseg.io.tensorstore_backend import create_precomputed_level, create_zarr_level
 from volseg.io.urls import parse_url
 from volseg.io.volume import Volume
 
