@@ -32,19 +32,19 @@ numbers its objects by smallest piece, as one whole-volume pass would.
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from volseg.engine.ledger import SUPER_BLOCK, BlockLedger
-from volseg.engine.stage import Executor, Pending, Resolved, RunStats, run_stage
+from volseg.engine.stage import BlockStage, Executor, Pending, Resolved, RunStats, run_stage
 from volseg.geometry import Block, BlockGrid, Box
-from volseg.instances.stitching import RelabelTable, piece_blocks, piece_ids
+from volseg.instances.stitching import RelabelTable, decode_arrays, encode_arrays, piece_blocks, piece_ids
 from volseg.io.storage import open_kvstore, read_keys
 from volseg.io.urls import VolumeURL
 
@@ -214,17 +214,12 @@ def leaf_table(counts: np.ndarray, ids: np.ndarray, joined: Joined, final: np.nd
 # --- storage -----------------------------------------------------------------------------------------------
 
 
-def encode(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def decode(raw: bytes | None, where: str) -> dict[str, np.ndarray]:
-    if raw is None:
-        raise RuntimeError(f"the instance merge's {where} is missing; rerun the run to recompute it")
-    with np.load(io.BytesIO(raw), allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+def read_prefix(folder: VolumeURL, prefix: str) -> dict[str, dict[str, np.ndarray]]:
+    """Every array file under ``prefix`` in ``folder`` (e.g. the pairs routed to one node), by key."""
+    stop = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # the first key after every key with the prefix
+    keys = [k.decode() for k in open_kvstore(folder).list(ts.KvStore.KeyRange(prefix, stop)).result()]
+    found = read_keys(folder, keys)
+    return {key: decode_arrays(found[key], key) for key in keys}
 
 
 def _elements(data: dict[str, np.ndarray]) -> Elements:
@@ -275,7 +270,7 @@ class MergeUpStage:
                              m.ledger.outcomes(m.stitch_stage, blocks.start, blocks.stop)))
         keys = [f"up/{self.level - 1}/{child}" for child in m.tree.children(self.level, node)]
         found = read_keys(m.folder, keys)
-        return Resolved([_elements(decode(found[key], key)) for key in keys])
+        return Resolved([_elements(decode_arrays(found[key], key)) for key in keys])
 
     def compute(self, block: Block, data: Any) -> tuple[dict[str, bytes], dict[str, int]]:
         m, node = self.inputs, block.id
@@ -289,8 +284,8 @@ class MergeUpStage:
         joined = join(elements, blocks, m.min_size_vx)
         up = joined.up
         files = {
-            f"up/{self.level}/{node}": encode(ids=up.ids, sizes=up.sizes, half_edges=up.half_edges),
-            f"map/{self.level}/{node}": encode(**shape, component=joined.component, roots=joined.roots,
+            f"up/{self.level}/{node}": encode_arrays(ids=up.ids, sizes=up.sizes, half_edges=up.half_edges),
+            f"map/{self.level}/{node}": encode_arrays(**shape, component=joined.component, roots=joined.roots,
                                                ranks=joined.ranks, sizes=joined.sizes),
         }
         pieces = int(shape["counts"].sum()) if self.level == 0 else 0
@@ -321,7 +316,7 @@ class MergeDownStage:
         node, top = block.id, self.level == self.inputs.tree.top
         keys = [f"map/{self.level}/{node}"] + ([] if top else [f"resolved/{self.level}/{node}"])
         found = read_keys(self.inputs.folder, keys)
-        return Resolved([decode(found[key], key) for key in keys])
+        return Resolved([decode_arrays(found[key], key) for key in keys])
 
     def compute(self, block: Block, data: list[dict[str, np.ndarray]]) -> dict[str, bytes]:
         m, node = self.inputs, block.id
@@ -332,7 +327,7 @@ class MergeDownStage:
         base = int(self.bases[node])
         final = finals(joined, base, resolved)
         kept = joined.ranks > 0
-        files = {f"sizes/{self.level}/{node}": encode(ids=(base + joined.ranks[kept]).astype(np.uint64),
+        files = {f"sizes/{self.level}/{node}": encode_arrays(ids=(base + joined.ranks[kept]).astype(np.uint64),
                                                       sizes=joined.sizes[kept])}  # the objects this node closed
         if self.level == 0:
             blocks = m.tree.blocks(0, node)
@@ -341,7 +336,7 @@ class MergeDownStage:
             return {**files, f"relabel/{node}": table.encode()}
         ids = stored["ids"]
         child_of = (piece_blocks(ids) // m.tree.span(self.level - 1)) if len(ids) else np.zeros(0, np.int64)
-        return {**files, **{f"resolved/{self.level - 1}/{child}": encode(ids=ids[child_of == child],
+        return {**files, **{f"resolved/{self.level - 1}/{child}": encode_arrays(ids=ids[child_of == child],
                                                                          finals=final[child_of == child])
                             for child in m.tree.children(self.level, node)}}
 
@@ -389,8 +384,8 @@ def merge(executor: Executor, inputs: MergeInputs, ledger: BlockLedger | None = 
     stats = RunStats()
     kept, pieces, closed = [], 0, 0
     for level in range(tree.top + 1):
-        result = _run_level(executor, MergeUpStage(inputs, level), tree, level, ledger)
-        stats = stats.merge(_as_time(result))
+        result = run_level(executor, MergeUpStage(inputs, level), tree, level, ledger)
+        stats = stats.merge(side_pass(result))
         if result.failed:
             return MergeResult(0, 0, 0, 0, stats)
         counts = [result.outcomes[node] for node in range(tree.nodes(level))]
@@ -399,16 +394,18 @@ def merge(executor: Executor, inputs: MergeInputs, ledger: BlockLedger | None = 
         closed += sum(c["closed"] for c in counts)
     bases = numbering(kept)
     for level in reversed(range(tree.top + 1)):
-        result = _run_level(executor, MergeDownStage(inputs, level, bases[level]), tree, level, ledger)
-        stats = stats.merge(_as_time(result))
+        result = run_level(executor, MergeDownStage(inputs, level, bases[level]), tree, level, ledger)
+        stats = stats.merge(side_pass(result))
         if result.failed:
             return MergeResult(0, 0, 0, 0, stats)
     instances = int(sum(int(k.sum()) for k in kept))
     return MergeResult(instances, pieces, closed, closed - instances, stats, sum(len(k) for k in kept), tuple(bases))
 
 
-def _run_level(executor: Executor, stage: MergeUpStage | MergeDownStage, tree: MergeTree, level: int,
-               ledger: BlockLedger | None) -> RunStats:
+def run_level(executor: Executor, stage: BlockStage, tree: MergeTree, level: int, ledger: BlockLedger | None
+              ) -> RunStats:
+    """Run ``stage`` with one task per node of ``level``; a node that failed every attempt is reported under
+    the first block it holds."""
     stats = run_stage(executor, stage, task_grid(tree.nodes(level)), ledger).stats
     failed = {}
     for node, error in stats.failed.items():
@@ -418,7 +415,7 @@ def _run_level(executor: Executor, stage: MergeUpStage | MergeDownStage, tree: M
                     stats.startup_seconds)
 
 
-def _as_time(stats: RunStats) -> RunStats:
-    """A merge pass's stats as the instance run counts them: time, retries and failures (its tasks are
-    tree nodes, not blocks, and their outcomes are the merge's own)."""
-    return dataclasses.replace(stats, blocks_done=0, outcomes={})
+def side_pass(stats: RunStats) -> RunStats:
+    """A pass's stats as the instance run counts them beside its block passes: time, retries and failures
+    (its tasks are tree nodes or a second look at blocks, and their outcomes are its own)."""
+    return dataclasses.replace(stats, blocks_done=0, voxels=0, outcomes={})

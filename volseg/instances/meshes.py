@@ -20,7 +20,6 @@ its node's objects and the driver holds nothing per object.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 from collections.abc import Sequence
@@ -28,15 +27,15 @@ from typing import Any
 
 import fastremap
 import numpy as np
-import tensorstore as ts
 import zmesh
 
 from volseg.engine.ledger import BlockLedger
 from volseg.engine.stage import Pending, Resolved
 from volseg.geometry import Block, BlockGrid, Box
-from volseg.instances.merge import FileWrites, MergeTree
+from volseg.instances.merge import FileWrites, MergeTree, read_prefix
+from volseg.instances.stitching import encode_arrays
 from volseg.io import Volume, parse_url
-from volseg.io.storage import open_kvstore, read_keys, update_json
+from volseg.io.storage import open_kvstore, update_json
 from volseg.io.urls import VolumeURL
 
 #: The folder of the meshes inside the instance output.
@@ -139,9 +138,8 @@ class PairStage:
         levels, nodes = closing_node(pairs[:, 0], self.bases)
         routed = {}
         for level, node in sorted(set(zip(levels.tolist(), nodes.tolist(), strict=True))):
-            buffer = io.BytesIO()
-            np.save(buffer, pairs[(levels == level) & (nodes == node)], allow_pickle=False)
-            routed[f"meshpairs/{level}/{node}/{block.id}"] = buffer.getvalue()
+            routed[f"meshpairs/{level}/{node}/{block.id}"] = encode_arrays(
+                pairs=pairs[(levels == level) & (nodes == node)])
         return routed
 
     def write(self, block: Block, computed: dict[str, bytes]) -> list[Pending]:
@@ -169,14 +167,11 @@ class ManifestStage:
         return block.core
 
     def read(self, block: Block) -> Pending:
-        prefix = f"meshpairs/{self.level}/{block.id}/"
-        keys = [k.decode() for k in open_kvstore(self.folder).list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0"))
-                .result()]
-        found = read_keys(self.folder, keys)
-        return Resolved([np.load(io.BytesIO(found[k] or b""), allow_pickle=False) for k in keys])
+        routed = read_prefix(self.folder, f"meshpairs/{self.level}/{block.id}/")
+        return Resolved([data["pairs"] for data in routed.values()])
 
     def compute(self, block: Block, parts: list[np.ndarray]) -> dict[str, bytes]:
-        return _manifests(np.concatenate([np.zeros((0, 2), np.int64)] + [np.asarray(p).reshape(-1, 2) for p in parts]))
+        return _manifests(np.concatenate([np.zeros((0, 2), np.int64)] + [p.reshape(-1, 2) for p in parts]))
 
     def write(self, block: Block, computed: dict[str, bytes]) -> list[Pending]:
         return [FileWrites(self.meshes, computed)]

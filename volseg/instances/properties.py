@@ -15,18 +15,17 @@ source of the segmentation layer (``precomputed://<instances>/segment_properties
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
 
 from volseg.engine.stage import Pending, Resolved
 from volseg.geometry import Block, Box
+from volseg.instances.merge import read_prefix
 from volseg.io import Volume, parse_url
-from volseg.io.storage import open_kvstore, read_keys, update_json
+from volseg.io.storage import open_kvstore, update_json
 from volseg.io.urls import VolumeURL
 
 #: The folder of the properties inside the instance output.
@@ -47,14 +46,7 @@ class PropertiesStage:
         return block.core
 
     def read(self, block: Block) -> Pending:
-        store = open_kvstore(self.folder)
-        keys = [k.decode() for k in store.list(ts.KvStore.KeyRange("sizes/", "sizes0")).result()]
-        found = read_keys(self.folder, keys)
-        parts = []
-        for key in keys:
-            with np.load(io.BytesIO(found[key] or b""), allow_pickle=False) as data:
-                parts.append((data["ids"], data["sizes"]))
-        return Resolved(parts)
+        return Resolved([(data["ids"], data["sizes"]) for data in read_prefix(self.folder, "sizes/").values()])
 
     def compute(self, block: Block, parts: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
         ids = np.concatenate([np.zeros(0, np.uint64)] + [p[0] for p in parts]).astype(np.uint64)

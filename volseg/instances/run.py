@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from volseg.engine.stage import BlockDone, BlockStage, Executor, RunStats, run_s
 from volseg.errors import ConfigError, GeometryMismatchError
 from volseg.geometry import BlockGrid
 from volseg.instances.labels import InstanceParams, instance_params
-from volseg.instances.merge import MergeInputs, MergeTree, merge, task_grid
+from volseg.instances.merge import MergeInputs, MergeTree, merge, run_level, side_pass
 from volseg.instances.meshes import ManifestStage, MeshStage, PairStage, write_mesh_info
 from volseg.instances.properties import PropertiesStage
 from volseg.instances.stages import FaceContactStage, HaloOverlapStage, LabelStage, RelabelStage
@@ -205,18 +205,16 @@ def _run_passes(plan: InstancePlan, executor: Executor, ledger: BlockLedger, on_
     relabel = RelabelStage(inputs.folder, tree.leaf_blocks, instances)
     stats = stats.merge(run_stage(executor, relabel, plan.grid, ledger, on_done).stats)
     if not stats.failed:  # the objects' sizes as Neuroglancer segment properties (one task)
-        properties = run_stage(executor, PropertiesStage(inputs.folder, instances), task_grid(1), ledger).stats
-        stats = stats.merge(replace(properties, blocks_done=0, voxels=0, outcomes={}))
+        properties = PropertiesStage(inputs.folder, instances)  # one task: the top node's
+        stats = stats.merge(side_pass(run_level(executor, properties, tree, tree.top, ledger)))
     if plan.meshes and not stats.failed:  # fragments per block, then the manifests, level by level
-        stats = stats.merge(replace(run_stage(executor, MeshStage(instances, plan.grid), plan.grid, ledger).stats,
-                                    blocks_done=0, voxels=0))
+        stats = stats.merge(side_pass(run_stage(executor, MeshStage(instances, plan.grid), plan.grid, ledger).stats))
         stages = [(PairStage(inputs.folder, tree, merged.bases, ledger), 0)] + [
             (ManifestStage(inputs.folder, level, instances), level) for level in range(tree.top + 1)]
         for stage, level in stages:
             if stats.failed:
                 break
-            stats = stats.merge(replace(run_stage(executor, stage, task_grid(tree.nodes(level)), ledger).stats,
-                                        blocks_done=0, voxels=0, outcomes={}))
+            stats = stats.merge(side_pass(run_level(executor, stage, tree, level, ledger)))
         if not stats.failed:
             write_mesh_info(instances)
     if not stats.failed:

@@ -253,10 +253,7 @@ class RelabelStage:
         leaf = block.id // self.leaf_blocks
         if self._table is None or self._table[0] != leaf:
             key = f"relabel/{leaf}"
-            raw = read_keys(self.folder, [key])[key]
-            if raw is None:
-                raise RuntimeError(f"the relabel table {self.folder.url.rstrip('/')}/{key} is missing; rerun the run")
-            self._table = (leaf, RelabelTable.decode(raw))
+            self._table = (leaf, RelabelTable.decode(read_keys(self.folder, [key])[key], key))
         return self._table[1]
 
     def read(self, block: Block) -> Pending:

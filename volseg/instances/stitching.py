@@ -163,14 +163,27 @@ class RelabelTable:
 
     def encode(self) -> bytes:
         """The table as ``.npz`` bytes (no pickle)."""
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, counts=self.counts, bases=self.bases, exception_ids=self.exception_ids,
-                            exception_finals=self.exception_finals, defaults=np.int64(self.defaults),
-                            first_block=np.int64(self.first_block))
-        return buffer.getvalue()
+        return encode_arrays(counts=self.counts, bases=self.bases, exception_ids=self.exception_ids,
+                             exception_finals=self.exception_finals, defaults=np.int64(self.defaults),
+                             first_block=np.int64(self.first_block))
 
     @classmethod
-    def decode(cls, raw: bytes) -> RelabelTable:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
-            return cls(data["counts"], data["bases"], data["exception_ids"].astype(np.uint64),
-                       data["exception_finals"].astype(np.uint64), int(data["defaults"]), int(data["first_block"]))
+    def decode(cls, raw: bytes | None, where: str = "relabel table") -> RelabelTable:
+        data = decode_arrays(raw, where)
+        return cls(data["counts"], data["bases"], data["exception_ids"].astype(np.uint64),
+                   data["exception_finals"].astype(np.uint64), int(data["defaults"]), int(data["first_block"]))
+
+
+def encode_arrays(**arrays: np.ndarray) -> bytes:
+    """Named arrays as compressed ``.npz`` bytes: the files the merge, meshes and relabel tables keep."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def decode_arrays(raw: bytes | None, where: str) -> dict[str, np.ndarray]:
+    """The arrays of :func:`encode_arrays` bytes (no pickle); ``None`` (a missing file) raises naming ``where``."""
+    if raw is None:
+        raise RuntimeError(f"the instance merge's {where} is missing; rerun the run to recompute it")
+    with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
