@@ -81,9 +81,7 @@ class BlockWorker:
         from volseg.allocator import keep_freed_memory
 
         keep_freed_memory()
-        import torch
-
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.stages: dict[str, tuple[BlockStage, BlockLedger | None]] = {}
         self.compute_lock = threading.Lock()
@@ -92,7 +90,12 @@ class BlockWorker:
         return {"pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id()}
 
     def set_stage(self, key: str, stage: BlockStage, ledger: BlockLedger | None) -> None:
-        """Receive a stage, and the ledger whose leases its blocks confirm before they write."""
+        """Receive a stage, and the ledger whose leases its blocks confirm before they write. torch is
+        set to the actor's threads only once a stage brought it in (unpickling a model imports it): an
+        actor of stages without a model (instances, meshes, merges, a no-op) never loads torch."""
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         stage.to(self.device)
         self.stages[key] = (stage, ledger)
 
