@@ -20,7 +20,13 @@ from volseg.models.norms import calibrate_norms, norm_layers
 from volseg.models.promptdas.model import PromptDASOutput
 from volseg.training.augment import AugmentSettings, GeometricTransform
 from volseg.training.crops import CropSampler
-from volseg.training.promptdas.batches import Slices, concat_batches, labelled_batch, pseudo_labelled_batch
+from volseg.training.promptdas.batches import (
+    Slices,
+    concat_batches,
+    labelled_batch,
+    pseudo_labelled_batch,
+    teacher_pseudo_labels,
+)
 from volseg.training.promptdas.contrastive import (
     BACKGROUND,
     FOREGROUND,
@@ -319,6 +325,42 @@ def test_pseudo_labelled_batch_keeps_labels_prompts_and_contrastive_points_align
         assert (batch.valid[b, 0, points[:, 0], points[:, 1]][kinds != UNUSED] == 1).all()
 
 
+class CountingTeacher(FakeTeacher):
+    """FakeTeacher that counts its passes and whose output follows its prompts (background around each),
+    so a second pass skipped where it was needed would show in the labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = 0
+
+    def forward(self, image, points=None, point_mask=None, contrastive_points=None) -> PromptDASOutput:
+        self.passes += 1
+        out = super().forward(image)
+        logits = out.logits.clone()
+        if points is not None:
+            for b in range(image.shape[0]):
+                for y, x in points[b][point_mask[b]].round().long().tolist():
+                    logits[b, :, max(0, y - 2):y + 3, max(0, x - 2):x + 3] = -30.0
+        return PromptDASOutput(logits, out.density)
+
+
+@pytest.mark.parametrize("threshold, passes", [(0.9, 1), (0.5, 2)])
+def test_the_teacher_runs_once_when_it_detects_no_centre(threshold, passes):
+    images = [disks_image(48, [(12, 14), (34, 30)], 4)[0] for _ in range(2)]  # density peaks at 49/81
+    weak = torch.from_numpy(np.stack(images)).unsqueeze(1)
+    settings = AdaptSettings(mode="uda", density_sigma=3.0, peak_threshold=threshold)
+    teacher = CountingTeacher()
+    labels = teacher_pseudo_labels(teacher, weak, [np.zeros((0, 2))] * 2, settings)
+    assert teacher.passes == passes
+    assert sum(map(len, labels.detected)) == (0 if passes == 1 else 4)
+    # the labels are those of an explicit second pass prompted with what was detected
+    prompts = labels.prompts
+    assert passes == 1 or not torch.equal(labels.target, (weak < 0.5).float())
+    second = torch.sigmoid(CountingTeacher()(weak, *pad_points(prompts)).logits)
+    expected, _ = segmentation_pseudo_labels(second, settings.delta_f, settings.delta_b)
+    assert torch.equal(labels.target, expected)
+
+
 # --- prompts and sampling ------------------------------------------------------------------------------
 
 
@@ -391,6 +433,22 @@ def test_sampler_routes_points_to_crops_in_crop_coordinates():
             seen += 1
         assert crop.labels is None
     assert seen > 0
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_a_point_share_of_crops_hold_a_point_and_the_rest_are_drawn_anywhere(share):
+    raw = np.zeros((20, 200, 200), np.uint8)
+    points = PointSet(np.array([[3, 5, 190], [17, 150, 20], [9, 199, 199]], float))  # one at the corner
+    sampler = CropSampler(raw, None, (1, 32, 32), seed=1, points=points, point_share=share)
+    rng = np.random.default_rng(0)
+    crops = [sampler.crop_at(sampler.box(rng)) for _ in range(400)]
+    holding = np.mean([len(c.points_zyx) > 0 for c in crops])
+    chance = 3 * 32 * 32 / (20 * 200 * 200)  # a crop drawn anywhere holds a point this rarely
+    assert abs(holding - (share + (1 - share) * chance)) < 0.07
+    for crop in crops:
+        assert crop.raw.shape == (1, 32, 32)  # a crop about the corner point stays inside the volume
+    anywhere = [sampler.box(rng, anywhere=True) for _ in range(400)]
+    assert np.mean([len(points.inside(b)) > 0 for b in anywhere]) < 0.05
 
 
 # --- the trainer ---------------------------------------------------------------------------------------

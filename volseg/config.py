@@ -99,6 +99,10 @@ class InferenceConfig(Section):
     #: (1: none; 4: the four quarter turns; 8: those and their mirror images), prompts turned with the
     #: image. Costs as many forward passes; windows must be square in y and x.
     tta: Literal[1, 4, 8] = 1
+    #: The planes a 2D model reads: ``xy`` (its slices), or ``ortho``: also the xz and yz planes, the
+    #: three predictions averaged (:mod:`volseg.inference.planes`). Only for volumes of near-cubic
+    #: voxels (e.g. FIB-SEM); costs three times the windows, and blocks read a window's depth in z.
+    planes: Literal["xy", "ortho"] = "xy"
 
     @field_validator("device")
     @classmethod
@@ -343,6 +347,7 @@ class AdaptConfig(Section):
     student_prompts: Literal["all", "subset"] = "subset"
     density_pseudo_target: Literal["peaks", "teacher"] = "peaks"
     contrastive_points: int = Field(default=16, ge=0)
+    point_crop_share: float = Field(default=0.0, ge=0.0, le=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     poly_power: float = Field(default=0.9, ge=0.0)
     zoom: float = Field(default=1.0, ge=1.0, le=4.0)
@@ -486,11 +491,13 @@ class Config(Section):
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
 
     def _inference_fields(self) -> dict[str, Any]:
-        """The inference fields that change what a run writes; ``tta`` only when set, so runs without it
-        keep their signature. (``calibrate_norms``: the statistics' digest is in the run signature.)"""
+        """The inference fields that change what a run writes; ``tta`` and ``planes`` only when set, so
+        runs without them keep their signature. (``calibrate_norms``: the statistics' digest is in the
+        run signature.)"""
         fields = self.inference.model_dump(exclude={"device", "batch_size", "calibrate_norms"})
-        if fields["tta"] == 1:
-            del fields["tta"]
+        for name, default in (("tta", 1), ("planes", "xy")):
+            if fields[name] == default:
+                del fields[name]
         return fields
 
     def _output_fields(self) -> dict[str, Any] | None:

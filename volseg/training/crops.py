@@ -50,6 +50,7 @@ class CropSampler:
     seed: int = 0
     points: PointSet | None = None
     percentiles: tuple[float, float] | None = None
+    point_share: float = 0.0
 
     def __post_init__(self) -> None:
         self.crop = tuple(int(c) for c in self.crop)
@@ -67,10 +68,19 @@ class CropSampler:
         self.shape = shape
         self.intensity = None if self.percentiles is None else measure_intensity(self.raw, self.percentiles).bounds
 
-    def box(self, rng: np.random.Generator | None = None) -> Box:
-        """A uniformly random crop box, drawn from ``rng`` (default: the sampler's own stream)."""
+    def box(self, rng: np.random.Generator | None = None, anywhere: bool = False) -> Box:
+        """A random crop box, drawn from ``rng`` (default: the sampler's own stream): uniformly placed,
+        or, with probability ``point_share`` (when the sampler has points and not ``anywhere``), placed
+        uniformly among the boxes that hold a uniformly chosen point (sparse annotations are few: a crop
+        drawn anywhere rarely holds one)."""
         rng = self.rng if rng is None else rng
-        start = [int(rng.integers(0, s - c + 1)) for s, c in zip(self.shape, self.crop, strict=True)]
+        near_point = not anywhere and self.point_share > 0 and self.points is not None and len(self.points) > 0
+        if near_point and rng.random() < self.point_share:
+            point = np.rint(self.points.zyx[int(rng.integers(len(self.points)))]).astype(int)
+            start = [int(np.clip(p - rng.integers(0, c), 0, s - c))
+                     for p, s, c in zip(point, self.shape, self.crop, strict=True)]
+        else:
+            start = [int(rng.integers(0, s - c + 1)) for s, c in zip(self.shape, self.crop, strict=True)]
         return Box.from_shape(self.crop, start)
 
     def crop_at(self, box: Box) -> Crop:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from volseg.models import InputContract
+from volseg.models.promptdas.model import PromptDASOutput
 from volseg.training.augment import AugmentSettings, GeometricTransform, strong_intensity, weak_view
 from volseg.training.crops import Crop
 from volseg.training.promptdas.contrastive import UNUSED, sample_contrastive_points
@@ -183,16 +184,17 @@ def _as_points(points_yx: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def detect_centres(teacher: nn.Module, weak: torch.Tensor, sparse: Sequence[np.ndarray], settings: AdaptSettings
-                   ) -> list[np.ndarray]:
+                   ) -> tuple[list[np.ndarray], PromptDASOutput]:
     """The teacher's first pass on a weak view ``B×1×Y×X``, prompted with the sparse points only (none in
     UDA): its density peaks (``peak_threshold``, NMS radius :func:`nms_radius` of ``density_sigma``)
-    that are farther than that radius from every sparse point; one ``M×2`` (y, x) array per sample."""
+    that are farther than that radius from every sparse point, one ``M×2`` (y, x) array per sample; and
+    the pass's output."""
     device = next(teacher.parameters()).device
     radius = nms_radius(settings.density_sigma)
     points, mask = pad_points(sparse, device)
-    density = teacher(weak.to(device), points, mask).density.cpu()
-    peaks = density_peaks(density, settings.peak_threshold, radius)
-    return [merge_points(s, p, radius)[len(s) :] for s, p in zip(sparse, peaks, strict=True)]
+    first = teacher(weak.to(device), points, mask)
+    peaks = density_peaks(first.density.cpu(), settings.peak_threshold, radius)
+    return [merge_points(s, p, radius)[len(s) :] for s, p in zip(sparse, peaks, strict=True)], first
 
 
 def mark_sparse_points(target: torch.Tensor, valid: torch.Tensor, sparse: Sequence[np.ndarray], radius_vx: float
@@ -211,7 +213,8 @@ def mark_sparse_points(target: torch.Tensor, valid: torch.Tensor, sparse: Sequen
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points: Sequence[np.ndarray],
                           settings: AdaptSettings) -> PseudoLabels:
-    """Pseudo-labels of a weak view ``B×1×Y×X`` in two teacher passes.
+    """Pseudo-labels of a weak view ``B×1×Y×X`` in two teacher passes (one, when the first detects no
+    centre in the whole batch: the second would repeat it).
 
     1. :func:`detect_centres` (prompted with the sparse points).
     2. Prompted with the sparse points and the detected centres: probability → foreground ≥ ``delta_f``,
@@ -221,10 +224,11 @@ def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points:
     (detected or sparse), or the teacher's second-pass density.
     """
     sparse = [_as_points(s) for s in sparse_points]
-    detected = detect_centres(teacher, weak, sparse, settings)
+    detected, first = detect_centres(teacher, weak, sparse, settings)
     prompts = [np.concatenate([s, d]) for s, d in zip(sparse, detected, strict=True)]
     device = next(teacher.parameters()).device
-    second = teacher(weak.to(device), *pad_points(prompts, device))
+    # No peak detected anywhere in the batch: the second pass would see the first's input again.
+    second = first if not any(map(len, detected)) else teacher(weak.to(device), *pad_points(prompts, device))
     probability = torch.sigmoid(second.logits[:, :1].float()).cpu()
     target, valid = segmentation_pseudo_labels(probability, settings.delta_f, settings.delta_b)
     if settings.require_centre:

@@ -53,6 +53,7 @@ class AdaptSettings:
     require_centre: keep a pseudo-foreground component only if it contains a detected centre (else ignored).
     point_disk_radius: WDA: pixels within this radius (voxels) of a sparse point are foreground
         (None: ``density_sigma``).
+    point_crop_share: WDA: the share of target crops placed to hold a sparse point (the others anywhere).
     target_weight: weight of the target terms against the source terms.
     balance_pseudo_labels: the pseudo-label BCE weighs foreground and background equally (see
         :func:`volseg.training.losses.segmentation_loss`); keeps self-training from drifting to background.
@@ -91,6 +92,7 @@ class AdaptSettings:
     student_prompts: Literal["all", "subset"] = "subset"
     density_pseudo_target: Literal["peaks", "teacher"] = "peaks"
     point_disk_radius: float | None = None
+    point_crop_share: float = 0.0
     target_weight: float = 1.0
     balance_pseudo_labels: bool = True
     pseudo_foreground_share: float = 0.5
@@ -110,6 +112,9 @@ class AdaptSettings:
         if not 0 < self.pseudo_foreground_share < 1:
             raise ConfigError(f"pseudo_foreground_share {self.pseudo_foreground_share} must be in (0, 1).",
                               "e.g. 0.5 (foreground and background weigh the same).")
+        if not 0 <= self.point_crop_share <= 1:
+            raise ConfigError(f"point_crop_share {self.point_crop_share} must be in [0, 1].",
+                              "e.g. 0.5 (half the target crops hold a sparse point).")
         if not 0 <= self.unprompted_share <= 1:
             raise ConfigError(f"unprompted_share {self.unprompted_share} must be in [0, 1].",
                               "e.g. 0.5 (half the labelled crops without prompts).")

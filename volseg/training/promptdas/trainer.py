@@ -145,11 +145,12 @@ class PromptDASTrainer:
         self.device = next(model.parameters()).device
 
     def target_images(self, stream: int, count: int) -> torch.Tensor:
-        """The slices of ``count`` fixed target crops (``settings.crop``) as model input, from ``stream``
-        (the same on every replica)."""
+        """The slices of ``count`` fixed target crops (``settings.crop``, placed anywhere) as model input,
+        from ``stream`` (the same on every replica)."""
         s, sampler = self.settings, self.target
         assert sampler is not None
-        crops = [sampler.crop_at(sampler.box(crop_streams(s.seed, stream, 0, i, 1)[0])) for i in range(count)]
+        crops = [sampler.crop_at(sampler.box(crop_streams(s.seed, stream, 0, i, 1)[0], anywhere=True))
+                 for i in range(count)]
         return crop_slices(crops, self.contract, sampler.intensity).images
 
     def calibrate_teacher(self) -> None:
@@ -339,4 +340,5 @@ def _sampler(domain: DomainData | None, settings: AdaptSettings, labelled: bool,
     if domain is None:
         return None
     labels = domain.labels if labelled else None
-    return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points, contract.percentiles)
+    share = settings.point_crop_share if settings.mode == "wda" and not labelled else 0.0
+    return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points, contract.percentiles, share)
