@@ -16,6 +16,7 @@ import torch
 
 from volseg.geometry import Box, Coord, PointSet, read_box
 from volseg.inference.blend import window_weights
+from volseg.inference.planes import PlanePredictor, plane_grid, planes_read_box
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
 
@@ -41,24 +42,42 @@ def predict_box(
     data: np.ndarray | None = None,
     batch_windows: int = 16,
     points: PointSet | None = None,
+    planes: Sequence[str] = ("xy",),
 ) -> np.ndarray:
     """Blended predictions of all windows over ``core``: ``(C+1) × core.shape`` float32.
 
-    ``data``, when given, is ``source`` already read over ``plan_windows(windows, core).read_box``
-    (the prefetching executor passes it). Windows are evaluated ``batch_windows`` at a time.
-    ``points`` is the one global prompt set (volume coordinates): every window receives exactly the
-    points inside it, in its own coordinates, so a window sees the same prompts in every block.
+    ``data``, when given, is ``source`` already read over the box of every window (``plan_windows(...)
+    .read_box``, or :func:`~volseg.inference.planes.planes_read_box` for several planes; the
+    prefetching executor passes it). Windows are evaluated ``batch_windows`` at a time. ``points`` is
+    the one global prompt set (volume coordinates): every window receives exactly the points inside it,
+    in its own coordinates, so a window sees the same prompts in every block. ``planes``: with more than
+    xy, each plane's windows are blended on their own and the result is the planes' mean
+    (:mod:`volseg.inference.planes`).
     """
-    plan = plan_windows(windows, core)
+    data_box = planes_read_box(windows, core, planes)
     if data is None:
-        data = read_box(source, plan.read_box)
-    local = None if points is None else PointSet(points.inside(plan.read_box) + np.asarray(plan.read_box.start))
+        data = read_box(source, data_box)
+    total = None
+    for plane in planes:
+        grid = plane_grid(windows, plane)
+        plane_predictor = predictor if plane == "xy" else PlanePredictor(predictor, plane)
+        blended = _predict_plane(data, data_box, plane_predictor, grid, core, blend, batch_windows, points)
+        total = blended if total is None else np.add(total, blended, out=total)
+    assert total is not None
+    return total if len(planes) == 1 else np.divide(total, len(planes), out=total)
+
+
+def _predict_plane(data: np.ndarray, data_box: Box, predictor: Predictor, windows: WindowGrid, core: Box,
+                   blend: str, batch_windows: int, points: PointSet | None) -> np.ndarray:
+    """One plane's blend over ``core`` from ``data`` (read over ``data_box``, which holds its windows)."""
+    plan = plan_windows(windows, core)
+    local = None if points is None else PointSet(points.inside(data_box) + np.asarray(data_box.start))
     weights = window_weights(windows.window, blend)
     channels = predictor.num_classes + 1
     accumulated = np.zeros((channels, *core.shape), dtype=np.float32)
     weight_sum = np.zeros(core.shape, dtype=np.float32)
     for batch in _batches(plan.origins, batch_windows):
-        inputs = np.stack([window_input(data, plan.read_box, windows, o) for o in batch])
+        inputs = np.stack([window_input(data, data_box, windows, o) for o in batch])
         if local is None:
             predictions = predictor.predict(inputs)
         else:

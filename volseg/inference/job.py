@@ -14,7 +14,8 @@ import numpy as np
 from volseg.engine.stage import Pending
 from volseg.errors import VolumeFormatError
 from volseg.geometry import Block, Box, PointSet
-from volseg.inference.blockwise import plan_windows, predict_box
+from volseg.inference.blockwise import predict_box
+from volseg.inference.planes import planes_read_box
 from volseg.inference.predictor import Predictor
 from volseg.inference.windows import WindowGrid
 from volseg.io.point_index import PointIndex
@@ -83,6 +84,7 @@ class SegmentationJob:
         blend: str = "cosine",
         batch_windows: int = 16,
         points: PointSet | PointIndex | None = None,
+        planes: Sequence[str] = ("xy",),
     ) -> None:
         self.source = source
         self.outputs = tuple(outputs)
@@ -91,10 +93,11 @@ class SegmentationJob:
         self.blend = blend
         self.batch_windows = batch_windows
         self.points = points
+        self.planes = tuple(planes)
 
     def read_box(self, block: Block) -> Box:
-        """The union of the global windows that overlap the block's core."""
-        return plan_windows(self.windows, block.core).read_box
+        """The union of the global windows (of every plane) that overlap the block's core."""
+        return planes_read_box(self.windows, block.core, self.planes)
 
     def read(self, block: Block) -> Pending:
         """Start reading everything ``block``'s windows need; ``.result()`` gives the array (and, from a
@@ -112,7 +115,7 @@ class SegmentationJob:
             raise VolumeFormatError(f"block {block.id}: the input holds {bad:,} NaN or infinite voxels in "
                                     f"{self.read_box(block)}.", FINITE_FIX)
         return predict_box(self.source, self.predictor, self.windows, block.core, self.blend, data,
-                           self.batch_windows, points)
+                           self.batch_windows, points, self.planes)
 
     def write(self, block: Block, blended: np.ndarray) -> list[Pending]:
         """Start writing the block's core into every output; each future resolves once durable."""
