@@ -75,6 +75,41 @@ def test_run_writes_the_whole_volume_prediction(tmp_path, run_config, small_chec
     assert tree_digest(tmp_path / "out.zarr/prob") == before
 
 
+def test_ortho_planes_run_on_cubic_voxels_and_are_refused_on_stretched_ones(tmp_path, run_config, small_checkpoint,
+                                                                            capsys):
+    from volseg.data.synthetic import generate_volume
+    from volseg.inference.planes import PLANE_SETS
+
+    data = generate_volume((10, 72, 80), "fibsem", seed=4)  # 8 nm cubes
+    cubic = create_volume(str(tmp_path / "fib.zarr/raw"), shape=data.raw.shape, dtype=data.raw.dtype,
+                          voxel_size_nm=data.voxel_size_nm, chunk_shape=(4, 32, 32))
+    cubic.write(cubic.bounds, data.raw)
+    inference = {**run_config()["inference"], "planes": "ortho"}
+    config = write_config(tmp_path / "ortho.yaml", run_config(input={"url": str(tmp_path / "fib.zarr/raw")},
+                                                              inference=inference))
+    code, err = run_cli(["run", str(config), "--no-progress"], capsys)
+    assert code == 0, err
+    model = load_checkpoint(small_checkpoint, SMALL_UNET)
+    predictor = TorchPredictor(model, input_contract(SMALL_UNET), (1, 32, 32), 1)
+    windows = WindowGrid(cubic.shape, (1, 32, 32), (1, 20, 24))
+    whole = predict_box(data.raw, predictor, windows, cubic.bounds, planes=PLANE_SETS["ortho"])
+    np.testing.assert_allclose(open_volume(str(tmp_path / "out.zarr/prob")).read(cubic.bounds), whole[0],
+                               atol=1e-5, rtol=0)
+    # serial-section voxels (40 × 4 × 4 nm): ortho is refused before anything is written; auto reads xy
+    stretched = write_config(tmp_path / "stretched.yaml", run_config(
+        inference=inference, output={"probabilities": str(tmp_path / "tem.zarr/prob"), "chunk": [2, 16, 16]}))
+    assert_user_error(*run_cli(["run", str(stretched), "--no-progress"], capsys), "inference.planes", "stretched")
+    assert not (tmp_path / "tem.zarr").exists()
+    auto = write_config(tmp_path / "auto.yaml", run_config(
+        inference={**inference, "planes": "auto"},
+        output={"probabilities": str(tmp_path / "tem.zarr/prob"), "chunk": [2, 16, 16]}))
+    code, err = run_cli(["run", str(auto), "--no-progress"], capsys)
+    assert code == 0, err
+    raw = open_volume(run_config()["input"]["url"])
+    np.testing.assert_allclose(open_volume(str(tmp_path / "tem.zarr/prob")).read(raw.bounds),
+                               whole_volume_prediction(raw, small_checkpoint)[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("name", "shard", "dtype"),
     [("out.n5/prob", None, "float32"), ("precomputed://{tmp}/prob_pc", None, "float32"),

@@ -102,7 +102,8 @@ class InferenceConfig(Section):
     #: The planes a 2D model reads: ``xy`` (its slices), or ``ortho``: also the xz and yz planes, the
     #: three predictions averaged (:mod:`volseg.inference.planes`). Only for volumes of near-cubic
     #: voxels (e.g. FIB-SEM); costs three times the windows, and blocks read a window's depth in z.
-    planes: Literal["xy", "ortho"] = "xy"
+    #: ``auto``: ortho where the input's voxels and the model allow it, else xy.
+    planes: Literal["xy", "ortho", "auto"] = "xy"
 
     @field_validator("device")
     @classmethod

@@ -80,7 +80,8 @@ class RunResult:
         retried = sum(p.stats.retried for p in self.passes)
         lines = [
             f"segmented {voxels:,} voxels in {plan.grid.num_blocks} blocks "
-            f"(block core {plan.grid.core_shape}, window {plan.windows.window}, stride {plan.windows.stride})",
+            f"(block core {plan.grid.core_shape}, window {plan.windows.window}, stride {plan.windows.stride}, "
+            f"planes {'+'.join(plan.planes)})",
             f"wall time {self.seconds:.1f} s, {voxels / max(self.seconds, 1e-9) / 1e6:.2f} Mvoxels/s on "
             f"{self.executor}; {done} block runs, {resumed} resumed from an earlier run, {retried} retried",
         ]

@@ -76,6 +76,21 @@ class PlanePredictor:
         return np.ascontiguousarray(out.transpose(0, 1, *(2 + b for b in self.back)))
 
 
+def resolve_planes(planes: str, window: Coord, voxel_size_nm: Sequence[float], dims: int, url: str
+                   ) -> tuple[str, ...]:
+    """The planes a run reads for ``inference.planes``: ``auto`` is ortho where :func:`check_planes`
+    allows it (a 2D model, a square slice window, near-cubic voxels), else xy; ``ortho`` where it cannot
+    mean what it says is refused."""
+    if planes == "auto":
+        try:
+            check_planes("ortho", window, voxel_size_nm, dims, url)
+        except ConfigError:
+            return PLANE_SETS["xy"]
+        return PLANE_SETS["ortho"]
+    check_planes(planes, window, voxel_size_nm, dims, url)
+    return PLANE_SETS[planes]
+
+
 def check_planes(planes: str, window: Coord, voxel_size_nm: Sequence[float], dims: int, url: str) -> None:
     """Refuse ortho-plane inference where it cannot mean what it says: a 3D model, a window that is not
     one square slice, or voxels far from cubes (the model would see stretched planes)."""

@@ -22,7 +22,7 @@ from volseg.engine.ledger import SIGNATURE_KEY, check_signature
 from volseg.errors import AlignmentError, ConfigError, OutputExistsError, VolumeFormatError
 from volseg.geometry import BlockGrid, Box, Coord, PointSet
 from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
-from volseg.inference.planes import PLANE_SETS, check_planes
+from volseg.inference.planes import resolve_planes
 from volseg.inference.postprocess import MinAreaStage, min_area_pixels
 from volseg.inference.predictor import CALIBRATION_LATTICE, INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
@@ -67,6 +67,7 @@ class SegmentationPlan:
     instances: InstancePlan | None = None
     intensity: IntensityRange | None = None
     norms: str | None = None
+    planes: tuple[str, ...] = ("xy",)
 
 
 def check_input_dtype(dtype: np.dtype, url: str, field: str) -> None:
@@ -220,8 +221,8 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     # once per volume too, after the intensity range (the calibration windows are normalised with it)
     norms = predictor.calibrate_norms(source) if config.inference.calibrate_norms else None
     windows = WindowGrid(source.shape, config.inference.window, config.inference.stride)
-    check_planes(config.inference.planes, windows.window, source.voxel_size_nm, predictor.contract.dims,
-                 config.input.url)
+    planes = resolve_planes(config.inference.planes, windows.window, source.voxel_size_nm,
+                            predictor.contract.dims, config.input.url)
     chunk = config.output.chunk or choose_output_chunks(source.shape, np.dtype(config.output.dtype),
                                                         source.chunk_shape)
     _check_shard(config.output.shard, chunk)
@@ -241,7 +242,7 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
                               norms)
     plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
                             None if config.output.shard is None else tuple(config.output.shard),
-                            outputs, signature, card, points, intensity=intensity, norms=norms)
+                            outputs, signature, card, points, intensity=intensity, norms=norms, planes=planes)
     check_existing_outputs(plan, overwrite)
     if config.instances is not None:
         plan = replace(plan, instances=_plan_instances(plan, overwrite))
@@ -391,7 +392,7 @@ def make_job(plan: SegmentationPlan, targets: Sequence[OutputTarget], points: Po
     inference = plan.config.inference
     return SegmentationJob(plan.source, targets, plan.predictor, plan.windows, inference.blend,
                            batch_windows=inference.batch_size, points=plan.points if points is None else points,
-                           planes=PLANE_SETS[inference.planes])
+                           planes=plan.planes)
 
 
 def make_min_area(plan: SegmentationPlan, probabilities: OutputTarget) -> MinAreaStage | None:
