@@ -56,6 +56,7 @@ from volseg.allocator import keep_freed_memory
 from volseg.evaluation.metrics import Confusion
 from volseg.geometry import Box, PointSet
 from volseg.inference.blockwise import predict_box
+from volseg.inference.planes import PLANE_SETS
 from volseg.inference.postprocess import min_area_pixels, small_components
 from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
@@ -163,12 +164,21 @@ def _components(mask: np.ndarray) -> int:
 
 
 def score_predictor(predictor: Any, raw: Any, labels: Any, slices: Sequence[int], points: PointSet | None = None,
-                    roi: int = 0, min_area_nm2: float = 0.0) -> Score:
+                    roi: int = 0, min_area_nm2: float = 0.0, planes: str = "xy") -> Score:
     """Blended predictions of each slice (or its top-left ``roi``², 0: whole) over the global window grid,
-    with 2D components under ``min_area_nm2`` removed as a run's ``output.min_area_nm2`` does."""
+    with 2D components under ``min_area_nm2`` removed as a run's ``output.min_area_nm2`` does. ``planes``
+    ``ortho``: the run's ``inference.planes: ortho``, predicted over the slab of the scored slices at once
+    (its xz and yz windows span every slice of it)."""
     windows = WindowGrid(raw.shape, predictor.window, _stride(predictor))
     stop_yx = tuple(min(roi, s) if roi else s for s in raw.shape[1:])
     result = Score(min_area_pixels(min_area_nm2, raw.voxel_size_nm))
+    if planes != "xy":
+        slab = Box((min(slices), 0, 0), (max(slices) + 1, *stop_yx))
+        blended = predict_box(raw, predictor, windows, slab, points=points, planes=PLANE_SETS[planes])
+        for z in slices:
+            plane = Box((z, 0, 0), (z + 1, *stop_yx))
+            result.add(blended[0, z - slab.start[0]][None] > 0.5, labels.read(plane) > 0)
+        return result
     for z in slices:
         plane = Box((z, 0, 0), (z + 1, *stop_yx))
         blended = predict_box(raw, predictor, windows, plane, points=points)
@@ -244,10 +254,7 @@ def train_peer(domain: DomainData, crop: int, batch: int, cpu_seconds: float, se
                learning_rate: float = 1e-3) -> tuple[torch.nn.Module, tuple[float, float], float]:
     """A MONAI BasicUNet trained on ``domain``'s labelled crops (the crops and augmentation volseg's
     source training draws) for ``cpu_seconds`` of process CPU time, poly LR decay over that budget."""
-    from monai.networks.nets import BasicUNet
-
-    torch.manual_seed(seed)
-    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
+    net = _peer_net(seed)
     mean, std = standardisation(domain.raw)
     sampler = CropSampler(domain.raw, domain.labels, (1, crop, crop), seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
@@ -266,6 +273,21 @@ def train_peer(domain: DomainData, crop: int, batch: int, cpu_seconds: float, se
         optimizer.step()
         step += 1
     return net.eval(), (mean, std), time.perf_counter() - wall
+
+
+def _peer_net(seed: int) -> torch.nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(seed)
+    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
+
+
+def _weights_key(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _augmented(image: torch.Tensor, mask: torch.Tensor, seed: int, step: int, augment: AugmentSettings
@@ -295,6 +317,7 @@ class Bench:
     out: Path
     device: torch.device
     slices: int = 0  # score only this many held-out slices (0: all; smoke tests only)
+    planes: str = "xy"  # the runs' inference.planes; ortho rows go to seedN_ortho.json
     source: DomainData = field(init=False)
     target_raw: Any = field(init=False)
     target_labels: Any = field(init=False)
@@ -312,7 +335,7 @@ class Bench:
         self.target_train = SubVolume(self.target_raw, 0, HOLD_OUT_Z)
         self.target_train_labels = SubVolume(self.target_labels, 0, HOLD_OUT_Z)
         self.test_slices = list(range(HOLD_OUT_Z, self.target_raw.shape[0]))[: self.slices or None]
-        self.path = self.out / f"seed{self.seed}.json"
+        self.path = self.out / f"seed{self.seed}{'' if self.planes == 'xy' else '_' + self.planes}.json"
         self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     # -- recipe
@@ -341,23 +364,29 @@ class Bench:
 
     def trained(self, spec: ModelSpec, settings: AdaptSettings, source: DomainData | None,
                 target: DomainData | None, init: torch.nn.Module | None = None) -> tuple[torch.nn.Module, float, float]:
+        """A model of this recipe: trained once, then read back from its checkpoint beside the results
+        (keyed by the spec, the settings and, for adaptation, the source model it starts from), so rows
+        scored another way (``--planes``) reuse it. Its training wall and CPU seconds come with it."""
+        key = self.recipe_key(spec, settings)
+        if init is not None:
+            key = hashlib.sha256((key + _weights_key(init)).encode()).hexdigest()[:10]
+        path = self.out / f"seed{self.seed}_{settings.mode}_{key}.safetensors"
+        if path.exists():
+            card = json.loads(path.with_suffix(".json").read_text())
+            return load_checkpoint(path, spec).to(self.device).eval(), card["train_s"], card["cpu_s"]
         model = self.fresh(spec)
         if init is not None:
             model.load_state_dict(init.state_dict())
         wall, cpu = time.perf_counter(), time.process_time()
         result = train_promptdas(model, settings, source, target)
-        return result.model, time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, result.model, spec, {"train_s": wall, "cpu_s": cpu})
+        return result.model, wall, cpu
 
     def source_model(self) -> tuple[torch.nn.Module, float, float]:
         """The seed's source model (trained once, then read back from its checkpoint)."""
-        spec, settings = self.spec(), self.settings("source")
-        path = self.out / f"seed{self.seed}_source_{self.recipe_key(spec, settings)}.safetensors"
-        if path.exists():
-            card = json.loads(path.with_suffix(".json").read_text())
-            return load_checkpoint(path, spec).to(self.device), card["train_s"], card["cpu_s"]
-        model, wall, cpu = self.trained(spec, settings, self.source, None)
-        save_checkpoint(path, model, spec, {"train_s": wall, "cpu_s": cpu})
-        return model, wall, cpu
+        return self.trained(self.spec(), self.settings("source"), self.source, None)
 
     # -- rows
     def record(self, name: str, result: Score, wall: float, cpu: float, **extra: Any) -> None:
@@ -377,7 +406,7 @@ class Bench:
         predictor = volseg_predictor(model, self.target_raw, s["window"], s["stride"], spec=spec,
                                      calibrate_norms=calibrate)
         return score_predictor(predictor, self.target_raw, self.target_labels, self.test_slices, points,
-                               min_area_nm2=s["min_area_nm2"])
+                               min_area_nm2=s["min_area_nm2"], planes=self.planes)
 
     def row(self, name: str) -> None:
         ROW_RUNNERS[name](self)
@@ -454,11 +483,20 @@ def _source_raw(bench: Bench) -> None:
 
 def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
     budget = bench.needs(faces)["cpu_s"]  # the CPU seconds of the volseg row it faces
-    net, (mean, std), wall = train_peer(domain, bench.scale["crop"], bench.scale["batch"], budget, bench.seed, WIDE)
+    path = bench.out / f"seed{bench.seed}_{name}_{round(budget)}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        net = _peer_net(bench.seed)
+        net.load_state_dict(saved["state"])
+        (mean, std), wall = saved["standardisation"], saved["train_s"]
+    else:
+        net, (mean, std), wall = train_peer(domain, bench.scale["crop"], bench.scale["batch"], budget, bench.seed,
+                                            WIDE)
+        torch.save({"state": net.state_dict(), "standardisation": (mean, std), "train_s": wall}, path)
     test_mean, test_std = standardisation(bench.target_raw)  # per-volume standardisation of the test volume
     predictor = PeerPredictor(net, test_mean, test_std, bench.scale["window"], bench.scale["stride"])
     result = score_predictor(predictor, bench.target_raw, bench.target_labels, bench.test_slices,
-                             min_area_nm2=bench.scale["min_area_nm2"])
+                             min_area_nm2=bench.scale["min_area_nm2"], planes=bench.planes)
     bench.record(name, result, wall, budget, train_standardisation=[mean, std])
 
 
@@ -478,15 +516,17 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
 # --- the table ----------------------------------------------------------------------------------------------
 
 
-def merge(out: Path) -> None:
-    """Mean ± std over every seed's JSON in ``out``, per row, and volseg ÷ peer."""
-    seeds = {int(p.stem.removeprefix("seed")): json.loads(p.read_text()) for p in sorted(out.glob("seed*.json"))
-             if p.stem.removeprefix("seed").isdigit()}
+def merge(out: Path, planes: str = "xy") -> None:
+    """Mean ± std over every seed's JSON in ``out`` (of the runs scored with ``planes``), per row, and
+    volseg ÷ peer."""
+    suffix = "" if planes == "xy" else f"_{planes}"
+    names = {p.stem.removeprefix("seed").removesuffix(suffix): p for p in sorted(out.glob(f"seed*{suffix}.json"))}
+    seeds = {int(n): json.loads(p.read_text()) for n, p in names.items() if n.isdigit()}
     if not seeds:
         print(f"no results in {out}: run with --seed N first")
         return
-    print(f"VNC → Lucchi, held-out Lucchi slices z ≥ {HOLD_OUT_Z}; seeds {sorted(seeds)} (mean ± std over the seeds "
-          "that ran each row)\n")
+    print(f"VNC → Lucchi, held-out Lucchi slices z ≥ {HOLD_OUT_Z}, inference.planes {planes}; seeds {sorted(seeds)} "
+          "(mean ± std over the seeds that ran each row)\n")
     print(f"| {'row':<38} | seeds | {'Dice':>13} | {'IoU':>13} | {'2D objects / true':>17} | {'train s':>7} |")
     print(f"|{'-' * 40}|-------|{'-' * 15}|{'-' * 15}|{'-' * 19}|{'-' * 9}|")
     means = {}
@@ -526,15 +566,17 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="recompute rows the seed's JSON already has")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--slices", type=int, default=0, help="score only the first N held-out slices (smoke tests)")
+    parser.add_argument("--planes", choices=sorted(PLANE_SETS), default="xy",
+                        help="score as runs with this inference.planes (ortho: Lucchi's voxels are cubes)")
     args = parser.parse_args()
     if args.merge:
-        merge(args.out)
+        merge(args.out, args.planes)
         return
     keep_freed_memory()
     if not (data_dir() / "vnc.zarr").exists():
         print(f"no data at {data_dir()}: set VOLSEG_DATA to the folder with vnc.zarr and lucchi_train.zarr")
         return
-    bench = Bench(args.seed, SCALES[args.scale], args.out, torch.device(args.device), args.slices)
+    bench = Bench(args.seed, SCALES[args.scale], args.out, torch.device(args.device), args.slices, args.planes)
     rows = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
