@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,6 +40,8 @@ from volseg.models.checkpoint import card_path, file_sha256, load_checkpoint, re
 
 #: Default block core size, in voxels, when the config gives none.
 DEFAULT_BLOCK_VOXELS = 1 << 24
+
+log = logging.getLogger("volseg")
 
 
 @dataclass(frozen=True)
@@ -111,15 +114,17 @@ def build_predictor(config: Config) -> tuple[TorchPredictor, dict[str, Any]]:
     return predictor, read_card(config.model.checkpoint)
 
 
-def default_block(write_chunk: Coord, window: Coord, shape: Coord) -> Coord:
+def default_block(write_chunk: Coord, window: Coord, shape: Coord, depth: int = 1) -> Coord:
     """A block core of whole write chunks: at least 4 windows wide in y and x (so the windows shared
-    with neighbours stay a small fraction), about ``DEFAULT_BLOCK_VOXELS`` in all, no larger than the
-    volume rounded up to whole chunks."""
+    with neighbours stay a small fraction), at least ``depth`` deep in z (ortho planes: a window's
+    depth), about ``DEFAULT_BLOCK_VOXELS`` in all, no larger than the volume rounded up to whole chunks."""
     cap = [-(-s // c) * c for s, c in zip(shape, write_chunk, strict=True)]
     block = list(write_chunk)
     for ax in (1, 2):
         while block[ax] < 4 * window[ax] and block[ax] < cap[ax]:
             block[ax] += write_chunk[ax]
+    while block[0] < depth and block[0] < cap[0]:
+        block[0] += write_chunk[0]
     while int(np.prod(block)) < DEFAULT_BLOCK_VOXELS and block[0] < cap[0]:
         block[0] += write_chunk[0]
     return tuple(min(b, c) for b, c in zip(block, cap, strict=True))
@@ -227,7 +232,12 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
                                                         source.chunk_shape)
     _check_shard(config.output.shard, chunk)
     write_chunk = config.output.shard or chunk
-    core = config.execution.block or default_block(write_chunk, windows.window, source.shape)
+    depth = windows.window[1] if len(planes) > 1 else 1  # xz and yz windows reach a window deep in z
+    core = config.execution.block or default_block(write_chunk, windows.window, source.shape, depth)
+    if core[0] < min(depth, source.shape[0]):
+        log.warning("inference.planes ortho with blocks %d slices deep: each xz and yz window (%d deep) is "
+                    "computed by every block it reaches; set execution.block on z to at least %d.",
+                    core[0], depth, depth)
     grid = BlockGrid.aligned(_roi(config, source.bounds), core, 0, source.bounds, write_chunk)
     points = None
     if config.prompts is not None and config.prompts.auto:
