@@ -71,8 +71,8 @@ class CropSampler:
     def box(self, rng: np.random.Generator | None = None, anywhere: bool = False) -> Box:
         """A random crop box, drawn from ``rng`` (default: the sampler's own stream): uniformly placed,
         or, with probability ``point_share`` (when the sampler has points and not ``anywhere``), placed
-        uniformly among the boxes that hold a uniformly chosen point (sparse annotations are few: a crop
-        drawn anywhere rarely holds one)."""
+        to hold a uniformly chosen point at a uniformly random position of the crop (shifted back inside
+        the volume at its edges): sparse annotations are few, and a crop drawn anywhere rarely holds one."""
         rng = self.rng if rng is None else rng
         near_point = not anywhere and self.point_share > 0 and self.points is not None and len(self.points) > 0
         if near_point and rng.random() < self.point_share:
