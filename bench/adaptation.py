@@ -172,17 +172,17 @@ def score_predictor(predictor: Any, raw: Any, labels: Any, slices: Sequence[int]
     windows = WindowGrid(raw.shape, predictor.window, _stride(predictor))
     stop_yx = tuple(min(roi, s) if roi else s for s in raw.shape[1:])
     result = Score(min_area_pixels(min_area_nm2, raw.voxel_size_nm))
+    slab = None
     if planes != "xy":
-        slab = Box((min(slices), 0, 0), (max(slices) + 1, *stop_yx))
-        blended = predict_box(raw, predictor, windows, slab, points=points, planes=PLANE_SETS[planes])
-        for z in slices:
-            plane = Box((z, 0, 0), (z + 1, *stop_yx))
-            result.add(blended[0, z - slab.start[0]][None] > 0.5, labels.read(plane) > 0)
-        return result
+        box = Box((min(slices), 0, 0), (max(slices) + 1, *stop_yx))
+        slab = predict_box(raw, predictor, windows, box, points=points, planes=PLANE_SETS[planes])[0]
     for z in slices:
         plane = Box((z, 0, 0), (z + 1, *stop_yx))
-        blended = predict_box(raw, predictor, windows, plane, points=points)
-        result.add(blended[0] > 0.5, labels.read(plane) > 0)
+        if slab is None:
+            probability = predict_box(raw, predictor, windows, plane, points=points)[0]
+        else:
+            probability = slab[z - min(slices)][None]
+        result.add(probability > 0.5, labels.read(plane) > 0)
     return result
 
 
