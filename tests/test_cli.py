@@ -110,6 +110,28 @@ def test_ortho_planes_run_on_cubic_voxels_and_are_refused_on_stretched_ones(tmp_
                                whole_volume_prediction(raw, small_checkpoint)[0], atol=1e-5, rtol=0)
 
 
+def test_ortho_warns_of_thin_blocks_only_where_windows_are_recomputed(tmp_path, run_config, caplog):
+    from volseg.config import load_config
+    from volseg.data.synthetic import generate_volume
+    from volseg.inference.segment import plan_segmentation
+
+    data = generate_volume((10, 72, 80), "fibsem", seed=4)  # 8 nm cubes
+    cubic = create_volume(str(tmp_path / "fib.zarr/raw"), shape=data.raw.shape, dtype=data.raw.dtype,
+                          voxel_size_nm=data.voxel_size_nm, chunk_shape=(4, 32, 32))
+    cubic.write(cubic.bounds, data.raw)
+    inference = {**run_config()["inference"], "planes": "ortho"}  # windows 32 deep in xz and yz
+    # blocks 4 deep: 3 blocks over 10 slices each compute the xz / yz windows; a 4-slice ROI is one block deep
+    for roi, warns in ((None, True), ({"start": [2, 0, 0], "stop": [6, 72, 80]}, False)):
+        path = write_config(tmp_path / f"thin{warns}.yaml", run_config(
+            input={"url": str(tmp_path / "fib.zarr/raw")}, inference=inference,
+            **({} if roi is None else {"roi": roi})))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            plan = plan_segmentation(load_config(path))
+        assert plan.grid.grid_shape[0] == (3 if warns else 1)
+        assert ("computed by every block it reaches" in caplog.text) == warns, caplog.text
+
+
 @pytest.mark.parametrize(
     ("name", "shard", "dtype"),
     [("out.n5/prob", None, "float32"), ("precomputed://{tmp}/prob_pc", None, "float32"),

@@ -234,11 +234,11 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     write_chunk = config.output.shard or chunk
     depth = windows.window[1] if len(planes) > 1 else 1  # xz and yz windows reach a window deep in z
     core = config.execution.block or default_block(write_chunk, windows.window, source.shape, depth)
-    if core[0] < min(depth, source.shape[0]):
+    grid = BlockGrid.aligned(_roi(config, source.bounds), core, 0, source.bounds, write_chunk)
+    if grid.grid_shape[0] > 1 and grid.core_shape[0] < depth:  # one block deep over the ROI: nothing recomputed
         log.warning("inference.planes ortho with blocks %d slices deep: each xz and yz window (%d deep) is "
                     "computed by every block it reaches; set execution.block on z to at least %d.",
-                    core[0], depth, depth)
-    grid = BlockGrid.aligned(_roi(config, source.bounds), core, 0, source.bounds, write_chunk)
+                    grid.core_shape[0], depth, depth)
     points = None
     if config.prompts is not None and config.prompts.auto:
         _check_auto_prompts(config, predictor)
