@@ -13,6 +13,8 @@ over the global window grid, and test-time points are the points file's points w
   uda               + mean-teacher adaptation to Lucchi z < 100, no target labels
   wda               + the 15% points of Lucchi z < 100
   wda_points        the WDA model with the z ≥ 100 points as prompts at test time
+  wda_confirmed     WDA whose pseudo-foreground components must hold a sparse point of a slice within ±100 nm
+                    (``adapt.confirm_points_nm``); the others become background
   oracle            volseg trained on the labels of Lucchi z < 100
   peer_source       MONAI BasicUNet on VNC, per-volume standardisation, the CPU seconds of ``source``
   peer_oracle       the same on Lucchi z < 100, the CPU seconds of ``oracle``
@@ -94,17 +96,20 @@ SCALES = {
               "batch": 2, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3, "min_area_nm2": 5000.0,
               "calibrate_norms": True},
 }
-ROWS = ("source", "uda", "wda", "wda_points", "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw",
-        "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
+ROWS = ("source", "uda", "wda", "wda_points", "wda_confirmed", "oracle", "peer_source", "peer_oracle",
+        "oracle_paper", "source_raw", "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "wda": "WDA (15% points, z < 100)",
-    "wda_points": "WDA + test-time points (z ≥ 100)", "oracle": "supervised-target (oracle)",
+    "wda_points": "WDA + test-time points (z ≥ 100)",
+    "wda_confirmed": "WDA + point-confirmed pseudo-labels", "oracle": "supervised-target (oracle)",
     "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
     "oracle_paper": "oracle, paper's head", "source_raw": "source-only, grey values / 255",
     "source_uncalibrated": "source-only, norms not calibrated",
     "source_zoom": "source-only, zoom 1.5 augmentation",
     "uda_pushed": "UDA pushed to collapse, guard off", "uda_pushed_guarded": "UDA pushed to collapse, guard on",
 }
+#: The ``wda_confirmed`` row's ``adapt.confirm_points_nm``: points of slices within ±100 nm confirm a component.
+CONFIRM_NM = 100.0
 #: The ``source_zoom`` row's ``train.zoom``.
 ZOOM = 1.5
 #: UDA settings that drive self-training to background: pseudo-foreground needs p ≥ 0.999 and weighs 1%.
@@ -422,10 +427,10 @@ def _source(bench: Bench) -> None:
     bench.record("source", bench.score_model(model, bench.spec()), wall, cpu)
 
 
-def _adapted(bench: Bench, mode: str) -> tuple[torch.nn.Module, float, float]:
+def _adapted(bench: Bench, mode: str, **extra: Any) -> tuple[torch.nn.Module, float, float]:
     source, source_wall, source_cpu = bench.source_model()
     target = DomainData(bench.target_train, points=bench.train_points if mode == "wda" else None)
-    model, wall, cpu = bench.trained(bench.spec(), bench.settings(mode), bench.source, target, init=source)
+    model, wall, cpu = bench.trained(bench.spec(), bench.settings(mode, **extra), bench.source, target, init=source)
     return model, source_wall + wall, source_cpu + cpu
 
 
@@ -439,6 +444,12 @@ def _wda(bench: Bench) -> None:
     bench.record("wda", bench.score_model(model, bench.spec()), wall, cpu)
     bench.record("wda_points", bench.score_model(model, bench.spec(), bench.test_points), wall, cpu,
                  test_points=len(bench.test_points))
+
+
+def _wda_confirmed(bench: Bench) -> None:
+    reach = int(CONFIRM_NM // bench.target_raw.voxel_size_nm[0])
+    model, wall, cpu = _adapted(bench, "wda", confirm_slices=reach)
+    bench.record("wda_confirmed", bench.score_model(model, bench.spec()), wall, cpu, confirm_slices=reach)
 
 
 def _pushed(bench: Bench, guarded: bool) -> None:
@@ -501,7 +512,8 @@ def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
 
 
 ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
-    "source": _source, "uda": _uda, "wda": _wda, "wda_points": _wda, "oracle": _oracle,
+    "source": _source, "uda": _uda, "wda": _wda, "wda_points": _wda, "wda_confirmed": _wda_confirmed,
+    "oracle": _oracle,
     "peer_source": lambda b: _peer(b, "peer_source", "source", b.source),
     "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
     "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),

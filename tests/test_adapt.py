@@ -13,7 +13,7 @@ from torch import nn
 from volseg.data.synthetic import generate_volume
 from volseg.errors import ConfigError
 from volseg.evaluation.metrics import dice
-from volseg.geometry import PointSet
+from volseg.geometry import Box, PointSet
 from volseg.intensity import measure_intensity
 from volseg.models import ModelSpec, build_model, input_contract
 from volseg.models.norms import calibrate_norms, norm_layers
@@ -37,6 +37,7 @@ from volseg.training.promptdas.contrastive import (
 from volseg.training.promptdas.guard import GuardSettings
 from volseg.training.promptdas.prompts import merge_points, pad_points, random_subset
 from volseg.training.promptdas.pseudo_labels import (
+    confirm_by_points,
     density_peaks,
     keep_components_with_centres,
     nms_radius,
@@ -188,6 +189,39 @@ def test_unconfirmed_foreground_components_become_ignored():
     assert kept_valid[0, 0, 0, 0] == 1 and kept.sum() == (labels == 1).sum()
 
 
+def test_components_without_a_nearby_point_become_background():
+    _, labels = disks_image(32, [(8, 8), (24, 24)], 4)
+    foreground = torch.from_numpy(labels > 0).view(1, 1, 32, 32)
+    target = foreground.float()
+    valid = torch.ones_like(target)
+    valid[0, 0, 24, 20] = 0  # an uncertain pixel of the unconfirmed disk: it becomes sure background
+    nearby = [np.array([[9.0, 7.0], [40.0, 3.0], [-2.0, 5.0]])]  # one in the first disk, two outside the image
+    kept, kept_valid = confirm_by_points(target, valid, foreground, nearby)
+    assert torch.equal(kept[0, 0], torch.from_numpy((labels == 1).astype(np.float32)))
+    assert bool((kept_valid == 1).all())
+    assert target.sum() == (labels > 0).sum()  # the inputs are not changed
+    none, _ = confirm_by_points(target, valid, foreground, [np.zeros((0, 2))])
+    assert none.sum() == 0
+
+
+def test_crops_carry_the_points_of_the_slices_within_reach_projected():
+    raw = np.zeros((40, 64, 64), np.uint8)
+    points = PointSet(np.array([[2, 10, 10], [10, 20, 30], [17, 40, 41], [23, 50, 50], [30, 5, 60]], float))
+    sampler = CropSampler(raw, None, (1, 64, 64), points=points, reach=7)
+    crop = sampler.crop_at(Box((16, 0, 0), (17, 64, 64)))
+    assert crop.points_in_slice(0).tolist() == []
+    assert sorted(crop.points_near_slice(0).tolist()) == [[20.0, 30.0], [40.0, 41.0], [50.0, 50.0]]
+    offset = sampler.crop_at(Box((3, 8, 8), (4, 40, 40)))  # y, x in crop coordinates
+    assert offset.points_near_slice(0).tolist() == [[2.0, 2.0], [12.0, 22.0]]
+    assert CropSampler(raw, None, (1, 64, 64), points=points).crop_at(Box((16, 0, 0), (17, 64, 64))).reach == -1
+
+
+def test_point_confirmation_is_a_wda_setting_in_slices_of_the_target():
+    assert AdaptSettings(mode="wda", confirm_slices=20).confirm_slices == 20
+    with pytest.raises(ConfigError, match="needs the sparse points"):
+        AdaptSettings(mode="uda", confirm_slices=3)
+
+
 # --- PCL ---------------------------------------------------------------------------------------------
 
 
@@ -323,6 +357,21 @@ def test_pseudo_labelled_batch_keeps_labels_prompts_and_contrastive_points_align
         assert (batch.target[b, 0, points[:, 0], points[:, 1]][kinds == FOREGROUND] == 1).all()
         assert (batch.target[b, 0, points[:, 0], points[:, 1]][kinds == BACKGROUND] == 0).all()
         assert (batch.valid[b, 0, points[:, 0], points[:, 1]][kinds != UNUSED] == 1).all()
+
+
+def test_wda_pseudo_labels_keep_only_the_objects_a_nearby_point_confirms():
+    images = np.stack([disks_image(48, [(12, 14), (34, 30)], 7)[0] for _ in range(2)])
+    nearby = [np.array([[12.0, 14.0]]), np.array([[3.0, 3.0]])]  # sample 0: the first disk; sample 1: neither
+    slices = Slices(torch.from_numpy(images).unsqueeze(1), None, [np.zeros((0, 2))] * 2, nearby)
+    settings = AdaptSettings(mode="wda", density_sigma=3.0, peak_threshold=0.5, augment=NO_INTENSITY,
+                             student_prompts="all", confirm_slices=0)
+    batch = pseudo_labelled_batch(FakeTeacher(), slices, settings, SampleRandom.spawn(0, 2))
+    dark = batch.image < 0.5  # both disks, in the student's (warped) view
+    kept = batch.target[0] > 0
+    assert bool((dark[0] | ~kept).float().mean() > 0.99)  # what is kept is a disk
+    assert 0.35 < int(kept.sum()) / int(dark[0].sum()) < 0.65  # one of the two: the other became background
+    assert int(batch.target[1].sum()) == 0
+    assert float(batch.valid[dark].mean()) > 0.98  # and is trusted as such, not ignored
 
 
 class CountingTeacher(FakeTeacher):

@@ -265,6 +265,8 @@ CASES = [
          ("binary.csv",)),
     Case("adapt: target missing", "adapt", edit(ADAPT, adapt__target__raw__url="absent.zarr"), ("absent.zarr",)),
     Case("adapt: delta_b above delta_f", "adapt", edit(ADAPT, adapt__delta_b=0.9), ("delta_b",)),
+    Case("adapt: point confirmation without points", "adapt", edit(ADAPT, adapt__confirm_points_nm=100),
+         ("confirm_points_nm", "wda")),
     # --- sam-adapt -------------------------------------------------------------------------------------------
     Case("sam-adapt: no section", "sam-adapt", RUN, ("sam_adapt",)),
     Case("sam-adapt: dfg without init", "sam-adapt", edit(SAM, sam_adapt__method="dfg",

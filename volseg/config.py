@@ -320,7 +320,9 @@ class AdaptConfig(Section):
     Values the paper leaves open (METHOD.md, *choose*) are fields here with the defaults volseg uses;
     their meaning is that of :class:`volseg.training.promptdas.settings.AdaptSettings`. ``threads``:
     torch threads of the training process (None: torch's default, one per core). ``zoom``: the labelled
-    crops' random magnification, as ``train.zoom``."""
+    crops' random magnification, as ``train.zoom``. ``confirm_points_nm`` (wda; 0: off): a pseudo-foreground
+    2D component is kept only if a sparse point of a slice within this distance in z lies in it
+    (:attr:`~volseg.training.promptdas.settings.AdaptSettings.confirm_slices`)."""
 
     mode: Literal["uda", "wda", "supervised-target"] = "uda"
     source: LabelledVolume | None = None
@@ -349,6 +351,7 @@ class AdaptConfig(Section):
     density_pseudo_target: Literal["peaks", "teacher"] = "peaks"
     contrastive_points: int = Field(default=16, ge=0)
     point_crop_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    confirm_points_nm: float = Field(default=0.0, ge=0.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     poly_power: float = Field(default=0.9, ge=0.0)
     zoom: float = Field(default=1.0, ge=1.0, le=4.0)
@@ -363,6 +366,9 @@ class AdaptConfig(Section):
             raise ValueError(f"delta_b {self.delta_b} must be below delta_f {self.delta_f}")
         if self.mode == "wda" and self.target.points is None:
             raise ValueError("mode wda needs target.points (the sparse point annotations)")
+        if self.confirm_points_nm > 0 and self.mode != "wda":
+            raise ValueError(f"confirm_points_nm {self.confirm_points_nm} needs mode wda (it confirms pseudo-labels "
+                             "by the sparse points); set it to 0 for other modes")
         if self.mode == "supervised-target" and self.target.labels is None:
             raise ValueError("mode supervised-target needs target.labels")
         return self

@@ -57,7 +57,8 @@ def adapt_inputs(config: Config) -> TrainingInputs:
         torch.manual_seed(cfg.seed)
         model = build_model(spec)
     settings = AdaptSettings.from_config(cfg, target_voxel_nm=float(target_raw.voxel_size_nm[2]),
-                                         source_voxel_nm=None if source is None else float(source.raw.voxel_size_nm[2]))
+                                         source_voxel_nm=None if source is None else float(source.raw.voxel_size_nm[2]),
+                                         target_depth_nm=float(target_raw.voxel_size_nm[0]))
     return TrainingInputs(model, settings, source, DomainData(target_raw, target_labels, points))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,17 +19,26 @@ class Crop:
     ``raw`` ``Z×Y×X`` as stored; ``labels`` likewise (instance ids or a mask) or None; ``points_zyx``
     ``N×3`` float, the points of the sampler's :class:`PointSet` inside ``box``, in crop coordinates
     (``N = 0`` when there are none or the sampler has no points); ``box`` where the crop was read.
+    ``reach`` (−1: none) and ``nearby_zyx``: the points within ``reach`` slices above or below the crop,
+    over its y, x extent, in crop coordinates (z may lie outside ``0 … Z−1``).
     """
 
     raw: np.ndarray
     labels: np.ndarray | None
     points_zyx: np.ndarray
     box: Box
+    reach: int = -1
+    nearby_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
 
     def points_in_slice(self, z: int) -> np.ndarray:
         """The ``M×2`` (y, x) points of crop slice ``z`` (points whose rounded z is ``z``)."""
         on = np.rint(self.points_zyx[:, 0]) == z
         return self.points_zyx[on, 1:]
+
+    def points_near_slice(self, z: int) -> np.ndarray:
+        """The ``M×2`` (y, x) points of the slices within ``reach`` of crop slice ``z``, projected onto it."""
+        near = np.abs(np.rint(self.nearby_zyx[:, 0]) - z) <= self.reach
+        return self.nearby_zyx[near, 1:]
 
 
 @dataclass
@@ -41,7 +50,8 @@ class CropSampler:
     (``seed``); :meth:`box` also draws from a stream it is given (the per-crop streams of data-parallel
     training, :mod:`volseg.training.replicas`). ``percentiles`` (a model's input contract): ``intensity``
     is then the volume's robust grey-value range (:mod:`volseg.intensity`), to normalise its crops with,
-    as inference normalises the volume's blocks; else None.
+    as inference normalises the volume's blocks; else None. ``reach`` (≥ 0): each crop also carries the
+    points within ``reach`` slices of it (:attr:`Crop.nearby_zyx`, WDA's point confirmation).
     """
 
     raw: Any
@@ -51,6 +61,7 @@ class CropSampler:
     points: PointSet | None = None
     percentiles: tuple[float, float] | None = None
     point_share: float = 0.0
+    reach: int = -1
 
     def __post_init__(self) -> None:
         self.crop = tuple(int(c) for c in self.crop)
@@ -88,7 +99,13 @@ class CropSampler:
         raw = read_box(self.raw, box)
         labels = None if self.labels is None else read_box(self.labels, box)
         points = np.zeros((0, 3)) if self.points is None else self.points.inside(box)
-        return Crop(raw, labels, points, box)
+        if self.reach < 0 or self.points is None:
+            return Crop(raw, labels, points, box)
+        reach = (self.reach, 0, 0)
+        around = Box(tuple(a - r for a, r in zip(box.start, reach, strict=True)),
+                     tuple(b + r for b, r in zip(box.stop, reach, strict=True)))
+        nearby = self.points.inside(around) - np.asarray(reach, dtype=np.float64)
+        return Crop(raw, labels, points, box, self.reach, nearby)
 
     def crops(self, n: int) -> list[Crop]:
         """``n`` crops at random positions."""

@@ -22,6 +22,7 @@ from volseg.training.crops import Crop
 from volseg.training.promptdas.contrastive import UNUSED, sample_contrastive_points
 from volseg.training.promptdas.prompts import merge_points, pad_points, random_subset
 from volseg.training.promptdas.pseudo_labels import (
+    confirm_by_points,
     density_peaks,
     keep_components_with_centres,
     nms_radius,
@@ -92,11 +93,13 @@ def concat_batches(batches: Sequence[PromptBatch]) -> PromptBatch:
 @dataclass(frozen=True)
 class Slices:
     """The 2D samples of a list of crops: ``images`` ``B×1×Y×X`` model input, ``labels`` ``B×Y×X`` (or
-    None), ``points`` one ``M×2`` (y, x) array per sample (the crop's sparse points in that slice)."""
+    None), ``points`` one ``M×2`` (y, x) array per sample (the crop's sparse points in that slice);
+    ``nearby`` (crops with a ``reach``; else None) likewise, the points of the slices within reach."""
 
     images: torch.Tensor
     labels: np.ndarray | None
     points: list[np.ndarray]
+    nearby: list[np.ndarray] | None = None
 
 
 def crop_slices(crops: Sequence[Crop], contract: InputContract, intensity: tuple[float, float] | None = None
@@ -107,7 +110,10 @@ def crop_slices(crops: Sequence[Crop], contract: InputContract, intensity: tuple
     images = contract.normalize(torch.from_numpy(np.ascontiguousarray(raw)), intensity).unsqueeze(1)
     labels = None if any(c.labels is None for c in crops) else np.concatenate([c.labels for c in crops])
     points = [c.points_in_slice(z) for c in crops for z in range(c.raw.shape[0])]
-    return Slices(images, labels, points)
+    nearby = None
+    if crops and all(c.reach >= 0 for c in crops):
+        nearby = [c.points_near_slice(z) for c in crops for z in range(c.raw.shape[0])]
+    return Slices(images, labels, points, nearby)
 
 
 def _student_views(images: torch.Tensor, maps: dict[str, tuple[torch.Tensor, str, str]],
@@ -212,14 +218,16 @@ def mark_sparse_points(target: torch.Tensor, valid: torch.Tensor, sparse: Sequen
 
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points: Sequence[np.ndarray],
-                          settings: AdaptSettings) -> PseudoLabels:
+                          settings: AdaptSettings, nearby: Sequence[np.ndarray] | None = None) -> PseudoLabels:
     """Pseudo-labels of a weak view ``B×1×Y×X`` in two teacher passes (one, when the first detects no
     centre in the whole batch: the second would repeat it).
 
     1. :func:`detect_centres` (prompted with the sparse points).
     2. Prompted with the sparse points and the detected centres: probability → foreground ≥ ``delta_f``,
        background ≤ ``delta_b``, else ignored; with ``require_centre``, foreground components without a
-       prompt are ignored too; then :func:`mark_sparse_points` with ``disk_radius``.
+       prompt are ignored too; with ``nearby`` points (WDA, ``confirm_slices`` ≥ 0), the components of
+       p > 0.5 that hold none become background (:func:`confirm_by_points`); then
+       :func:`mark_sparse_points` with ``disk_radius``.
     The density target (``density_pseudo_target``) is a Gaussian (``density_sigma``) at every prompt
     (detected or sparse), or the teacher's second-pass density.
     """
@@ -233,6 +241,8 @@ def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points:
     target, valid = segmentation_pseudo_labels(probability, settings.delta_f, settings.delta_b)
     if settings.require_centre:
         target, valid = keep_components_with_centres(target, valid, prompts)
+    if nearby is not None:
+        target, valid = confirm_by_points(target, valid, probability > 0.5, nearby)
     target, valid = mark_sparse_points(target, valid, sparse, settings.disk_radius)
     if settings.density_pseudo_target == "teacher":
         density = second.density.float().cpu()
@@ -257,7 +267,7 @@ def pseudo_labelled_batch(teacher: nn.Module, slices: Slices, settings: AdaptSet
     _check_randoms(slices, randoms)
     weak = torch.cat([weak_view(random.generator, image[None], settings.augment.weak_intensity)
                       for image, random in zip(slices.images, randoms, strict=True)])
-    pseudo = teacher_pseudo_labels(teacher, weak, slices.points, settings)
+    pseudo = teacher_pseudo_labels(teacher, weak, slices.points, settings, slices.nearby)
     prompts = pseudo.prompts
     if settings.student_prompts == "subset":
         prompts = [np.concatenate([s, random_subset(d, random.rng)])

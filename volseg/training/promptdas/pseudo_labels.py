@@ -65,6 +65,19 @@ def segmentation_pseudo_labels(probability: torch.Tensor, delta_f: float, delta_
     return foreground.float(), valid.float()
 
 
+def components_without_points(mask: np.ndarray, points_yx: np.ndarray, connectivity: int = 4) -> np.ndarray:
+    """The pixels of the 2D components of ``mask`` (``connectivity`` 4 or 8) that hold none of the
+    ``M×2`` (y, x) ``points`` (rounded; points outside the image hold nothing)."""
+    structure = np.ones((3, 3)) if connectivity == 8 else None
+    labels, n = ndimage.label(mask, structure=structure)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    yx = np.rint(np.asarray(points_yx).reshape(-1, 2)).astype(int)
+    yx = yx[np.all((yx >= 0) & (yx < labels.shape), axis=1)]
+    confirmed = np.unique(labels[yx[:, 0], yx[:, 1]])
+    return np.isin(labels, confirmed[confirmed > 0], invert=True) & (labels > 0)
+
+
 def keep_components_with_centres(target: torch.Tensor, valid: torch.Tensor, centres: Sequence[np.ndarray]
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-foreground 2D components that contain no centre become uncertain (target 0, valid 0).
@@ -74,12 +87,23 @@ def keep_components_with_centres(target: torch.Tensor, valid: torch.Tensor, cent
     """
     target, valid = target.clone(), valid.clone()
     for b, points in enumerate(centres):
-        labels, n = ndimage.label(target[b, 0].numpy() > 0)
-        if n == 0:
-            continue
-        yx = np.rint(np.asarray(points).reshape(-1, 2)).astype(int)
-        confirmed = np.unique(labels[yx[:, 0], yx[:, 1]]) if len(yx) else np.zeros(0, int)
-        drop = torch.from_numpy(np.isin(labels, confirmed[confirmed > 0], invert=True) & (labels > 0))
+        drop = torch.from_numpy(components_without_points(target[b, 0].numpy() > 0, points))
         target[b, 0][drop] = 0
         valid[b, 0][drop] = 0
+    return target, valid
+
+
+def confirm_by_points(target: torch.Tensor, valid: torch.Tensor, foreground: torch.Tensor,
+                      nearby: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """WDA's point confirmation: each 2D component of ``foreground`` (``B×1×Y×X`` bool, 8-connected) that
+    holds none of its sample's ``nearby`` points (``M×2`` (y, x), the sparse points of the slices within
+    reach, projected) becomes background, valid, in ``target``/``valid`` (new tensors are returned).
+
+    Sparse points mark a share of the objects of every slice; an organelle that spans many slices then
+    holds, in nearly every slice, a point of a slice nearby, while a false-positive blob holds none."""
+    target, valid = target.clone(), valid.clone()
+    for b, points in enumerate(nearby):
+        drop = torch.from_numpy(components_without_points(foreground[b, 0].numpy(), points, connectivity=8))
+        target[b, 0][drop] = 0
+        valid[b, 0][drop] = 1
     return target, valid

@@ -54,6 +54,10 @@ class AdaptSettings:
     point_disk_radius: WDA: pixels within this radius (voxels) of a sparse point are foreground
         (None: ``density_sigma``).
     point_crop_share: WDA: the share of target crops placed to hold a sparse point (the others anywhere).
+    confirm_slices: WDA: a pseudo-foreground 2D component (teacher p > 0.5) stays foreground only if a
+        sparse point of a slice within ± this many slices lies in it (projected); the others become
+        background (:func:`~volseg.training.promptdas.pseudo_labels.confirm_by_points`). For points dense
+        enough that nearly every object holds one within that reach (−1: off).
     target_weight: weight of the target terms against the source terms.
     balance_pseudo_labels: the pseudo-label BCE weighs foreground and background equally (see
         :func:`volseg.training.losses.segmentation_loss`); keeps self-training from drifting to background.
@@ -93,6 +97,7 @@ class AdaptSettings:
     density_pseudo_target: Literal["peaks", "teacher"] = "peaks"
     point_disk_radius: float | None = None
     point_crop_share: float = 0.0
+    confirm_slices: int = -1
     target_weight: float = 1.0
     balance_pseudo_labels: bool = True
     pseudo_foreground_share: float = 0.5
@@ -115,6 +120,10 @@ class AdaptSettings:
         if not 0 <= self.point_crop_share <= 1:
             raise ConfigError(f"point_crop_share {self.point_crop_share} must be in [0, 1].",
                               "e.g. 0.5 (half the target crops hold a sparse point).")
+        if self.confirm_slices >= 0 and self.mode != "wda":
+            raise ConfigError(f"point confirmation (confirm_slices {self.confirm_slices}) needs the sparse points "
+                              f"of adapt mode 'wda', not {self.mode!r}.",
+                              "set adapt.mode: wda with adapt.target.points, or remove adapt.confirm_points_nm.")
         if not 0 <= self.unprompted_share <= 1:
             raise ConfigError(f"unprompted_share {self.unprompted_share} must be in [0, 1].",
                               "e.g. 0.5 (half the labelled crops without prompts).")
@@ -139,13 +148,16 @@ class AdaptSettings:
 
     @classmethod
     def from_config(cls, config: AdaptConfig, target_voxel_nm: float, source_voxel_nm: float | None = None,
-                    **overrides: object) -> AdaptSettings:
-        """Settings of an ``adapt:`` config section; σ converted from nm with the in-plane voxel sizes."""
+                    target_depth_nm: float | None = None, **overrides: object) -> AdaptSettings:
+        """Settings of an ``adapt:`` config section; σ converted from nm with the in-plane voxel sizes,
+        ``confirm_points_nm`` with the target's slice thickness ``target_depth_nm`` (None: in-plane)."""
         fields = {f.name for f in dataclasses.fields(cls)} & set(type(config).model_fields)
         values = {name: getattr(config, name) for name in fields}
         values["guard"] = GuardSettings(**config.guard.model_dump())
         values["source_augment"] = dataclasses.replace(WIDE, zoom=config.zoom)
         values["density_sigma"] = config.density_sigma_nm / target_voxel_nm
+        if config.confirm_points_nm > 0:
+            values["confirm_slices"] = int(config.confirm_points_nm // (target_depth_nm or target_voxel_nm))
         if source_voxel_nm is not None:
             values["source_density_sigma"] = config.density_sigma_nm / source_voxel_nm
         return cls(**{**values, **overrides})

@@ -340,5 +340,8 @@ def _sampler(domain: DomainData | None, settings: AdaptSettings, labelled: bool,
     if domain is None:
         return None
     labels = domain.labels if labelled else None
-    share = settings.point_crop_share if settings.mode == "wda" and not labelled else 0.0
-    return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points, contract.percentiles, share)
+    wda_target = settings.mode == "wda" and not labelled
+    share = settings.point_crop_share if wda_target else 0.0
+    reach = settings.confirm_slices if wda_target else -1
+    return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points, contract.percentiles, share,
+                       reach)
