@@ -71,7 +71,7 @@ from volseg.training.augment import WIDE, AugmentSettings, GeometricTransform, s
 from volseg.training.crops import CropSampler
 from volseg.training.losses import segmentation_loss
 from volseg.training.promptdas.guard import GuardSettings
-from volseg.training.promptdas.settings import AdaptSettings
+from volseg.training.promptdas.settings import AdaptSettings, slices_within
 from volseg.training.promptdas.trainer import DomainData, train_promptdas
 from volseg.training.replicas import SampleRandom
 
@@ -447,7 +447,7 @@ def _wda(bench: Bench) -> None:
 
 
 def _wda_confirmed(bench: Bench) -> None:
-    reach = int(CONFIRM_NM // bench.target_raw.voxel_size_nm[0])
+    reach = slices_within(CONFIRM_NM, bench.target_raw.voxel_size_nm[0])
     model, wall, cpu = _adapted(bench, "wda", confirm_slices=reach)
     bench.record("wda_confirmed", bench.score_model(model, bench.spec()), wall, cpu, confirm_slices=reach)
 

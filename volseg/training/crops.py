@@ -102,9 +102,7 @@ class CropSampler:
         if self.reach < 0 or self.points is None:
             return Crop(raw, labels, points, box)
         reach = (self.reach, 0, 0)
-        around = Box(tuple(a - r for a, r in zip(box.start, reach, strict=True)),
-                     tuple(b + r for b, r in zip(box.stop, reach, strict=True)))
-        nearby = self.points.inside(around) - np.asarray(reach, dtype=np.float64)
+        nearby = self.points.inside(box.grow(reach)) - np.asarray(reach, dtype=np.float64)
         return Crop(raw, labels, points, box, self.reach, nearby)
 
     def crops(self, n: int) -> list[Crop]:

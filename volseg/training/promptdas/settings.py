@@ -15,6 +15,12 @@ Mode = Literal["source", "supervised-target", "uda", "wda"]
 MODES: tuple[str, ...] = ("source", "supervised-target", "uda", "wda")
 
 
+def slices_within(distance_nm: float, slice_nm: float) -> int:
+    """How many whole slices of ``slice_nm`` fit in ``distance_nm`` (``adapt.confirm_points_nm`` →
+    :attr:`AdaptSettings.confirm_slices`)."""
+    return int(distance_nm // slice_nm)
+
+
 @dataclass(frozen=True)
 class AdaptSettings:
     """How to train Prompt-DAS; the first block mirrors :class:`volseg.config.AdaptConfig`.
@@ -157,7 +163,7 @@ class AdaptSettings:
         values["source_augment"] = dataclasses.replace(WIDE, zoom=config.zoom)
         values["density_sigma"] = config.density_sigma_nm / target_voxel_nm
         if config.confirm_points_nm > 0:
-            values["confirm_slices"] = int(config.confirm_points_nm // (target_depth_nm or target_voxel_nm))
+            values["confirm_slices"] = slices_within(config.confirm_points_nm, target_depth_nm or target_voxel_nm)
         if source_voxel_nm is not None:
             values["source_density_sigma"] = config.density_sigma_nm / source_voxel_nm
         return cls(**{**values, **overrides})
