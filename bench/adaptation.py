@@ -56,10 +56,16 @@ import torch
 
 from volseg.allocator import keep_freed_memory
 from volseg.evaluation.metrics import Confusion
-from volseg.geometry import Box, PointSet
+from volseg.geometry import Box, PointSet, slices_within
 from volseg.inference.blockwise import predict_box
 from volseg.inference.planes import PLANE_SETS
-from volseg.inference.postprocess import min_area_pixels, small_components
+from volseg.inference.postprocess import (
+    confirm_extent_pixels,
+    min_area_pixels,
+    points_within_reach,
+    small_components,
+    unconfirmed_components,
+)
 from volseg.inference.predictor import TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.intensity import measure_intensity
@@ -71,7 +77,7 @@ from volseg.training.augment import WIDE, AugmentSettings, GeometricTransform, s
 from volseg.training.crops import CropSampler
 from volseg.training.losses import segmentation_loss
 from volseg.training.promptdas.guard import GuardSettings
-from volseg.training.promptdas.settings import AdaptSettings, slices_within
+from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.trainer import DomainData, train_promptdas
 from volseg.training.replicas import SampleRandom
 
@@ -96,19 +102,23 @@ SCALES = {
               "batch": 2, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3, "min_area_nm2": 5000.0,
               "calibrate_norms": True},
 }
-ROWS = ("source", "uda", "wda", "wda_points", "wda_confirmed", "oracle", "peer_source", "peer_oracle",
+ROWS = ("source", "uda", "wda", "wda_points", "wda_confirmed", "wda_confirmed_points", "oracle", "peer_source",
+        "peer_oracle",
         "oracle_paper", "source_raw", "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "wda": "WDA (15% points, z < 100)",
     "wda_points": "WDA + test-time points (z ≥ 100)",
-    "wda_confirmed": "WDA + point-confirmed pseudo-labels", "oracle": "supervised-target (oracle)",
+    "wda_confirmed": "WDA + point-confirmed pseudo-labels",
+    "wda_confirmed_points": "WDA-confirmed + test points, confirm",
+    "oracle": "supervised-target (oracle)",
     "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
     "oracle_paper": "oracle, paper's head", "source_raw": "source-only, grey values / 255",
     "source_uncalibrated": "source-only, norms not calibrated",
     "source_zoom": "source-only, zoom 1.5 augmentation",
     "uda_pushed": "UDA pushed to collapse, guard off", "uda_pushed_guarded": "UDA pushed to collapse, guard on",
 }
-#: The ``wda_confirmed`` row's ``adapt.confirm_points_nm``: points of slices within ±100 nm confirm a component.
+#: The ``wda_confirmed`` row's ``adapt.confirm_points_nm`` and the ``wda_confirmed_points`` row's
+#: ``prompts.confirm_nm``: points of slices within ±100 nm confirm a component.
 CONFIRM_NM = 100.0
 #: The ``source_zoom`` row's ``train.zoom``.
 ZOOM = 1.5
@@ -169,9 +179,10 @@ def _components(mask: np.ndarray) -> int:
 
 
 def score_predictor(predictor: Any, raw: Any, labels: Any, slices: Sequence[int], points: PointSet | None = None,
-                    roi: int = 0, min_area_nm2: float = 0.0, planes: str = "xy") -> Score:
+                    roi: int = 0, min_area_nm2: float = 0.0, planes: str = "xy", confirm_nm: float = 0.0) -> Score:
     """Blended predictions of each slice (or its top-left ``roi``², 0: whole) over the global window grid,
-    with 2D components under ``min_area_nm2`` removed as a run's ``output.min_area_nm2`` does. ``planes``
+    with 2D components under ``min_area_nm2`` removed as a run's ``output.min_area_nm2`` does, and with
+    ``confirm_nm`` those that no point of ``points`` confirms, as ``prompts.confirm_nm`` does. ``planes``
     ``ortho``: the run's ``inference.planes: ortho``, predicted over the slab of the scored slices at once
     (its xz and yz windows span every slice of it)."""
     windows = WindowGrid(raw.shape, predictor.window, _stride(predictor))
@@ -187,7 +198,13 @@ def score_predictor(predictor: Any, raw: Any, labels: Any, slices: Sequence[int]
             probability = predict_box(raw, predictor, windows, plane, points=points)[0]
         else:
             probability = slab[z - min(slices)][None]
-        result.add(probability > 0.5, labels.read(plane) > 0)
+        foreground = probability > 0.5
+        if confirm_nm and points is not None:
+            reach = slices_within(confirm_nm, raw.voxel_size_nm[0])
+            near = points_within_reach(points, plane, reach, raw.bounds)
+            foreground &= ~unconfirmed_components(foreground, (slice(None),) * 3, [], near, reach,
+                                                  confirm_extent_pixels(raw.voxel_size_nm))[0]
+        result.add(foreground, labels.read(plane) > 0)
     return result
 
 
@@ -405,13 +422,13 @@ class Bench:
               f"(true {result.true_objects}), train {wall:.0f} s / {cpu:.0f} CPU s", flush=True)
 
     def score_model(self, model: torch.nn.Module, spec: ModelSpec, points: PointSet | None = None,
-                    calibrate: bool | None = None) -> Score:
+                    calibrate: bool | None = None, confirm_nm: float = 0.0) -> Score:
         s = self.scale
         calibrate = s["calibrate_norms"] if calibrate is None else calibrate
         predictor = volseg_predictor(model, self.target_raw, s["window"], s["stride"], spec=spec,
                                      calibrate_norms=calibrate)
         return score_predictor(predictor, self.target_raw, self.target_labels, self.test_slices, points,
-                               min_area_nm2=s["min_area_nm2"], planes=self.planes)
+                               min_area_nm2=s["min_area_nm2"], planes=self.planes, confirm_nm=confirm_nm)
 
     def row(self, name: str) -> None:
         ROW_RUNNERS[name](self)
@@ -447,9 +464,14 @@ def _wda(bench: Bench) -> None:
 
 
 def _wda_confirmed(bench: Bench) -> None:
+    """WDA with point-confirmed pseudo-labels; ``wda_confirmed_points``: the same model run with the test
+    slices' points as prompts and ``prompts.confirm_nm`` (components no point nearby confirms removed)."""
     reach = slices_within(CONFIRM_NM, bench.target_raw.voxel_size_nm[0])
     model, wall, cpu = _adapted(bench, "wda", confirm_slices=reach)
     bench.record("wda_confirmed", bench.score_model(model, bench.spec()), wall, cpu, confirm_slices=reach)
+    bench.record("wda_confirmed_points", bench.score_model(model, bench.spec(), bench.test_points,
+                                                           confirm_nm=CONFIRM_NM),
+                 wall, cpu, confirm_slices=reach, test_points=len(bench.test_points), confirm_nm=CONFIRM_NM)
 
 
 def _pushed(bench: Bench, guarded: bool) -> None:
@@ -511,9 +533,11 @@ def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
     bench.record(name, result, wall, budget, train_standardisation=[mean, std])
 
 
+#: Rows one runner records together (one trained model, scored two ways).
+PAIRED_ROWS = (("wda", "wda_points"), ("wda_confirmed", "wda_confirmed_points"))
 ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "source": _source, "uda": _uda, "wda": _wda, "wda_points": _wda, "wda_confirmed": _wda_confirmed,
-    "oracle": _oracle,
+    "wda_confirmed_points": _wda_confirmed, "oracle": _oracle,
     "peer_source": lambda b: _peer(b, "peer_source", "source", b.source),
     "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
     "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),
@@ -598,7 +622,7 @@ def main() -> None:
     for name in rows:
         if (args.force or name not in bench.results) and name not in done:
             bench.row(name)
-            done |= {name, *({"wda", "wda_points"} if name in ("wda", "wda_points") else ())}
+            done |= {name, *next((pair for pair in PAIRED_ROWS if name in pair), ())}
     print(f"seed {args.seed}: {len(rows)} rows in {(time.perf_counter() - begin) / 60:.1f} min "
           f"({torch.get_num_threads()} torch threads, device {args.device})")
 

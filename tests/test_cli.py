@@ -340,6 +340,24 @@ def test_points_for_a_model_without_prompts(tmp_path, run_config, capsys):
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_points_only_to_confirm(tmp_path, run_config, capsys):
+    """A model without prompts takes --points with --confirm-nm: they only confirm components. Without
+    points, --confirm-nm is refused before anything is written."""
+    (tmp_path / "clicks.csv").write_text("z,y,x\n2,30,40\n")
+    config = write_config(tmp_path / "run.yaml", run_config())
+    code, err = run_cli(["run", str(config), "--confirm-nm", "100"], capsys)
+    assert_user_error(code, err, "--confirm-nm", "--points")
+    assert not (tmp_path / "out.zarr").exists()
+    code, err = run_cli(["run", str(config), "--points", str(tmp_path / "clicks.csv"), "--confirm-nm", "-1"], capsys)
+    assert_user_error(code, err, "--confirm-nm", "negative")
+    assert not (tmp_path / "out.zarr").exists()
+    capsys.readouterr()
+    code = main(["run", str(config), "--no-progress", "--points", str(tmp_path / "clicks.csv"), "--confirm-nm", "100"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "confirm: " in printed.out and "prompts: 1 points" in printed.out
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from volseg.allocator import keep_freed_memory
-from volseg.errors import USER_ERROR_EXIT_CODE, VolsegError
+from volseg.errors import USER_ERROR_EXIT_CODE, ConfigError, VolsegError
 from volseg.threads import torch_threads
 
 DEMO_CONFIG = "configs/demo.yaml"
@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     run.add_argument("--points", metavar="FILE",
                      help="point prompts (CSV z,y,x or Neuroglancer annotation JSON); overrides prompts.points")
+    run.add_argument("--confirm-nm", type=float, metavar="NM",
+                     help="remove the 2D components that no point prompt of a slice within NM (in z) confirms; "
+                          "overrides prompts.confirm_nm")
 
     validate = commands.add_parser("validate", help="check a config, its volumes and model; write nothing")
     _config(validate, "YAML config to check (any verb's)")
@@ -201,8 +204,18 @@ def _run(args: argparse.Namespace) -> int:
     from volseg.config import PromptsConfig
 
     config = _load(args)
-    if args.points:
-        config = config.model_copy(update={"prompts": PromptsConfig(points=args.points)})
+    prompts = config.prompts
+    if args.points:  # the file replaces the config's points or detection; its confirm_nm is kept
+        prompts = PromptsConfig(points=args.points, confirm_nm=prompts.confirm_nm if prompts else 0.0)
+    if args.confirm_nm is not None:
+        if prompts is None:
+            raise ConfigError("--confirm-nm confirms components by point prompts, and this run has none.",
+                              "give --points FILE (or prompts.points in the config).")
+        if args.confirm_nm < 0:
+            raise ConfigError(f"--confirm-nm {args.confirm_nm:g} is negative.",
+                              "give a distance in nm (0: off).")
+        prompts = prompts.model_copy(update={"confirm_nm": args.confirm_nm})
+    config = config.model_copy(update={"prompts": prompts})
     result = run(config, overwrite=args.overwrite, progress=_progress(args))
     _print(result.summary_lines())
     if result.failed:

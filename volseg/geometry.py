@@ -310,3 +310,9 @@ class PointSet:
                 f"{bounds} (z, y, x), e.g. {first}.",
                 "give points as voxel indices z, y, x of this volume (check the axis order and scale).",
             )
+
+
+def slices_within(distance_nm: float, slice_nm: float) -> int:
+    """How many whole slices of ``slice_nm`` fit in ``distance_nm`` (the reach in z of a point
+    confirmation: ``adapt.confirm_points_nm``, ``prompts.confirm_nm``)."""
+    return int(distance_nm // slice_nm)

@@ -3,8 +3,9 @@
 Passes, each a block stage run by the configured executor (serial, or Ray actors) with done-marks in
 the output's ledger: ``segment`` (probabilities and density); or, with ``prompts.auto``, ``density``
 (prompt-free density map), ``peaks`` (global density peaks) and ``segment`` prompted by those peaks;
-then ``min-area`` with ``output.min_area_nm2`` (small 2D components zeroed in the probabilities) and the
-instance passes with ``instances``.
+then ``min-area`` with ``output.min_area_nm2`` (small 2D components zeroed in the probabilities),
+``confirm`` with ``prompts.confirm_nm`` (components no prompt confirms zeroed) and the instance passes
+with ``instances``.
 Blocks marked done under the same run signature are skipped; a block that fails every attempt is
 reported by id, the other blocks still finish, and the next run retries only what is missing.
 """
@@ -26,12 +27,13 @@ from volseg.engine.stage import BlockStage, RunStats, StageResult, run_stage
 from volseg.geometry import Block, BlockGrid, PointSet
 from volseg.inference.job import OutputTarget
 from volseg.inference.peaks import PeakStage, peak_radius
-from volseg.inference.postprocess import MinAreaStage, min_area_pixels
+from volseg.inference.postprocess import CONFIRM_EXTENT_NM, ConfirmStage, MinAreaStage, min_area_pixels
 from volseg.inference.pyramid import build_pyramid
 from volseg.inference.segment import (
     SegmentationPlan,
     check_device,
     check_existing_outputs,
+    make_confirm,
     make_job,
     make_min_area,
     open_outputs,
@@ -93,7 +95,7 @@ class RunResult:
             count = "" if plan.points is None else f"{len(plan.points)} points "
             where = f", indexed at {self.prompts.url.url}" if isinstance(self.prompts, PointIndex) else ""
             lines.append(f"prompts: {count}from {origin}{where}")
-        lines += self.min_area_lines()
+        lines += self.min_area_lines() + self.confirm_lines()
         lines.append(f"model {plan.config.model.name} from {plan.config.model.checkpoint}"
                      + _adapted_on(plan.checkpoint_card))
         lines += [f"{spec.name}: {spec.url}" for spec in plan.outputs]
@@ -113,6 +115,16 @@ class RunResult:
         min_px = min_area_pixels(output.min_area_nm2, self.plan.source.voxel_size_nm)
         return [f"min area: {zeroed:,} probabilities set to 0, in 2D components under {output.min_area_nm2:g} nm² "
                 f"({min_px} pixels)"]
+
+    def confirm_lines(self) -> list[str]:
+        """What the ``confirm`` pass removed (nothing when it did not run)."""
+        confirmed = next((p for p in self.passes if p.name == ConfirmStage.name), None)
+        prompts = self.plan.config.prompts
+        if confirmed is None or prompts is None:
+            return []
+        zeroed = sum(outcome["zeroed"] for outcome in confirmed.stats.outcomes.values())
+        return [f"confirm: {zeroed:,} probabilities set to 0, in 2D components holding no prompt of a slice within "
+                f"{prompts.confirm_nm:g} nm (components wider than {CONFIRM_EXTENT_NM:g} nm kept)"]
 
     def viewer_line(self) -> str:
         """Where to look at the result: a Neuroglancer link, or for local volumes `volseg view`."""
@@ -259,6 +271,9 @@ def _run_passes(plan: SegmentationPlan, targets: list[OutputTarget], executor: A
     min_area = make_min_area(plan, _named(plan, targets, "probabilities"))
     if min_area is not None and not result.failed:
         result.passes.append(run_pass(executor, min_area, plan.grid, ledger, progress, "min area", leases))
+    confirm = make_confirm(plan, _named(plan, targets, "probabilities"), result.prompts)
+    if confirm is not None and not result.failed:
+        result.passes.append(run_pass(executor, confirm, plan.grid, ledger, progress, "confirm", leases))
     if plan.instances is not None and not result.failed:
         blocks = plan.instances.grid.num_blocks
         bar = BlockProgress(3 * blocks, progress, "instances")

@@ -1,4 +1,6 @@
-"""Post-processing of the semantic output: small 2D specks removed from the probabilities, blockwise.
+"""Post-processing of the semantic output, blockwise: small 2D specks removed from the probabilities
+(``output.min_area_nm2``), and components that no point prompt confirms (``prompts.confirm_nm``,
+:class:`ConfirmStage`, on the same scheme).
 
 With ``output.min_area_nm2``, every connected component of foreground (probability > threshold, per z
 slice, 8-connected in y and x) whose area is under ``min_px`` pixels (``min_area_nm2`` over a pixel's
@@ -38,9 +40,10 @@ import numpy as np
 from scipy import ndimage
 
 from volseg.engine.stage import Pending
-from volseg.geometry import Block, Box
+from volseg.geometry import Block, Box, PointSet
 from volseg.instances.labels import unit_range
 from volseg.io import Volume
+from volseg.io.point_index import PointIndex
 
 #: Halo (pixels, y and x) of a block's first read; only a doubt about a component sends it further.
 FIRST_HALO_PX = 64
@@ -94,52 +97,52 @@ def small_components(foreground: np.ndarray, core: tuple[slice, ...], sides: Seq
 
 @dataclass(frozen=True)
 class CleanedCore:
-    """A block's core with its small components' probabilities set to 0 (``None`` when it has none),
-    how many probabilities that zeroed (all channels), and whether the block read the full halo."""
+    """A block's core with its removed components' probabilities set to 0 (``None`` when it has none),
+    how many probabilities that zeroed (all channels), and whether the block read past its first halo."""
 
     values: np.ndarray | None
     zeroed: int
     wide_read: bool
 
 
-class MinAreaStage:
-    """Set to 0 the probabilities of every 2D component under ``min_px`` pixels, in place (see the
-    module docstring). Foreground is ``probability > threshold`` after scaling integer dtypes back to
+class ComponentStage:
+    """Set to 0, in place, the probabilities of every 2D component of foreground (per z slice,
+    8-connected) that :meth:`removable` judges removable, block by block, with the bytes of one
+    whole-volume pass. Foreground is ``probability > threshold`` after scaling integer dtypes back to
     [0, 1] (:func:`~volseg.instances.labels.unit_range`); each channel of a multi-channel output is
     cleaned on its own. Only block cores are written: pixels outside the grid's roi stay as they are.
 
-    Outcome: ``{"zeroed": probabilities set to 0, "wide_read": whether the block read min_px of halo}``."""
+    A block reads its core with the first of ``halos`` (pixels, y and x) and reads again with the next
+    only while a component meeting its core is in doubt; the last halo leaves none in doubt (each rule's
+    proof). Outcome: ``{"zeroed": probabilities set to 0, "wide_read": whether it read past the first}``."""
 
-    name = "min-area"
+    name = "components"
 
-    def __init__(self, probabilities: Volume, threshold: float, min_px: int) -> None:
+    def __init__(self, probabilities: Volume, threshold: float, halos: Sequence[int]) -> None:
         self.probabilities = probabilities
         self.threshold = threshold
-        self.min_px = min_px
-
-    @property
-    def first_halo_px(self) -> int:
-        return min(self.min_px, FIRST_HALO_PX)
+        self.halos = tuple(halos)
 
     def read_box(self, block: Block) -> Box:
-        """The widest box a block reads: its core with a halo of ``min_px`` (most read less)."""
-        return self.box_with_halo(block, self.min_px)
+        """The widest box a block reads: its core with the last halo (most read less)."""
+        return self.box_with_halo(block, self.halos[-1])
 
     def box_with_halo(self, block: Block, halo_px: int) -> Box:
         """The core grown by ``halo_px`` in y and x, clipped to the volume (not to the roi)."""
         return block.core.grow((0, halo_px, halo_px)).intersect(self.probabilities.bounds)
 
     def read(self, block: Block) -> Pending:
-        return self.probabilities.read_async(self.box_with_halo(block, self.first_halo_px))
+        return self.probabilities.read_async(self.box_with_halo(block, self.halos[0]))
 
     def compute(self, block: Block, values: np.ndarray) -> CleanedCore:
-        halo = self.first_halo_px
-        removed, doubtful = self._small(block, values, halo)
-        if doubtful:  # impossible once halo == min_px (module docstring)
-            halo = self.min_px
-            values = self.probabilities.read(self.box_with_halo(block, halo))
-            removed, _ = self._small(block, values, halo)
-        zeroed, wide_read = int(np.count_nonzero(removed)), halo > self.first_halo_px
+        for i, halo in enumerate(self.halos):
+            if i:
+                values = self.probabilities.read(self.box_with_halo(block, halo))
+            removed, doubtful = self._removed(block, values, halo)
+            if not doubtful:
+                break
+        assert not doubtful, f"{self.name}: a component stays in doubt with the widest halo"
+        zeroed, wide_read = int(np.count_nonzero(removed)), halo > self.halos[0]
         if not zeroed:
             return CleanedCore(None, 0, wide_read)
         core = self._channels(values)[(slice(None), *block.core.relative_to(self.box_with_halo(block, halo)))].copy()
@@ -150,13 +153,18 @@ class MinAreaStage:
         """``values`` as (channel, z, y, x)."""
         return values if self.probabilities.num_channels is not None else values[np.newaxis]
 
-    def _small(self, block: Block, values: np.ndarray, halo_px: int) -> tuple[np.ndarray, bool]:
+    def _removed(self, block: Block, values: np.ndarray, halo_px: int) -> tuple[np.ndarray, bool]:
         """The core's pixels to zero, per channel (channel, z, y, x), and whether a component is in doubt."""
         box = self.box_with_halo(block, halo_px)
         core, sides = block.core.relative_to(box), open_sides(box, self.probabilities.bounds)
-        found = [small_components(channel, core, sides, self.min_px)
+        found = [self.removable(block, box, channel, core, sides)
                  for channel in unit_range(self._channels(values)) > self.threshold]
         return np.stack([mask for mask, _ in found]), any(doubt for _, doubt in found)
+
+    def removable(self, block: Block, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
+                  sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
+        """Of ``box``'s ``foreground``: the core's pixels to remove, and whether a component is in doubt."""
+        raise NotImplementedError
 
     def write(self, block: Block, computed: CleanedCore) -> list[Pending]:
         if computed.values is None:
@@ -168,3 +176,104 @@ class MinAreaStage:
 
     def to(self, device: str) -> None:
         return None
+
+
+class MinAreaStage(ComponentStage):
+    """Set to 0 the probabilities of every 2D component under ``min_px`` pixels (see the module
+    docstring); halos ``min(min_px, FIRST_HALO_PX)``, then ``min_px``."""
+
+    name = "min-area"
+
+    def __init__(self, probabilities: Volume, threshold: float, min_px: int) -> None:
+        super().__init__(probabilities, threshold, sorted({min(min_px, FIRST_HALO_PX), min_px}))
+        self.min_px = min_px
+
+    def removable(self, block: Block, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
+                  sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
+        return small_components(foreground, core, sides, self.min_px)
+
+
+# --- confirmation by point prompts ----------------------------------------------------------------------
+
+#: Components wider than this (y or x) are kept unjudged by ``prompts.confirm_nm``: the widest halo a
+#: block reads, so that every judged component is seen whole. Organelles this wide are not the specks
+#: and blobs that confirmation is for.
+CONFIRM_EXTENT_NM = 2000.0
+
+
+def confirm_extent_pixels(voxel_size_nm: Sequence[float]) -> int:
+    """:data:`CONFIRM_EXTENT_NM` in pixels of the finer of y and x (rounded up)."""
+    return units_of(CONFIRM_EXTENT_NM, min(float(voxel_size_nm[1]), float(voxel_size_nm[2])))
+
+
+def unconfirmed_components(foreground: np.ndarray, core: tuple[slice, ...], sides: Sequence[tuple[slice, ...]],
+                           points_zyx: np.ndarray, reach: int, max_extent_px: int) -> tuple[np.ndarray, bool]:
+    """Of a box's ``foreground`` (z, y, x): the core's pixels that lie in 2D components (per slice,
+    8-connected) holding no point of a slice within ``reach`` slices, spanning at most ``max_extent_px``
+    pixels in y and in x, and touching none of the open ``sides``; and whether a component meeting the
+    core is in doubt (no point seen, narrow as far as seen, but touching a side: it may go on outside the
+    box, to a point or past the extent). ``points_zyx`` (``M×3``) are in the box's coordinates; their z may
+    lie outside the box by up to ``reach``; a point confirms the component under its rounded (y, x).
+
+    Exact with a halo of ``max_extent_px``: a component running from the core to the box's outermost row
+    spans at least ``max_extent_px + 1`` pixels, so it is never judged."""
+    removed = np.zeros(foreground.shape, bool)
+    doubtful = False
+    voxels = np.rint(np.asarray(points_zyx, dtype=np.float64).reshape(-1, 3)).astype(int)
+    in_plane = np.all((voxels[:, 1:] >= 0) & (voxels[:, 1:] < foreground.shape[1:]), axis=1)
+    voxels = voxels[in_plane]
+    for z in range(foreground.shape[0]):
+        labels, count = ndimage.label(foreground[z], structure=np.ones((3, 3), bool))
+        if count == 0:
+            continue
+        near = voxels[np.abs(voxels[:, 0] - z) <= reach]
+        confirmed = np.zeros(count + 1, bool)
+        confirmed[labels[near[:, 1], near[:, 2]]] = True
+        wide = np.zeros(count + 1, bool)
+        wide[1:] = [max(s.stop - s.start for s in found) > max_extent_px for found in ndimage.find_objects(labels)]
+        touching = np.zeros(count + 1, bool)
+        for side in sides:
+            touching[labels[side[1:]]] = True
+        in_core = np.zeros(count + 1, bool)
+        in_core[labels[core[1:]]] = True
+        judged = ~confirmed & ~wide
+        judged[0] = False
+        doubtful |= bool((judged & touching & in_core).any())
+        removed[z] = (judged & ~touching)[labels]
+    return removed[core], doubtful
+
+
+class ConfirmStage(ComponentStage):
+    """``prompts.confirm_nm``: set to 0 the probabilities of every 2D component that no point prompt of a
+    slice within ``reach`` slices confirms (see :func:`unconfirmed_components`), components wider than
+    ``max_extent_px`` excepted. Sparse points mark a share of the objects of every slice; an organelle
+    that spans many slices then holds, in nearly every slice, a point of a slice nearby, while a
+    false-positive blob holds none.
+
+    ``points``: the run's prompts (a set, or a point index in storage); each block reads those of its box
+    grown by ``reach`` in z. Halos 64, 256, ..., up to ``max_extent_px``."""
+
+    name = "confirm"
+
+    def __init__(self, probabilities: Volume, threshold: float, points: PointSet | PointIndex, reach: int,
+                 max_extent_px: int) -> None:
+        halos = [min(FIRST_HALO_PX * 4**i, max_extent_px) for i in range(16)]
+        super().__init__(probabilities, threshold, sorted(set(halos)))
+        self.points, self.reach, self.max_extent_px = points, reach, max_extent_px
+
+    def read_box(self, block: Block) -> Box:
+        """The widest probabilities read, grown by ``reach`` in z: where its points come from."""
+        return super().read_box(block).grow((self.reach, 0, 0)).intersect(self.probabilities.bounds)
+
+    def removable(self, block: Block, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
+                  sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
+        zyx = points_within_reach(self.points, box, self.reach, self.probabilities.bounds)
+        return unconfirmed_components(foreground, core, sides, zyx, self.reach, self.max_extent_px)
+
+
+def points_within_reach(points: PointSet | PointIndex, box: Box, reach: int, bounds: Box) -> np.ndarray:
+    """The points (``M×3``, relative to ``box.start``) whose voxel lies in ``box`` grown by ``reach`` slices
+    in z (within ``bounds``): those that may confirm a component of ``box``."""
+    reach_box = box.grow((reach, 0, 0)).intersect(bounds)
+    found = points.read(reach_box) if isinstance(points, PointIndex) else points
+    return found.inside(reach_box) + np.asarray(reach_box.start, np.float64) - np.asarray(box.start, np.float64)

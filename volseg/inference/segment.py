@@ -21,10 +21,10 @@ import volseg
 from volseg.config import Config
 from volseg.engine.ledger import SIGNATURE_KEY, check_signature
 from volseg.errors import AlignmentError, ConfigError, OutputExistsError, VolumeFormatError
-from volseg.geometry import BlockGrid, Box, Coord, PointSet
+from volseg.geometry import BlockGrid, Box, Coord, PointSet, slices_within
 from volseg.inference.job import FINITE_FIX, OutputTarget, SegmentationJob, count_not_finite
 from volseg.inference.planes import resolve_planes
-from volseg.inference.postprocess import MinAreaStage, min_area_pixels
+from volseg.inference.postprocess import ConfirmStage, MinAreaStage, confirm_extent_pixels, min_area_pixels
 from volseg.inference.predictor import CALIBRATION_LATTICE, INPUT_DTYPES, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.instances.run import InstancePlan, plan_instances
@@ -33,6 +33,7 @@ from volseg.io import choose_output_chunks, create_volume, parse_url
 from volseg.io.array import VolumeGeometry
 from volseg.io.formats import creation_format
 from volseg.io.guard import PathRef, check_outputs, points_ref
+from volseg.io.point_index import PointIndex
 from volseg.io.points import read_points
 from volseg.io.pyramid import check_multiscale
 from volseg.models import input_contract
@@ -245,9 +246,10 @@ def plan_segmentation(config: Config, overwrite: bool = False) -> SegmentationPl
     elif config.prompts is not None and config.prompts.points is not None:
         points = read_points(config.prompts.points, source.voxel_size_nm, source.voxel_offset, source.bounds,
                              config.prompts.layer)
-        if len(points) and not getattr(predictor.model, "promptable", False):
+        if len(points) and not getattr(predictor.model, "promptable", False) and not config.prompts.confirm_nm:
             raise ConfigError(f"prompts.points gives {len(points)} points, but model {config.model.name!r} "
-                              "takes no prompts.", "use model.name: promptdas, or remove the prompts section.")
+                              "takes no prompts.", "use model.name: promptdas, set prompts.confirm_nm to use the "
+                              "points only to confirm components, or remove the prompts section.")
     signature = run_signature(file_sha256(config.model.checkpoint), config, grid, windows, points, intensity,
                               norms)
     plan = SegmentationPlan(config, source, predictor, windows, grid, tuple(chunk),
@@ -398,11 +400,13 @@ def open_outputs(plan: SegmentationPlan, device: str | None = None) -> list[Outp
 
 def make_job(plan: SegmentationPlan, targets: Sequence[OutputTarget], points: PointSet | None = None
              ) -> SegmentationJob:
-    """The segmentation stage writing ``targets``, prompted by ``points`` (default: the plan's)."""
+    """The segmentation stage writing ``targets``, prompted by ``points`` (default: the plan's, if the
+    model takes prompts; a model that does not gets them only to confirm components, ``prompts.confirm_nm``)."""
     inference = plan.config.inference
+    if points is None and getattr(plan.predictor.model, "promptable", False):
+        points = plan.points
     return SegmentationJob(plan.source, targets, plan.predictor, plan.windows, inference.blend,
-                           batch_windows=inference.batch_size, points=plan.points if points is None else points,
-                           planes=plan.planes)
+                           batch_windows=inference.batch_size, points=points, planes=plan.planes)
 
 
 def make_min_area(plan: SegmentationPlan, probabilities: OutputTarget) -> MinAreaStage | None:
@@ -414,3 +418,16 @@ def make_min_area(plan: SegmentationPlan, probabilities: OutputTarget) -> MinAre
     if min_px < 2:
         return None
     return MinAreaStage(probabilities.volume, plan.config.inference.threshold, min_px)
+
+
+def make_confirm(plan: SegmentationPlan, probabilities: OutputTarget, points: PointSet | PointIndex | None
+                 ) -> ConfirmStage | None:
+    """The stage removing the components of the written ``probabilities`` that no prompt of ``points``
+    (the run's: from the file, or the density peaks of ``prompts.auto``) within ``prompts.confirm_nm``
+    confirms; ``None`` without ``confirm_nm`` or points."""
+    prompts = plan.config.prompts
+    if prompts is None or not prompts.confirm_nm or points is None:
+        return None
+    voxel = plan.source.voxel_size_nm
+    return ConfirmStage(probabilities.volume, plan.config.inference.threshold, points,
+                        slices_within(prompts.confirm_nm, voxel[0]), confirm_extent_pixels(voxel))

@@ -8,17 +8,12 @@ from typing import Literal
 
 from volseg.config import AdaptConfig
 from volseg.errors import ConfigError
+from volseg.geometry import slices_within
 from volseg.training.augment import WIDE, AugmentSettings
 from volseg.training.promptdas.guard import GuardSettings
 
 Mode = Literal["source", "supervised-target", "uda", "wda"]
 MODES: tuple[str, ...] = ("source", "supervised-target", "uda", "wda")
-
-
-def slices_within(distance_nm: float, slice_nm: float) -> int:
-    """How many whole slices of ``slice_nm`` fit in ``distance_nm`` (``adapt.confirm_points_nm`` →
-    :attr:`AdaptSettings.confirm_slices`)."""
-    return int(distance_nm // slice_nm)
 
 
 @dataclass(frozen=True)
