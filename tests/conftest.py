@@ -18,7 +18,7 @@ import yaml
 from volseg.data.synthetic import generate_volume
 from volseg.engine.lease import STATE_DIRECTORY
 from volseg.engine.ledger import decode_group
-from volseg.io import create_volume
+from volseg.io import create_volume, open_volume
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import save_checkpoint
 
@@ -88,6 +88,12 @@ def marked_blocks(output: Path | str, stage: str = "segment") -> int:
     """How many blocks of ``stage`` the done-marks inside the output at ``output`` hold (any signature)."""
     groups = (Path(output) / STATE_DIRECTORY).glob(f"*/{stage}/groups/*")
     return sum(int(decode_group(json.loads(path.read_bytes()))[0].sum()) for path in groups if path.name.isdigit())
+
+
+def stored(url: str):
+    """The whole of the volume at ``url``, as an array."""
+    volume = open_volume(url)
+    return volume.read(volume.bounds)
 
 
 def write_config(path: Path, data: dict) -> Path:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from tests.conftest import stored
 from volseg.config import parse_config
 from volseg.engine.serial import SerialExecutor
 from volseg.engine.stage import run_stage
@@ -156,10 +157,6 @@ def test_volseg_run_confirms_by_its_prompts(run_config, small_dataset, tmp_path)
     result = run(parse_config(config), progress=False)
     assert [p.name for p in result.passes] == ["segment", "confirm"]
     assert any(line.startswith("confirm: ") for line in result.summary_lines())
-
-    def stored(url: str) -> np.ndarray:
-        volume = open_volume(url)
-        return volume.read(volume.bounds)
 
     before, cleaned = stored(plain["output"]["probabilities"]), stored(output["probabilities"])
     extent = int(np.ceil(2000 / min(raw.voxel_size_nm[1:])))

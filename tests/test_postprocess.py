@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from tests.conftest import stored
 from volseg.config import parse_config
 from volseg.engine.ledger import BlockLedger
 from volseg.engine.serial import SerialExecutor
@@ -220,10 +221,6 @@ def test_volseg_run_removes_specks(run_config, tmp_path) -> None:
     result = run(parse_config(config), progress=False)
     assert [p.name for p in result.passes] == ["segment", "min-area"]
     assert any(line.startswith("min area: ") for line in result.summary_lines())
-
-    def stored(url: str) -> np.ndarray:
-        volume = open_volume(url)
-        return volume.read(volume.bounds)
 
     before, cleaned = stored(plain["output"]["probabilities"]), stored(output["probabilities"])
     assert cleaned.tobytes() == _reference(before, 0.55, min_px).tobytes()

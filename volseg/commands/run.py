@@ -107,24 +107,25 @@ class RunResult:
 
     def min_area_lines(self) -> list[str]:
         """What the ``min-area`` pass removed (nothing when it did not run)."""
-        cleaned = next((p for p in self.passes if p.name == MinAreaStage.name), None)
-        output = self.plan.config.output
-        if cleaned is None or output is None:
+        zeroed, output = self._zeroed(MinAreaStage.name), self.plan.config.output
+        if zeroed is None or output is None:
             return []
-        zeroed = sum(outcome["zeroed"] for outcome in cleaned.stats.outcomes.values())
         min_px = min_area_pixels(output.min_area_nm2, self.plan.source.voxel_size_nm)
         return [f"min area: {zeroed:,} probabilities set to 0, in 2D components under {output.min_area_nm2:g} nm² "
                 f"({min_px} pixels)"]
 
     def confirm_lines(self) -> list[str]:
         """What the ``confirm`` pass removed (nothing when it did not run)."""
-        confirmed = next((p for p in self.passes if p.name == ConfirmStage.name), None)
-        prompts = self.plan.config.prompts
-        if confirmed is None or prompts is None:
+        zeroed, prompts = self._zeroed(ConfirmStage.name), self.plan.config.prompts
+        if zeroed is None or prompts is None:
             return []
-        zeroed = sum(outcome["zeroed"] for outcome in confirmed.stats.outcomes.values())
         return [f"confirm: {zeroed:,} probabilities set to 0, in 2D components holding no prompt of a slice within "
                 f"{prompts.confirm_nm:g} nm (components wider than {CONFIRM_EXTENT_NM:g} nm kept)"]
+
+    def _zeroed(self, name: str) -> int | None:
+        """The probabilities the post-processing pass ``name`` set to 0 (``None``: it did not run)."""
+        found = next((p for p in self.passes if p.name == name), None)
+        return None if found is None else sum(outcome["zeroed"] for outcome in found.stats.outcomes.values())
 
     def viewer_line(self) -> str:
         """Where to look at the result: a Neuroglancer link, or for local volumes `volseg view`."""
