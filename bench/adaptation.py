@@ -15,6 +15,8 @@ over the global window grid, and test-time points are the points file's points w
   wda_points        the WDA model with the z ≥ 100 points as prompts at test time
   wda_confirmed     WDA whose pseudo-foreground components must hold a sparse point of a slice within ±100 nm
                     (``adapt.confirm_points_nm``); the others become background
+  wda_confirmed_points  that model run with the z ≥ 100 points as prompts and ``prompts.confirm_nm`` 100: its
+                    2D components that hold no point of a slice within ±100 nm are removed
   oracle            volseg trained on the labels of Lucchi z < 100
   peer_source       MONAI BasicUNet on VNC, per-volume standardisation, the CPU seconds of ``source``
   peer_oracle       the same on Lucchi z < 100, the CPU seconds of ``oracle``
