@@ -4,6 +4,8 @@ a point index gives the bytes a point set gives, and `volseg run` applies it to 
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -104,6 +106,21 @@ def test_a_point_index_gives_the_same_bytes(tmp_path) -> None:
     index = PointIndex.create(f"{tmp_path}/points", first.bounds, CORE, VOXEL_NM, (0.0, 0.0, 0.0))
     index.write(PointSet(points))
     assert _confirm(first, PointSet(points), 1)[1].tobytes() == _confirm(second, index, 1)[1].tobytes()
+
+
+def test_stage_pickles_and_cleans_the_same_after(tmp_path) -> None:
+    """Ray ships the stage to actors, with its points."""
+    probability, points = _scene(0)
+    volume = _stored(f"{tmp_path}/p.zarr", probability)
+    stage = ConfirmStage(volume, 0.5, PointSet(points), 2, EXTENT)
+    copy = pickle.loads(pickle.dumps(stage))
+    grid = BlockGrid.aligned(volume.bounds, CORE, 0, volume.bounds, volume.write_chunk)
+    for block in grid:
+        first, second = stage.compute(block, stage.read(block).result()), copy.compute(block, copy.read(block).result())
+        assert (first.zeroed, first.wide_read) == (second.zeroed, second.wide_read)
+        assert (first.values is None) == (second.values is None)
+        if first.values is not None:
+            assert first.values.tobytes() == second.values.tobytes()
 
 
 def test_a_component_seen_whole_is_judged_by_the_points_of_its_reach() -> None:

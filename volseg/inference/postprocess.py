@@ -157,11 +157,11 @@ class ComponentStage:
         """The core's pixels to zero, per channel (channel, z, y, x), and whether a component is in doubt."""
         box = self.box_with_halo(block, halo_px)
         core, sides = block.core.relative_to(box), open_sides(box, self.probabilities.bounds)
-        found = [self.removable(block, box, channel, core, sides)
+        found = [self.removable(box, channel, core, sides)
                  for channel in unit_range(self._channels(values)) > self.threshold]
         return np.stack([mask for mask, _ in found]), any(doubt for _, doubt in found)
 
-    def removable(self, block: Block, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
+    def removable(self, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
                   sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
         """Of ``box``'s ``foreground``: the core's pixels to remove, and whether a component is in doubt."""
         raise NotImplementedError
@@ -188,7 +188,7 @@ class MinAreaStage(ComponentStage):
         super().__init__(probabilities, threshold, sorted({min(min_px, FIRST_HALO_PX), min_px}))
         self.min_px = min_px
 
-    def removable(self, block: Block, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
+    def removable(self, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
                   sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
         return small_components(foreground, core, sides, self.min_px)
 
@@ -265,7 +265,7 @@ class ConfirmStage(ComponentStage):
         """The widest probabilities read, grown by ``reach`` in z: where its points come from."""
         return super().read_box(block).grow((self.reach, 0, 0)).intersect(self.probabilities.bounds)
 
-    def removable(self, block: Block, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
+    def removable(self, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
                   sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
         zyx = points_within_reach(self.points, box, self.reach, self.probabilities.bounds)
         return unconfirmed_components(foreground, core, sides, zyx, self.reach, self.max_extent_px)
