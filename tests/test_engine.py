@@ -19,9 +19,9 @@ from volseg.engine.ledger import SUPER_BLOCK, BlockLedger, DoneMarks
 from volseg.engine.serial import SerialExecutor
 from volseg.engine.stage import Resolved, RunStats, pending_blocks, run_block, run_stage
 from volseg.errors import ConfigError
-from volseg.geometry import Block, BlockGrid, Box
+from volseg.geometry import Block, BlockGrid, Box, PointSet
 from volseg.inference.peaks import PeakStage
-from volseg.inference.postprocess import MinAreaStage
+from volseg.inference.postprocess import ConfirmStage, MinAreaStage
 from volseg.instances.labels import InstanceParams
 from volseg.instances.stages import FaceContactStage, RelabelStage
 from volseg.instances.stitching import RelabelTable
@@ -347,6 +347,7 @@ def test_what_a_block_reads_lies_in_its_read_box(tmp_path):
     merge_folder = parse_url(str(tmp_path / "merge"))
     open_kvstore(merge_folder).write("relabel/0", table.encode()).result()
     stages = [PeakStage(recorded, 0.5, (1, 3, 3)), MinAreaStage(recorded, 0.5, 100),
+              ConfirmStage(recorded, 0.5, PointSet(np.zeros((0, 3))), 1, 100),
               RelabelStage(merge_folder, grid.num_blocks, readers),
               FaceContactStage(InstanceParams("connected_components", 0.5, connectivity=26), grid, readers)]
     outcomes = {}
@@ -358,3 +359,4 @@ def test_what_a_block_reads_lies_in_its_read_box(tmp_path):
             reads = recorded.boxes + readers.boxes
             assert reads and all(stage.read_box(block).contains(box) for box in reads), (stage.name, block.id)
     assert outcomes["min-area", 0]["wide_read"]  # the wider read was exercised, and stayed in the box
+    assert outcomes["confirm", 0]["wide_read"]
