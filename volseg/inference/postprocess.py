@@ -33,7 +33,7 @@ removed). A block writes only its own core, which nobody else writes; a block cl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,10 @@ from volseg.geometry import Block, Box, PointSet
 from volseg.instances.labels import unit_range
 from volseg.io import Volume
 from volseg.io.point_index import PointIndex
+
+#: A block's removal rule: ``(box, foreground, core, open sides)`` → (the core's pixels to remove, whether a
+#: component meeting the core is in doubt); see :meth:`ComponentStage.rule`.
+Removal = Callable[[Box, np.ndarray, tuple[slice, ...], Sequence[tuple[slice, ...]]], tuple[np.ndarray, bool]]
 
 #: Halo (pixels, y and x) of a block's first read; only a doubt about a component sends it further.
 FIRST_HALO_PX = 64
@@ -107,7 +111,7 @@ class CleanedCore:
 
 class ComponentStage:
     """Set to 0, in place, the probabilities of every 2D component of foreground (per z slice,
-    8-connected) that :meth:`removable` judges removable, block by block, with the bytes of one
+    8-connected) that the block's :meth:`rule` removes, block by block, with the bytes of one
     whole-volume pass. Foreground is ``probability > threshold`` after scaling integer dtypes back to
     [0, 1] (:func:`~volseg.instances.labels.unit_range`); each channel of a multi-channel output is
     cleaned on its own. Only block cores are written: pixels outside the grid's roi stay as they are.
@@ -135,10 +139,11 @@ class ComponentStage:
         return self.probabilities.read_async(self.box_with_halo(block, self.halos[0]))
 
     def compute(self, block: Block, values: np.ndarray) -> CleanedCore:
+        rule = self.rule(block)
         for i, halo in enumerate(self.halos):
             if i:
                 values = self.probabilities.read(self.box_with_halo(block, halo))
-            removed, doubtful = self._removed(block, values, halo)
+            removed, doubtful = self._removed(block, values, halo, rule)
             if not doubtful:
                 break
         assert not doubtful, f"{self.name}: a component stays in doubt with the widest halo"
@@ -153,17 +158,16 @@ class ComponentStage:
         """``values`` as (channel, z, y, x)."""
         return values if self.probabilities.num_channels is not None else values[np.newaxis]
 
-    def _removed(self, block: Block, values: np.ndarray, halo_px: int) -> tuple[np.ndarray, bool]:
+    def _removed(self, block: Block, values: np.ndarray, halo_px: int, rule: Removal) -> tuple[np.ndarray, bool]:
         """The core's pixels to zero, per channel (channel, z, y, x), and whether a component is in doubt."""
         box = self.box_with_halo(block, halo_px)
         core, sides = block.core.relative_to(box), open_sides(box, self.probabilities.bounds)
-        found = [self.removable(box, channel, core, sides)
-                 for channel in unit_range(self._channels(values)) > self.threshold]
+        found = [rule(box, channel, core, sides) for channel in unit_range(self._channels(values)) > self.threshold]
         return np.stack([mask for mask, _ in found]), any(doubt for _, doubt in found)
 
-    def removable(self, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
-                  sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
-        """Of ``box``'s ``foreground``: the core's pixels to remove, and whether a component is in doubt."""
+    def rule(self, block: Block) -> Removal:
+        """The block's rule (one per block, for every halo and channel): of a ``box``'s ``foreground``
+        (z, y, x), the ``core``'s pixels to remove, and whether a component is in doubt."""
         raise NotImplementedError
 
     def write(self, block: Block, computed: CleanedCore) -> list[Pending]:
@@ -188,9 +192,8 @@ class MinAreaStage(ComponentStage):
         super().__init__(probabilities, threshold, sorted({min(min_px, FIRST_HALO_PX), min_px}))
         self.min_px = min_px
 
-    def removable(self, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
-                  sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
-        return small_components(foreground, core, sides, self.min_px)
+    def rule(self, block: Block) -> Removal:
+        return lambda box, foreground, core, sides: small_components(foreground, core, sides, self.min_px)
 
 
 # --- confirmation by point prompts ----------------------------------------------------------------------
@@ -250,8 +253,8 @@ class ConfirmStage(ComponentStage):
     that spans many slices then holds, in nearly every slice, a point of a slice nearby, while a
     false-positive blob holds none.
 
-    ``points``: the run's prompts (a set, or a point index in storage); each block reads those of its box
-    grown by ``reach`` in z. Halos 64, 256, ..., up to ``max_extent_px``."""
+    ``points``: the run's prompts (a set, or a point index in storage); each block reads those of its
+    :meth:`read_box` once. Halos 64, 256, ..., up to ``max_extent_px``."""
 
     name = "confirm"
 
@@ -265,10 +268,18 @@ class ConfirmStage(ComponentStage):
         """The widest probabilities read, grown by ``reach`` in z: where its points come from."""
         return super().read_box(block).grow((self.reach, 0, 0)).intersect(self.probabilities.bounds)
 
-    def removable(self, box: Box, foreground: np.ndarray, core: tuple[slice, ...],
-                  sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
-        zyx = points_within_reach(self.points, box, self.reach, self.probabilities.bounds)
-        return unconfirmed_components(foreground, core, sides, zyx, self.reach, self.max_extent_px)
+    def rule(self, block: Block) -> Removal:
+        """The block's points are read once, those of its :meth:`read_box` (every box it judges, grown by
+        ``reach`` in z, lies inside it)."""
+        widest = self.read_box(block)
+        points = PointSet(points_within_reach(self.points, widest, 0, widest) + np.asarray(widest.start, np.float64))
+
+        def removable(box: Box, foreground: np.ndarray, core: tuple[slice, ...],
+                      sides: Sequence[tuple[slice, ...]]) -> tuple[np.ndarray, bool]:
+            zyx = points_within_reach(points, box, self.reach, self.probabilities.bounds)
+            return unconfirmed_components(foreground, core, sides, zyx, self.reach, self.max_extent_px)
+
+        return removable
 
 
 def points_within_reach(points: PointSet | PointIndex, box: Box, reach: int, bounds: Box) -> np.ndarray:
