@@ -344,7 +344,7 @@ class Bench:
     device: torch.device
     slices: int = 0  # score only this many held-out slices (0: all; smoke tests only)
     planes: str = "xy"  # the runs' inference.planes; ortho rows go to seedN_ortho.json
-    min_area_nm2: float | None = None  # another output.min_area_nm2 than the scale's: rows go to seedN_ma<it>.json
+    min_area_nm2: float | None = None  # output.min_area_nm2 (None: the scale's); another goes to seedN_ma<it>.json
     source: DomainData = field(init=False)
     target_raw: Any = field(init=False)
     target_labels: Any = field(init=False)
@@ -362,11 +362,10 @@ class Bench:
         self.target_train = SubVolume(self.target_raw, 0, HOLD_OUT_Z)
         self.target_train_labels = SubVolume(self.target_labels, 0, HOLD_OUT_Z)
         self.test_slices = list(range(HOLD_OUT_Z, self.target_raw.shape[0]))[: self.slices or None]
-        if self.min_area_nm2 == self.scale["min_area_nm2"]:
-            self.min_area_nm2 = None
+        suffix = results_suffix(self.planes, self.min_area_nm2, self.scale["min_area_nm2"])
         if self.min_area_nm2 is not None:
             self.scale = {**self.scale, "min_area_nm2": self.min_area_nm2}
-        self.path = self.out / f"seed{self.seed}{results_suffix(self.planes, self.min_area_nm2)}.json"
+        self.path = self.out / f"seed{self.seed}{suffix}.json"
         self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     # -- recipe
@@ -561,22 +560,25 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
 # --- the table ----------------------------------------------------------------------------------------------
 
 
-def results_suffix(planes: str, min_area_nm2: float | None) -> str:
+def results_suffix(planes: str, min_area_nm2: float | None, scale_min_area_nm2: float) -> str:
     """What a seed's JSON name carries after ``seedN``: rows scored with other planes or another min area
-    than the scale's go to files of their own."""
-    return ("" if planes == "xy" else f"_{planes}") + ("" if min_area_nm2 is None else f"_ma{min_area_nm2:g}")
+    than the scale's (``None``: the scale's) go to files of their own."""
+    own_area = min_area_nm2 is not None and min_area_nm2 != scale_min_area_nm2
+    return ("" if planes == "xy" else f"_{planes}") + (f"_ma{min_area_nm2:g}" if own_area else "")
 
 
-def merge(out: Path, planes: str = "xy", min_area_nm2: float | None = None) -> None:
-    """Mean ± std over every seed's JSON in ``out`` (of the runs scored with ``planes`` and ``min_area_nm2``),
-    per row, and volseg ÷ peer."""
-    suffix = results_suffix(planes, min_area_nm2)
+def merge(out: Path, planes: str = "xy", min_area_nm2: float | None = None,
+          scale_min_area_nm2: float = SCALES["cpu"]["min_area_nm2"]) -> None:
+    """Mean ± std over every seed's JSON in ``out`` (of the runs scored with ``planes`` and ``min_area_nm2``,
+    None: the scale's), per row, and volseg ÷ peer."""
+    suffix = results_suffix(planes, min_area_nm2, scale_min_area_nm2)
     names = {p.stem.removeprefix("seed").removesuffix(suffix): p for p in sorted(out.glob(f"seed*{suffix}.json"))}
     seeds = {int(n): json.loads(p.read_text()) for n, p in names.items() if n.isdigit()}
     if not seeds:
         print(f"no results in {out}: run with --seed N first")
         return
-    area = "" if min_area_nm2 is None else f", output.min_area_nm2 {min_area_nm2:g}"
+    own_area = suffix != results_suffix(planes, None, scale_min_area_nm2)
+    area = f", output.min_area_nm2 {min_area_nm2:g}" if own_area else ""
     print(f"VNC → Lucchi, held-out Lucchi slices z ≥ {HOLD_OUT_Z}, inference.planes {planes}{area}; "
           f"seeds {sorted(seeds)} (mean ± std over the seeds that ran each row)\n")
     print(f"| {'row':<38} | seeds | {'Dice':>13} | {'IoU':>13} | {'2D objects / true':>17} | {'train s':>7} |")
@@ -624,7 +626,7 @@ def main() -> None:
                         help="score as runs with this output.min_area_nm2 (default: the scale's)")
     args = parser.parse_args()
     if args.merge:
-        merge(args.out, args.planes, None if args.min_area == SCALES[args.scale]["min_area_nm2"] else args.min_area)
+        merge(args.out, args.planes, args.min_area, SCALES[args.scale]["min_area_nm2"])
         return
     keep_freed_memory()
     if not (data_dir() / "vnc.zarr").exists():
