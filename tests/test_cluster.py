@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import write_config
 from volseg.cli import main
 from volseg.config import load_config
-from volseg.engine.cluster import _unseen_markers, check_shared_storage
+from volseg.engine.cluster import _unseen_markers, _workers_in_this_interpreter, check_shared_storage
 from volseg.io import create_volume
 from volseg.io.guard import check_job_paths
 from volseg.models import build_model
@@ -343,6 +343,23 @@ def test_a_ray_job_refuses_relative_outputs_in_its_uploaded_working_dir(tmp_path
     # absolute paths and buckets are fine; outside a job working dir, relative paths are too
     check_job_paths([("output.probabilities", str(tmp_path / "p.zarr")), ("instances.url", "gs://b/i.zarr")])
     check_job_paths([("output.probabilities", "p.zarr")], cwd=str(tmp_path))
+
+
+def test_only_a_local_instance_turns_off_rays_uv_hook(monkeypatch) -> None:
+    """Under `uv run`, Ray would start each worker of a local instance through `uv run` again; the hook stays
+    on for a cluster volseg joins, and whatever the user set in RAY_ENABLE_UV_RUN_RUNTIME_ENV wins."""
+    from ray._private import ray_constants
+
+    monkeypatch.delenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", raising=False)
+    monkeypatch.setattr(ray_constants, "RAY_ENABLE_UV_RUN_RUNTIME_ENV", True)
+    with _workers_in_this_interpreter(local=True):
+        assert ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV is False
+    assert ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV is True
+    with _workers_in_this_interpreter(local=False):
+        assert ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV is True
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "1")
+    with _workers_in_this_interpreter(local=True):
+        assert ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV is True
 
 
 @pytest.mark.ray

@@ -43,8 +43,9 @@ def connected(address: str | None = None) -> Iterator[ClusterResources]:
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(address=target, include_dashboard=False if not target else None,
-                     log_to_driver=worker_logs, logging_level=ray_log_level)
+            with _workers_in_this_interpreter(local=not target):
+                ray.init(address=target, include_dashboard=False if not target else None,
+                         log_to_driver=worker_logs, logging_level=ray_log_level)
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise ConfigError(
                 f"cannot connect to the Ray cluster at {target!r}: {str(error).splitlines()[0]}",
@@ -59,6 +60,32 @@ def connected(address: str | None = None) -> Iterator[ClusterResources]:
     finally:
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def _workers_in_this_interpreter(local: bool) -> Iterator[None]:
+    """A local instance's workers run this interpreter, in its environment.
+
+    Under ``uv run`` Ray's uv hook (``RAY_ENABLE_UV_RUN_RUNTIME_ENV``, on by default) starts every worker
+    through ``uv run`` again, which re-resolves the project per worker: `uv run volseg run configs/demo.yaml`
+    took 93 s with the hook and 42 s without, on 2 cores. On this machine the environment is already here,
+    so the hook is turned off while a local instance starts, unless the user set the variable. A cluster
+    that volseg joins (``ray job submit``, ``cluster.address``) keeps the hook: its nodes may need the
+    environment built.
+    Ray reads the variable once, at import, into a constant of ``ray._private.ray_constants``; that
+    constant is what is set here, and set back afterwards.
+    """
+    from ray._private import ray_constants
+
+    if not local or "RAY_ENABLE_UV_RUN_RUNTIME_ENV" in os.environ:
+        yield
+        return
+    before = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+    try:
+        yield
+    finally:
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = before
 
 
 def check_fits(cluster: ClusterResources, actors: int, cpus: float, gpus: float) -> None:
