@@ -40,7 +40,9 @@ from volseg.training.promptdas.pseudo_labels import (
     confirm_by_points,
     density_peaks,
     keep_components_with_centres,
+    keep_persistent,
     nms_radius,
+    persistent_components,
     segmentation_pseudo_labels,
     window_max,
 )
@@ -214,6 +216,58 @@ def test_crops_carry_the_points_of_the_slices_within_reach_projected():
     offset = sampler.crop_at(Box((3, 8, 8), (4, 40, 40)))  # y, x in crop coordinates
     assert offset.points_near_slice(0).tolist() == [[2.0, 2.0], [12.0, 22.0]]
     assert CropSampler(raw, None, (1, 64, 64), points=points).crop_at(Box((16, 0, 0), (17, 64, 64))).reach == -1
+
+
+def test_components_that_do_not_persist_in_the_neighbour_slices_become_background():
+    _, labels = disks_image(32, [(8, 8), (24, 24)], 4)
+    foreground = labels > 0
+    below, above = labels == 1, foreground.copy()
+    above[24, 20:29] = False  # the second disk: 9 of its 49 pixels gone above (82% left)
+    assert persistent_components(foreground, [below, above], 0.6).tolist() == (labels == 2).tolist()
+    assert not persistent_components(foreground, [above], 0.6).any()  # one neighbour: it alone decides
+    assert persistent_components(foreground, [above], 0.9).tolist() == (labels == 2).tolist()
+    assert not persistent_components(foreground, [], 0.6).any()  # no neighbour inside the volume: kept
+    target = torch.from_numpy(foreground).float().view(1, 1, 32, 32)
+    valid = torch.ones_like(target)
+    neighbours = torch.from_numpy(np.stack([below, above]))[None]
+    kept, kept_valid = keep_persistent(target, valid, target > 0, neighbours, torch.tensor([[True, True]]), 0.6)
+    assert kept[0, 0].tolist() == (labels == 1).astype(np.float32).tolist()
+    assert kept_valid[0, 0].tolist() == (labels != 2).astype(np.float32).tolist()  # the fleeting disk: ignored
+    kept, _ = keep_persistent(target, valid, target > 0, neighbours, torch.tensor([[False, True]]), 0.6)
+    assert torch.equal(kept, target)  # the slice below is outside the volume: the one above keeps both
+
+
+def test_crops_carry_the_neighbour_slices_inside_the_volume():
+    raw = np.arange(10, dtype=np.uint8)[:, None, None] * np.ones((1, 8, 8), np.uint8)  # each slice its own z
+    sampler = CropSampler(raw, None, (2, 4, 4), neighbour_slices=3)
+    crop = sampler.crop_at(Box((1, 2, 2), (3, 6, 6)))  # slices 1, 2: below are -2, -1 (outside), above 4, 5
+    assert crop.neighbour_present.tolist() == [[False, False], [True, True]]
+    assert crop.neighbours[1, :, 0, 0].tolist() == [4, 5] and not crop.neighbours[0].any()
+    edge = sampler.crop_at(Box((6, 0, 0), (8, 4, 4)))  # above are 9 (inside) and 10 (outside)
+    assert edge.neighbour_present.tolist() == [[True, True], [True, False]]
+    assert edge.neighbours[:, :, 3, 3].tolist() == [[3, 4], [9, 0]]
+    assert CropSampler(raw, None, (2, 4, 4)).crop_at(Box((1, 2, 2), (3, 6, 6))).neighbours is None
+
+
+def test_uda_pseudo_labels_drop_the_objects_that_do_not_persist():
+    """A teacher labels two disks; in the slices k below and above only the first is there: the second is
+    ignored (neither foreground nor background). Off (persistence_slices 0), both stay."""
+    images = torch.from_numpy(np.stack([disks_image(48, [(12, 14), (34, 30)], 7)[0]] * 2)).unsqueeze(1)
+    neighbour = torch.from_numpy(disks_image(48, [(12, 14)], 7)[0])
+    slices = Slices(images, None, [np.zeros((0, 2))] * 2, None, neighbour.expand(2, 2, 1, 48, 48).clone(),
+                    torch.tensor([[True, True], [False, False]]))  # sample 1: both neighbours outside the volume
+    common = {"mode": "uda", "density_sigma": 3.0, "peak_threshold": 0.5, "augment": NO_INTENSITY,
+              "student_prompts": "all"}
+    batch = pseudo_labelled_batch(FakeTeacher(), slices, AdaptSettings(persistence_slices=2, **common),
+                                  SampleRandom.spawn(0, 2))
+    dark = batch.image < 0.5
+    kept = batch.target[0] > 0
+    assert bool((dark[0] | ~kept).float().mean() > 0.99)
+    assert 0.35 < int(kept.sum()) / int(dark[0].sum()) < 0.65  # one disk of two
+    assert float(batch.valid[0][dark[0] & ~kept].mean()) < 0.02  # the other is ignored
+    assert int((batch.target[1] > 0).sum()) / int(dark[1].sum()) > 0.95  # no neighbour: both kept
+    off = pseudo_labelled_batch(FakeTeacher(), slices, AdaptSettings(**common), SampleRandom.spawn(0, 2))
+    assert int((off.target[0] > 0).sum()) / int(dark[0].sum()) > 0.95
 
 
 def test_point_confirmation_is_a_wda_setting_in_slices_of_the_target():
@@ -540,7 +594,16 @@ def test_settings_pickle_and_come_from_the_adapt_config():
     settings = AdaptSettings.from_config(config, target_voxel_nm=8.0, source_voxel_nm=4.0, seed=3)
     assert (settings.mode, settings.steps, settings.delta_f, settings.seed) == ("uda", 12, 0.7, 3)
     assert settings.density_sigma == 5.0 and settings.sigma_source == 10.0
+    assert settings.persistence_slices == 0
     assert pickle.loads(pickle.dumps(settings)) == settings
+    persistent = config.model_copy(update={"persistence_nm": 25.0})
+    assert AdaptSettings.from_config(persistent, target_voxel_nm=5.0).persistence_slices == 5
+    assert AdaptSettings.from_config(persistent, target_voxel_nm=4.0, target_depth_nm=40.0).persistence_slices == 1
+    with pytest.raises(ConfigError, match="persistence_slices"):
+        AdaptSettings(mode="supervised-target", persistence_slices=2)
+    with pytest.raises(ValueError, match="persistence_nm"):
+        AdaptConfig(mode="supervised-target", target=TargetConfig(raw=VolumeRef(url="t"), labels=VolumeRef(url="l")),
+                    checkpoint="o.safetensors", persistence_nm=20.0)
 
 
 # --- end to end ----------------------------------------------------------------------------------------
@@ -601,6 +664,20 @@ def test_robust_intensity_and_the_fine_head_close_the_synthetic_gap(one_thread):
 
 CNN_SMALL = ModelSpec("promptdas", options={"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32,
                                             "projection_dim": 8})
+
+
+def test_only_the_pseudo_labelled_target_reads_neighbour_slices(one_thread):
+    source = generate_volume((2, 64, 64), "tem", seed=0)
+    target = generate_volume((6, 64, 64), "fibsem", seed=1)
+    settings = AdaptSettings(mode="uda", steps=1, batch_size=2, crop=(1, 32, 32), density_sigma=3.0,
+                             calibrate_crops=0, persistence_slices=2, guard=GuardSettings(enabled=False))
+    torch.manual_seed(0)
+    trainer = PromptDASTrainer(build_model(CNN_SMALL), settings, DomainData(source.raw, source.labels),
+                               DomainData(target.raw))
+    assert (trainer.source.neighbour_slices, trainer.target.neighbour_slices) == (0, 2)
+    slices, _ = trainer.crops(trainer.target, 1)
+    assert slices.neighbours.shape == (2, 2, 1, 32, 32) and slices.neighbour_present.shape == (2, 2)
+    assert np.isfinite(trainer.step().loss)
 
 
 @pytest.mark.parametrize("crops", [0, 6])

@@ -330,7 +330,10 @@ class AdaptConfig(Section):
     torch threads of the training process (None: torch's default, one per core). ``zoom``: the labelled
     crops' random magnification, as ``train.zoom``. ``confirm_points_nm`` (wda; 0: off): a pseudo-foreground
     2D component is kept only if a sparse point of a slice within this distance in z lies in it
-    (:attr:`~volseg.training.promptdas.settings.AdaptSettings.confirm_slices`)."""
+    (:attr:`~volseg.training.promptdas.settings.AdaptSettings.confirm_slices`). ``persistence_nm`` (uda or
+    wda; 0: off) and ``persistence_share``: a pseudo-foreground 2D component is kept only if at least that
+    share of its pixels is foreground for the teacher in the slices this far above and below
+    (:attr:`~volseg.training.promptdas.settings.AdaptSettings.persistence_slices`)."""
 
     mode: Literal["uda", "wda", "supervised-target"] = "uda"
     source: LabelledVolume | None = None
@@ -360,6 +363,8 @@ class AdaptConfig(Section):
     contrastive_points: int = Field(default=16, ge=0)
     point_crop_share: float = Field(default=0.0, ge=0.0, le=1.0)
     confirm_points_nm: float = Field(default=0.0, ge=0.0)
+    persistence_nm: float = Field(default=0.0, ge=0.0)
+    persistence_share: float = Field(default=0.6, gt=0.0, le=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     poly_power: float = Field(default=0.9, ge=0.0)
     zoom: float = Field(default=1.0, ge=1.0, le=4.0)
@@ -377,6 +382,9 @@ class AdaptConfig(Section):
         if self.confirm_points_nm > 0 and self.mode != "wda":
             raise ValueError(f"confirm_points_nm {self.confirm_points_nm} needs mode wda (it confirms pseudo-labels "
                              "by the sparse points); set it to 0 for other modes")
+        if self.persistence_nm > 0 and self.mode == "supervised-target":
+            raise ValueError(f"persistence_nm {self.persistence_nm} filters the teacher's pseudo-labels of mode uda or "
+                             "wda; set it to 0 for mode supervised-target")
         if self.mode == "supervised-target" and self.target.labels is None:
             raise ValueError("mode supervised-target needs target.labels")
         return self

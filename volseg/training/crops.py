@@ -20,7 +20,10 @@ class Crop:
     ``N×3`` float, the points of the sampler's :class:`PointSet` inside ``box``, in crop coordinates
     (``N = 0`` when there are none or the sampler has no points); ``box`` where the crop was read.
     ``reach`` (−1: none) and ``nearby_zyx``: the points within ``reach`` slices above or below the crop,
-    over its y, x extent, in crop coordinates (z may lie outside ``0 … Z−1``).
+    over its y, x extent, in crop coordinates (z may lie outside ``0 … Z−1``). ``neighbours`` (or None):
+    ``2×Z×Y×X``, the raw slices ``k`` below (``[0]``) and ``k`` above (``[1]``) each crop slice, for a
+    sampler's ``neighbour_slices`` k; ``neighbour_present`` ``2×Z`` says which lie inside the volume (the
+    others are zeros).
     """
 
     raw: np.ndarray
@@ -29,6 +32,8 @@ class Crop:
     box: Box
     reach: int = -1
     nearby_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    neighbours: np.ndarray | None = None
+    neighbour_present: np.ndarray | None = None
 
     def points_in_slice(self, z: int) -> np.ndarray:
         """The ``M×2`` (y, x) points of crop slice ``z`` (points whose rounded z is ``z``)."""
@@ -52,6 +57,8 @@ class CropSampler:
     is then the volume's robust grey-value range (:mod:`volseg.intensity`), to normalise its crops with,
     as inference normalises the volume's blocks; else None. ``reach`` (≥ 0): each crop also carries the
     points within ``reach`` slices of it (:attr:`Crop.nearby_zyx`, WDA's point confirmation).
+    ``neighbour_slices`` (≥ 1): each crop also carries the raw slices that many below and above each of its
+    slices (:attr:`Crop.neighbours`, the persistence of pseudo-labels).
     """
 
     raw: Any
@@ -62,6 +69,7 @@ class CropSampler:
     percentiles: tuple[float, float] | None = None
     point_share: float = 0.0
     reach: int = -1
+    neighbour_slices: int = 0
 
     def __post_init__(self) -> None:
         self.crop = tuple(int(c) for c in self.crop)
@@ -95,15 +103,35 @@ class CropSampler:
         return Box.from_shape(self.crop, start)
 
     def crop_at(self, box: Box) -> Crop:
-        """The crop of ``box`` (raw, labels, points in box coordinates)."""
+        """The crop of ``box`` (raw, labels, points in box coordinates; neighbour slices, nearby points)."""
         raw = read_box(self.raw, box)
         labels = None if self.labels is None else read_box(self.labels, box)
         points = np.zeros((0, 3)) if self.points is None else self.points.inside(box)
+        neighbours = present = None
+        if self.neighbour_slices > 0:
+            neighbours, present = self.neighbours_of(box, raw.dtype)
         if self.reach < 0 or self.points is None:
-            return Crop(raw, labels, points, box)
+            return Crop(raw, labels, points, box, neighbours=neighbours, neighbour_present=present)
         reach = (self.reach, 0, 0)
         nearby = self.points.inside(box.grow(reach)) - np.asarray(reach, dtype=np.float64)
-        return Crop(raw, labels, points, box, self.reach, nearby)
+        return Crop(raw, labels, points, box, self.reach, nearby, neighbours, present)
+
+    def neighbours_of(self, box: Box, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """The raw slices ``neighbour_slices`` below and above each slice of ``box``: ``2×Z×Y×X`` (zeros
+        outside the volume) and which are inside, ``2×Z`` (one read per side, of the part inside)."""
+        k, depth = self.neighbour_slices, box.shape[0]
+        bounds = Box((0, 0, 0), self.shape)
+        neighbours = np.zeros((2, *box.shape), dtype)
+        present = np.zeros((2, depth), bool)
+        for side, dz in enumerate((-k, k)):
+            shifted = box.shift((dz, 0, 0))
+            inside = shifted.intersect(bounds)
+            if inside.empty:
+                continue
+            rows = slice(inside.start[0] - shifted.start[0], inside.stop[0] - shifted.start[0])
+            neighbours[side, rows] = read_box(self.raw, inside)
+            present[side, rows] = True
+        return neighbours, present
 
     def crops(self, n: int) -> list[Crop]:
         """``n`` crops at random positions."""

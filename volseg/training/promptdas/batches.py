@@ -25,6 +25,7 @@ from volseg.training.promptdas.pseudo_labels import (
     confirm_by_points,
     density_peaks,
     keep_components_with_centres,
+    keep_persistent,
     nms_radius,
     segmentation_pseudo_labels,
 )
@@ -94,12 +95,16 @@ def concat_batches(batches: Sequence[PromptBatch]) -> PromptBatch:
 class Slices:
     """The 2D samples of a list of crops: ``images`` ``B×1×Y×X`` model input, ``labels`` ``B×Y×X`` (or
     None), ``points`` one ``M×2`` (y, x) array per sample (the crop's sparse points in that slice);
-    ``nearby`` (crops with a ``reach``; else None) likewise, the points of the slices within reach."""
+    ``nearby`` (crops with a ``reach``; else None) likewise, the points of the slices within reach;
+    ``neighbours`` (crops with neighbour slices; else None) ``B×2×1×Y×X`` model input, the slices ``k``
+    below and above each sample, with ``neighbour_present`` ``B×2`` (False: outside the volume)."""
 
     images: torch.Tensor
     labels: np.ndarray | None
     points: list[np.ndarray]
     nearby: list[np.ndarray] | None = None
+    neighbours: torch.Tensor | None = None
+    neighbour_present: torch.Tensor | None = None
 
 
 def crop_slices(crops: Sequence[Crop], contract: InputContract, intensity: tuple[float, float] | None = None
@@ -113,7 +118,12 @@ def crop_slices(crops: Sequence[Crop], contract: InputContract, intensity: tuple
     nearby = None
     if crops and all(c.reach >= 0 for c in crops):
         nearby = [c.points_near_slice(z) for c in crops for z in range(c.raw.shape[0])]
-    return Slices(images, labels, points, nearby)
+    neighbours = present = None
+    if crops and all(c.neighbours is not None for c in crops):
+        stacked = np.concatenate([c.neighbours.swapaxes(0, 1) for c in crops])  # B×2×Y×X
+        neighbours = contract.normalize(torch.from_numpy(np.ascontiguousarray(stacked)), intensity).unsqueeze(2)
+        present = torch.from_numpy(np.concatenate([c.neighbour_present.T for c in crops]))
+    return Slices(images, labels, points, nearby, neighbours, present)
 
 
 def _student_views(images: torch.Tensor, maps: dict[str, tuple[torch.Tensor, str, str]],
@@ -217,8 +227,21 @@ def mark_sparse_points(target: torch.Tensor, valid: torch.Tensor, sparse: Sequen
 
 
 @torch.no_grad()
+def neighbour_foreground(teacher: nn.Module, neighbours: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The teacher's unprompted foreground (p > 0.5) on the neighbour slices ``B×2×1×Y×X`` that are
+    ``present`` (``B×2``), as ``B×2×Y×X`` bool (False where absent); one pass over the present ones."""
+    foreground = torch.zeros(neighbours.shape[:2] + neighbours.shape[-2:], dtype=torch.bool)
+    if bool(present.any()):
+        device = next(teacher.parameters()).device
+        logits = teacher(neighbours[present].to(device)).logits[:, 0].float().cpu()
+        foreground[present] = logits > 0  # sigmoid(logit) > 0.5
+    return foreground
+
+
+@torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points: Sequence[np.ndarray],
-                          settings: AdaptSettings, nearby: Sequence[np.ndarray] | None = None) -> PseudoLabels:
+                          settings: AdaptSettings, nearby: Sequence[np.ndarray] | None = None,
+                          neighbours: tuple[torch.Tensor, torch.Tensor] | None = None) -> PseudoLabels:
     """Pseudo-labels of a weak view ``B×1×Y×X`` in two teacher passes (one, when the first detects no
     centre in the whole batch: the second would repeat it).
 
@@ -226,7 +249,9 @@ def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points:
     2. Prompted with the sparse points and the detected centres: probability → foreground ≥ ``delta_f``,
        background ≤ ``delta_b``, else ignored; with ``require_centre``, foreground components without a
        prompt are ignored too; with ``nearby`` points (WDA, ``confirm_slices`` ≥ 0), the components of
-       p > 0.5 that hold none become background (:func:`confirm_by_points`); then
+       p > 0.5 that hold none become background (:func:`confirm_by_points`); with ``neighbours`` (the
+       neighbour slices and which are present, see :class:`Slices`; ``persistence_slices`` ≥ 1), those
+       that do not persist in them (:func:`persistent_components`) become background too; then
        :func:`mark_sparse_points` with ``disk_radius``.
     The density target (``density_pseudo_target``) is a Gaussian (``density_sigma``) at every prompt
     (detected or sparse), or the teacher's second-pass density.
@@ -243,6 +268,11 @@ def teacher_pseudo_labels(teacher: nn.Module, weak: torch.Tensor, sparse_points:
         target, valid = keep_components_with_centres(target, valid, prompts)
     if nearby is not None:
         target, valid = confirm_by_points(target, valid, probability > 0.5, nearby)
+    if neighbours is not None:
+        images, present = neighbours
+        target, valid = keep_persistent(target, valid, probability > 0.5,
+                                        neighbour_foreground(teacher, images, present), present,
+                                        settings.persistence_share)
     target, valid = mark_sparse_points(target, valid, sparse, settings.disk_radius)
     if settings.density_pseudo_target == "teacher":
         density = second.density.float().cpu()
@@ -267,7 +297,10 @@ def pseudo_labelled_batch(teacher: nn.Module, slices: Slices, settings: AdaptSet
     _check_randoms(slices, randoms)
     weak = torch.cat([weak_view(random.generator, image[None], settings.augment.weak_intensity)
                       for image, random in zip(slices.images, randoms, strict=True)])
-    pseudo = teacher_pseudo_labels(teacher, weak, slices.points, settings, slices.nearby)
+    neighbours = None
+    if settings.persistence_slices > 0 and slices.neighbours is not None:
+        neighbours = (slices.neighbours, slices.neighbour_present)
+    pseudo = teacher_pseudo_labels(teacher, weak, slices.points, settings, slices.nearby, neighbours)
     prompts = pseudo.prompts
     if settings.student_prompts == "subset":
         prompts = [np.concatenate([s, random_subset(d, random.rng)])

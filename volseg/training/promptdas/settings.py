@@ -59,6 +59,13 @@ class AdaptSettings:
         sparse point of a slice within ± this many slices lies in it (projected); the others become
         background (:func:`~volseg.training.promptdas.pseudo_labels.confirm_by_points`). For points dense
         enough that nearly every object holds one within that reach (−1: off).
+    persistence_slices, persistence_share: uda / wda (0 slices: off): a pseudo-foreground 2D component (teacher
+        p > 0.5) stays foreground only if at least ``persistence_share`` of its pixels are foreground for the
+        teacher (unprompted, p > 0.5) in the slice ``persistence_slices`` above and in the one below (in
+        those inside the volume; a component with neither is kept); the others are ignored, as uncertain
+        pixels are (:func:`~volseg.training.promptdas.pseudo_labels.keep_persistent`). Label-free: organelles
+        span many slices, while the blobs of cytoplasm texture that a source model mistakes for them
+        mostly do not. Costs the teacher one unprompted pass per neighbour slice.
     target_weight: weight of the target terms against the source terms.
     balance_pseudo_labels: the pseudo-label BCE weighs foreground and background equally (see
         :func:`volseg.training.losses.segmentation_loss`); keeps self-training from drifting to background.
@@ -99,6 +106,8 @@ class AdaptSettings:
     point_disk_radius: float | None = None
     point_crop_share: float = 0.0
     confirm_slices: int = -1
+    persistence_slices: int = 0
+    persistence_share: float = 0.6
     target_weight: float = 1.0
     balance_pseudo_labels: bool = True
     pseudo_foreground_share: float = 0.5
@@ -125,6 +134,13 @@ class AdaptSettings:
             raise ConfigError(f"point confirmation (confirm_slices {self.confirm_slices}) needs the sparse points "
                               f"of adapt mode 'wda', not {self.mode!r}.",
                               "set adapt.mode: wda with adapt.target.points, or remove adapt.confirm_points_nm.")
+        if self.persistence_slices < 0 or not 0 < self.persistence_share <= 1:
+            raise ConfigError(f"persistence_slices {self.persistence_slices} must be ≥ 0 and persistence_share "
+                              f"{self.persistence_share} in (0, 1].", "e.g. 5 slices and a share of 0.6.")
+        if self.persistence_slices > 0 and self.mode not in ("uda", "wda"):
+            raise ConfigError(f"persistence of pseudo-labels (persistence_slices {self.persistence_slices}) needs "
+                              f"the teacher of adapt mode 'uda' or 'wda', not {self.mode!r}.",
+                              "set adapt.mode: uda or wda, or remove adapt.persistence_nm.")
         if not 0 <= self.unprompted_share <= 1:
             raise ConfigError(f"unprompted_share {self.unprompted_share} must be in [0, 1].",
                               "e.g. 0.5 (half the labelled crops without prompts).")
@@ -151,7 +167,8 @@ class AdaptSettings:
     def from_config(cls, config: AdaptConfig, target_voxel_nm: float, source_voxel_nm: float | None = None,
                     target_depth_nm: float | None = None, **overrides: object) -> AdaptSettings:
         """Settings of an ``adapt:`` config section; σ converted from nm with the in-plane voxel sizes,
-        ``confirm_points_nm`` with the target's slice thickness ``target_depth_nm`` (None: in-plane)."""
+        ``confirm_points_nm`` and ``persistence_nm`` with the target's slice thickness ``target_depth_nm``
+        (None: in-plane; the persistence is at least one slice)."""
         fields = {f.name for f in dataclasses.fields(cls)} & set(type(config).model_fields)
         values = {name: getattr(config, name) for name in fields}
         values["guard"] = GuardSettings(**config.guard.model_dump())
@@ -159,6 +176,8 @@ class AdaptSettings:
         values["density_sigma"] = config.density_sigma_nm / target_voxel_nm
         if config.confirm_points_nm > 0:
             values["confirm_slices"] = slices_within(config.confirm_points_nm, target_depth_nm or target_voxel_nm)
+        if config.persistence_nm > 0:
+            values["persistence_slices"] = max(1, round(config.persistence_nm / (target_depth_nm or target_voxel_nm)))
         if source_voxel_nm is not None:
             values["source_density_sigma"] = config.density_sigma_nm / source_voxel_nm
         return cls(**{**values, **overrides})

@@ -343,5 +343,7 @@ def _sampler(domain: DomainData | None, settings: AdaptSettings, labelled: bool,
     wda_target = settings.mode == "wda" and not labelled
     share = settings.point_crop_share if wda_target else 0.0
     reach = settings.confirm_slices if wda_target else -1
+    pseudo_labelled = settings.mode in ("uda", "wda") and not labelled
+    neighbours = settings.persistence_slices if pseudo_labelled else 0
     return CropSampler(domain.raw, labels, settings.crop, settings.seed, domain.points, contract.percentiles, share,
-                       reach)
+                       reach, neighbours)
