@@ -62,7 +62,7 @@ import torch
 
 from volseg.allocator import keep_freed_memory
 from volseg.evaluation.metrics import Confusion
-from volseg.geometry import Box, PointSet, slices_within
+from volseg.geometry import Box, PointSet, slices_apart, slices_within
 from volseg.inference.blockwise import predict_box
 from volseg.inference.planes import PLANE_SETS
 from volseg.inference.postprocess import (
@@ -477,7 +477,7 @@ def _uda(bench: Bench) -> None:
 
 
 def _uda_persistent(bench: Bench) -> None:
-    slices = max(1, round(PERSISTENCE_NM / bench.target_raw.voxel_size_nm[0]))
+    slices = slices_apart(PERSISTENCE_NM, bench.target_raw.voxel_size_nm[0])
     model, wall, cpu = _adapted(bench, "uda", persistence_slices=slices, persistence_share=PERSISTENCE_SHARE)
     bench.record("uda_persistent", bench.score_model(model, bench.spec()), wall, cpu, persistence_slices=slices)
 

@@ -316,3 +316,9 @@ def slices_within(distance_nm: float, slice_nm: float) -> int:
     """How many whole slices of ``slice_nm`` fit in ``distance_nm`` (the reach in z of a point
     confirmation: ``adapt.confirm_points_nm``, ``prompts.confirm_nm``)."""
     return int(distance_nm // slice_nm)
+
+
+def slices_apart(distance_nm: float, slice_nm: float) -> int:
+    """The slice offset nearest ``distance_nm`` in slices of ``slice_nm``, at least one (the neighbours a
+    persistence check compares with: ``adapt.persistence_nm``)."""
+    return max(1, round(distance_nm / slice_nm))

@@ -107,14 +107,14 @@ class CropSampler:
         raw = read_box(self.raw, box)
         labels = None if self.labels is None else read_box(self.labels, box)
         points = np.zeros((0, 3)) if self.points is None else self.points.inside(box)
+        reach, nearby = -1, np.zeros((0, 3))
+        if self.reach >= 0 and self.points is not None:
+            reach, grow = self.reach, (self.reach, 0, 0)
+            nearby = self.points.inside(box.grow(grow)) - np.asarray(grow, dtype=np.float64)
         neighbours = present = None
         if self.neighbour_slices > 0:
             neighbours, present = self.neighbours_of(box, raw.dtype)
-        if self.reach < 0 or self.points is None:
-            return Crop(raw, labels, points, box, neighbours=neighbours, neighbour_present=present)
-        reach = (self.reach, 0, 0)
-        nearby = self.points.inside(box.grow(reach)) - np.asarray(reach, dtype=np.float64)
-        return Crop(raw, labels, points, box, self.reach, nearby, neighbours, present)
+        return Crop(raw, labels, points, box, reach, nearby, neighbours, present)
 
     def neighbours_of(self, box: Box, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         """The raw slices ``neighbour_slices`` below and above each slice of ``box``: ``2×Z×Y×X`` (zeros

@@ -8,7 +8,7 @@ from typing import Literal
 
 from volseg.config import AdaptConfig
 from volseg.errors import ConfigError
-from volseg.geometry import slices_within
+from volseg.geometry import slices_apart, slices_within
 from volseg.training.augment import WIDE, AugmentSettings
 from volseg.training.promptdas.guard import GuardSettings
 
@@ -177,7 +177,7 @@ class AdaptSettings:
         if config.confirm_points_nm > 0:
             values["confirm_slices"] = slices_within(config.confirm_points_nm, target_depth_nm or target_voxel_nm)
         if config.persistence_nm > 0:
-            values["persistence_slices"] = max(1, round(config.persistence_nm / (target_depth_nm or target_voxel_nm)))
+            values["persistence_slices"] = slices_apart(config.persistence_nm, target_depth_nm or target_voxel_nm)
         if source_voxel_nm is not None:
             values["source_density_sigma"] = config.density_sigma_nm / source_voxel_nm
         return cls(**{**values, **overrides})
