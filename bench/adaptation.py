@@ -13,6 +13,8 @@ over the global window grid, and test-time points are the points file's points w
   uda               + mean-teacher adaptation to Lucchi z < 100, no target labels
   uda_persistent    UDA whose pseudo-foreground components must persist ±25 nm in z (60% of their pixels
                     foreground for the teacher in the slices 25 nm below and above; ``adapt.persistence_nm``)
+  uda_paste         uda_persistent with every source crop's labelled organelles pasted onto a pseudo-labelled
+                    target crop (``adapt.source_paste`` 1)
   wda               + the 15% points of Lucchi z < 100
   wda_points        the WDA model with the z ≥ 100 points as prompts at test time
   wda_confirmed     WDA whose pseudo-foreground components must hold a sparse point of a slice within ±100 nm
@@ -108,11 +110,12 @@ SCALES = {
               "batch": 2, "source_lr": 1e-3, "adapt_lr": 5e-4, "foreground_share": 0.3, "min_area_nm2": 5000.0,
               "calibrate_norms": True},
 }
-ROWS = ("source", "uda", "uda_persistent", "wda", "wda_points", "wda_confirmed", "wda_confirmed_points", "oracle",
-        "peer_source", "peer_oracle", "oracle_paper", "source_raw", "source_uncalibrated", "source_zoom", "uda_pushed",
-        "uda_pushed_guarded")
+ROWS = ("source", "uda", "uda_persistent", "uda_paste", "wda", "wda_points", "wda_confirmed", "wda_confirmed_points",
+        "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw", "source_uncalibrated", "source_zoom",
+        "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "uda_persistent": "UDA + z-persistent pseudo-labels",
+    "uda_paste": "UDA + z-persistent + pasted source organelles",
     "wda": "WDA (15% points, z < 100)",
     "wda_points": "WDA + test-time points (z ≥ 100)",
     "wda_confirmed": "WDA + point-confirmed pseudo-labels",
@@ -129,8 +132,10 @@ TITLES = {
 CONFIRM_NM = 100.0
 #: The ``uda_persistent`` row's ``adapt.persistence_nm`` and ``adapt.persistence_share``.
 PERSISTENCE_NM, PERSISTENCE_SHARE = 25.0, 0.6
+#: The ``uda_paste`` row's ``adapt.source_paste``: every pseudo-labelled crop gets a source crop's organelles.
+SOURCE_PASTE = 1.0
 #: Settings added after the cached models of the tables were keyed (:meth:`Bench.recipe_key`).
-KEYLESS_AT_DEFAULT = ("persistence_slices", "persistence_share")
+KEYLESS_AT_DEFAULT = ("persistence_slices", "persistence_share", "source_paste")
 #: The ``source_zoom`` row's ``train.zoom``.
 ZOOM = 1.5
 #: UDA settings that drive self-training to background: pseudo-foreground needs p ≥ 0.999 and weighs 1%.
@@ -476,10 +481,10 @@ def _uda(bench: Bench) -> None:
     bench.record("uda", bench.score_model(model, bench.spec()), wall, cpu)
 
 
-def _uda_persistent(bench: Bench) -> None:
+def _uda_persistent(bench: Bench, name: str = "uda_persistent", **extra: Any) -> None:
     slices = slices_apart(PERSISTENCE_NM, bench.target_raw.voxel_size_nm[0])
-    model, wall, cpu = _adapted(bench, "uda", persistence_slices=slices, persistence_share=PERSISTENCE_SHARE)
-    bench.record("uda_persistent", bench.score_model(model, bench.spec()), wall, cpu, persistence_slices=slices)
+    model, wall, cpu = _adapted(bench, "uda", persistence_slices=slices, persistence_share=PERSISTENCE_SHARE, **extra)
+    bench.record(name, bench.score_model(model, bench.spec()), wall, cpu, persistence_slices=slices, **extra)
 
 
 def _wda(bench: Bench) -> None:
@@ -562,7 +567,9 @@ def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
 #: Rows one runner records together (one trained model, scored two ways).
 PAIRED_ROWS = (("wda", "wda_points"), ("wda_confirmed", "wda_confirmed_points"))
 ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
-    "source": _source, "uda": _uda, "uda_persistent": _uda_persistent, "wda": _wda, "wda_points": _wda,
+    "source": _source, "uda": _uda, "uda_persistent": _uda_persistent,
+    "uda_paste": lambda b: _uda_persistent(b, "uda_paste", source_paste=SOURCE_PASTE),
+    "wda": _wda, "wda_points": _wda,
     "wda_confirmed": _wda_confirmed,
     "wda_confirmed_points": _wda_confirmed, "oracle": _oracle,
     "peer_source": lambda b: _peer(b, "peer_source", "source", b.source),

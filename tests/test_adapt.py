@@ -24,6 +24,7 @@ from volseg.training.promptdas.batches import (
     Slices,
     concat_batches,
     labelled_batch,
+    paste_source_objects,
     pseudo_labelled_batch,
     teacher_pseudo_labels,
 )
@@ -413,6 +414,39 @@ def test_pseudo_labelled_batch_keeps_labels_prompts_and_contrastive_points_align
         assert (batch.valid[b, 0, points[:, 0], points[:, 1]][kinds != UNUSED] == 1).all()
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
+def test_pasting_source_organelles_takes_their_pixels_labels_and_density_and_keeps_the_rest(share):
+    target_images = [disks_image(48, [(12, 12)], 6)[0] for _ in range(4)]
+    pseudo = pseudo_labelled_batch(FakeTeacher(), Slices(torch.from_numpy(np.stack(target_images)).unsqueeze(1),
+                                                         None, [np.zeros((0, 2))] * 4),
+                                   AdaptSettings(density_sigma=3.0, peak_threshold=0.5, augment=NO_INTENSITY,
+                                                 contrastive_points=64), SampleRandom.spawn(0, 4))
+    pairs = [disks_image(48, [(34, 34)], 8) for _ in range(4)]
+    source = labelled_batch(Slices(torch.from_numpy(np.stack([p[0] for p in pairs])).unsqueeze(1),
+                                   np.stack([p[1] for p in pairs]), [np.zeros((0, 2))] * 4),
+                            3.0, SampleRandom.spawn(1, 4), NO_INTENSITY)
+    mixed = paste_source_objects(pseudo, source, share, SampleRandom.spawn(2, 4))
+    organelle = source.target > 0
+    pasted = [bool(organelle[b].any() and (mixed.image[b][organelle[b]] == source.image[b][organelle[b]]).all()
+                   and (mixed.target[b][organelle[b]] == 1).all() and (mixed.valid[b][organelle[b]] == 1).all())
+              for b in range(4)]
+    draws = [bool(random.rng.random() < share) for random in SampleRandom.spawn(2, 4)]  # the same streams
+    assert pasted == {1.0: [True] * 4, 0.0: [False] * 4}.get(share, draws)
+    assert share != 0.5 or 0 < sum(pasted) < 4
+    for b in range(4):
+        rest = ~organelle[b] if pasted[b] else torch.ones_like(organelle[b])
+        for name in ("image", "target", "valid", "density"):
+            assert torch.equal(getattr(mixed, name)[b][rest], getattr(pseudo, name)[b][rest])
+        if pasted[b]:
+            assert torch.equal(mixed.density[b][organelle[b]], source.density[b][organelle[b]])
+        points = mixed.contrastive_points[b].round().long()
+        covered = organelle[b, 0, points[:, 0], points[:, 1]] & pasted[b]
+        assert (mixed.contrastive_labels[b][covered] == UNUSED).all()
+        assert torch.equal(mixed.contrastive_labels[b][~covered], pseudo.contrastive_labels[b][~covered])
+    with pytest.raises(ValueError, match="one shape"):
+        paste_source_objects(pseudo, concat_batches([source, source]), 1.0, SampleRandom.spawn(2, 4))
+
+
 def test_wda_pseudo_labels_keep_only_the_objects_a_nearby_point_confirms():
     images = np.stack([disks_image(48, [(12, 14), (34, 30)], 7)[0] for _ in range(2)])
     nearby = [np.array([[12.0, 14.0]]), np.array([[3.0, 3.0]])]  # sample 0: the first disk; sample 1: neither
@@ -586,6 +620,17 @@ def test_training_reports_every_step_and_its_components(one_thread):
     assert result.model is not model and not result.model.training  # the EMA teacher
 
 
+def test_uda_pastes_the_source_organelles_onto_every_pseudo_labelled_sample(one_thread):
+    data = generate_volume((2, 64, 64), "tem", seed=0)
+    torch.manual_seed(0)
+    settings = AdaptSettings(mode="uda", steps=2, batch_size=2, crop=(1, 32, 32), density_sigma=3.0, source_paste=1.0)
+    result = train_promptdas(build_model(SMALL), settings, DomainData(data.raw, data.labels), DomainData(data.raw))
+    source_share = float((data.labels > 0).mean())
+    assert all(0 < p < 3 * source_share + 0.2 for p in result.history.components["pseudo_pasted"])
+    with pytest.raises(ConfigError, match="source_paste"):
+        AdaptSettings(mode="supervised-target", source_paste=0.5)
+
+
 def test_settings_pickle_and_come_from_the_adapt_config():
     from volseg.config import AdaptConfig, TargetConfig, VolumeRef
 
@@ -594,7 +639,10 @@ def test_settings_pickle_and_come_from_the_adapt_config():
     settings = AdaptSettings.from_config(config, target_voxel_nm=8.0, source_voxel_nm=4.0, seed=3)
     assert (settings.mode, settings.steps, settings.delta_f, settings.seed) == ("uda", 12, 0.7, 3)
     assert settings.density_sigma == 5.0 and settings.sigma_source == 10.0
-    assert settings.persistence_slices == 0
+    assert settings.persistence_slices == 0 and settings.source_paste == 0
+    assert AdaptSettings.from_config(config.model_copy(update={"source_paste": 0.5}), 8.0).source_paste == 0.5
+    with pytest.raises(ValueError, match=r"give adapt\.source"):
+        AdaptConfig(target=TargetConfig(raw=VolumeRef(url="t")), checkpoint="o.safetensors", source_paste=1.0)
     assert pickle.loads(pickle.dumps(settings)) == settings
     persistent = config.model_copy(update={"persistence_nm": 25.0})
     assert AdaptSettings.from_config(persistent, target_voxel_nm=5.0).persistence_slices == 5

@@ -333,7 +333,9 @@ class AdaptConfig(Section):
     (:attr:`~volseg.training.promptdas.settings.AdaptSettings.confirm_slices`). ``persistence_nm`` (uda or
     wda; 0: off) and ``persistence_share``: a pseudo-foreground 2D component is kept only if at least that
     share of its pixels is foreground for the teacher in the slices this far above and below
-    (:attr:`~volseg.training.promptdas.settings.AdaptSettings.persistence_slices`)."""
+    (:attr:`~volseg.training.promptdas.settings.AdaptSettings.persistence_slices`). ``source_paste`` (uda or
+    wda with ``source``; 0: off): the share of pseudo-labelled target crops onto which a source crop's
+    labelled organelles are pasted (:attr:`~volseg.training.promptdas.settings.AdaptSettings.source_paste`)."""
 
     mode: Literal["uda", "wda", "supervised-target"] = "uda"
     source: LabelledVolume | None = None
@@ -357,6 +359,7 @@ class AdaptConfig(Section):
     balance_pseudo_labels: bool = True
     density_weight: float = Field(default=30.0, ge=0.0)
     target_weight: float = Field(default=1.0, ge=0.0)
+    source_paste: float = Field(default=0.0, ge=0.0, le=1.0)
     require_centre: bool = False
     student_prompts: Literal["all", "subset"] = "subset"
     density_pseudo_target: Literal["peaks", "teacher"] = "peaks"
@@ -385,6 +388,9 @@ class AdaptConfig(Section):
         if self.persistence_nm > 0 and self.mode == "supervised-target":
             raise ValueError(f"persistence_nm {self.persistence_nm} filters the teacher's pseudo-labels of mode uda or "
                              "wda; set it to 0 for mode supervised-target")
+        if self.source_paste > 0 and (self.mode == "supervised-target" or self.source is None):
+            raise ValueError(f"source_paste {self.source_paste} pastes the organelles of adapt.source onto the "
+                             "pseudo-labelled target crops of mode uda or wda: give adapt.source, or set it to 0")
         if self.mode == "supervised-target" and self.target.labels is None:
             raise ValueError("mode supervised-target needs target.labels")
         return self

@@ -320,3 +320,29 @@ def pseudo_labelled_batch(teacher: nn.Module, slices: Slices, settings: AdaptSet
     return PromptBatch(image, target, valid, maps["density"], points, point_mask,
                        torch.from_numpy(np.stack([s[0] for s in sampled])).float(),
                        torch.from_numpy(np.stack([s[1] for s in sampled])), stats)
+
+
+def paste_source_objects(pseudo: PromptBatch, source: PromptBatch, share: float,
+                         randoms: Sequence[SampleRandom]) -> PromptBatch:
+    """Cross-domain mixing (as ClassMix / DACS do for semantic classes): the labelled organelles of
+    source sample ``i`` are pasted onto pseudo-labelled target sample ``i`` (both student views), with
+    probability ``share`` per sample (1: every sample). Pasted pixels take the source's image, label
+    (foreground, valid) and density; the rest keeps the target's. The student thus sees organelles it
+    knows for certain on the target's own background, which holds its recall while the pseudo-labels
+    drift. Contrastive points that the paste covers are dropped (UNUSED). ``randoms``: the pseudo
+    batch's, one per sample."""
+    if pseudo.image.shape != source.image.shape:
+        raise ValueError(f"pasting needs source and target samples of one shape, not {tuple(source.image.shape)} "
+                         f"and {tuple(pseudo.image.shape)}")
+    chosen = [share >= 1 or (share > 0 and random.rng.random() < share) for random in randoms]
+    paste = source.target * source.valid * torch.tensor(chosen, dtype=source.target.dtype).view(-1, 1, 1, 1)
+    keep = 1 - paste
+    labels = pseudo.contrastive_labels
+    if labels is not None and pseudo.contrastive_points is not None:
+        yx = pseudo.contrastive_points.round().long()
+        covered = torch.stack([paste[i, 0, yx[i, :, 0], yx[i, :, 1]] > 0 for i in range(len(yx))])
+        labels = labels.masked_fill(covered, UNUSED)
+    stats = {**pseudo.stats, "pasted": float(paste.mean())}
+    return replace(pseudo, image=paste * source.image + keep * pseudo.image,
+                   target=torch.maximum(paste, keep * pseudo.target), valid=torch.maximum(paste, pseudo.valid),
+                   density=paste * source.density + keep * pseudo.density, contrastive_labels=labels, stats=stats)

@@ -67,6 +67,9 @@ class AdaptSettings:
         span many slices, while the blobs of cytoplasm texture that a source model mistakes for them
         mostly do not. Costs the teacher one unprompted pass per neighbour slice.
     target_weight: weight of the target terms against the source terms.
+    source_paste: uda / wda with source crops: the share of pseudo-labelled target samples onto which the
+        step's source sample pastes its labelled organelles (image, label and density; cross-domain mixing
+        as in ClassMix / DACS; :func:`~volseg.training.promptdas.batches.paste_source_objects`). 0: off.
     balance_pseudo_labels: the pseudo-label BCE weighs foreground and background equally (see
         :func:`volseg.training.losses.segmentation_loss`); keeps self-training from drifting to background.
     pseudo_foreground_share: with ``balance_pseudo_labels``, the foreground's weight in the pseudo-label
@@ -109,6 +112,7 @@ class AdaptSettings:
     persistence_slices: int = 0
     persistence_share: float = 0.6
     target_weight: float = 1.0
+    source_paste: float = 0.0
     balance_pseudo_labels: bool = True
     pseudo_foreground_share: float = 0.5
     density_weight: float = 30.0
@@ -141,6 +145,13 @@ class AdaptSettings:
             raise ConfigError(f"persistence of pseudo-labels (persistence_slices {self.persistence_slices}) needs "
                               f"the teacher of adapt mode 'uda' or 'wda', not {self.mode!r}.",
                               "set adapt.mode: uda or wda, or remove adapt.persistence_nm.")
+        if not 0 <= self.source_paste <= 1:
+            raise ConfigError(f"source_paste {self.source_paste} must be in [0, 1].",
+                              "e.g. 1 (every pseudo-labelled sample gets the source sample's organelles).")
+        if self.source_paste > 0 and self.mode not in ("uda", "wda"):
+            raise ConfigError(f"source_paste {self.source_paste} pastes source organelles onto the pseudo-labelled "
+                              f"crops of adapt mode 'uda' or 'wda', not {self.mode!r}.",
+                              "set adapt.mode: uda or wda, or set adapt.source_paste to 0.")
         if not 0 <= self.unprompted_share <= 1:
             raise ConfigError(f"unprompted_share {self.unprompted_share} must be in [0, 1].",
                               "e.g. 0.5 (half the labelled crops without prompts).")

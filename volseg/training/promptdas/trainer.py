@@ -47,6 +47,7 @@ from volseg.training.promptdas.batches import (
     concat_batches,
     crop_slices,
     labelled_batch,
+    paste_source_objects,
     pseudo_labelled_batch,
 )
 from volseg.training.promptdas.contrastive import prompt_contrastive_loss
@@ -176,7 +177,8 @@ class PromptDASTrainer:
 
     def make_batches(self) -> dict[str, PromptBatch]:
         """This step's batches: ``source`` (labelled source crops), ``target`` (labelled target crops, the
-        oracle) and/or ``pseudo`` (pseudo-labelled target crops, from the current teacher)."""
+        oracle) and/or ``pseudo`` (pseudo-labelled target crops, from the current teacher; with
+        ``source_paste``, the source crops' organelles pasted onto them)."""
         s = self.settings
         batches = {}
         if self.source is not None:
@@ -189,6 +191,9 @@ class PromptDASTrainer:
                                                    s.unprompted_share)
             else:
                 batches["pseudo"] = pseudo_labelled_batch(self.teacher.model, slices, s, randoms)
+                if s.source_paste > 0 and "source" in batches:
+                    batches["pseudo"] = paste_source_objects(batches["pseudo"], batches["source"], s.source_paste,
+                                                             randoms)
         return {name: batch.to(self.device) for name, batch in batches.items()}
 
     def losses(self, batches: dict[str, PromptBatch]) -> dict[str, torch.Tensor]:
