@@ -601,6 +601,8 @@ def test_modes_refuse_missing_data():
         PromptDASTrainer(model, AdaptSettings(mode="source"), DomainData(raw))
     with pytest.raises(ConfigError, match="sparse points"):
         PromptDASTrainer(model, AdaptSettings(mode="wda"), None, DomainData(raw))
+    with pytest.raises(ConfigError, match="no source is given"):
+        PromptDASTrainer(model, AdaptSettings(mode="uda", source_paste=1.0), None, DomainData(raw))
     with pytest.raises(ConfigError, match="delta_b"):
         AdaptSettings(delta_f=0.3, delta_b=0.4)
 

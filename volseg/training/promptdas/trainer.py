@@ -191,7 +191,7 @@ class PromptDASTrainer:
                                                    s.unprompted_share)
             else:
                 batches["pseudo"] = pseudo_labelled_batch(self.teacher.model, slices, s, randoms)
-                if s.source_paste > 0 and "source" in batches:
+                if s.source_paste > 0:  # a source is given (_check_domains)
                     batches["pseudo"] = paste_source_objects(batches["pseudo"], batches["source"], s.source_paste,
                                                              randoms)
         return {name: batch.to(self.device) for name, batch in batches.items()}
@@ -338,6 +338,9 @@ def _check_domains(settings: AdaptSettings, source: DomainData | None, target: D
     ok, what = needs[mode]
     if not ok:
         raise ConfigError(f"adapt mode {mode!r} needs {what}.", f"give {what}, or choose another mode.")
+    if settings.source_paste > 0 and source is None:
+        raise ConfigError(f"source_paste {settings.source_paste} pastes the source's labelled organelles, and "
+                          "no source is given.", "give the source raw and labels, or set source_paste to 0.")
 
 
 def _sampler(domain: DomainData | None, settings: AdaptSettings, labelled: bool, contract: InputContract
