@@ -25,6 +25,9 @@ over the global window grid, and test-time points are the points file's points w
   peer_source       MONAI BasicUNet on VNC, per-volume standardisation, the CPU seconds of ``source``
   peer_oracle       the same on Lucchi z < 100, the CPU seconds of ``oracle``
   oracle_paper      ``oracle`` with the paper's head (stride 2, interpolated) instead of the fine head
+  source_stride32   ``source`` with the CNN encoder run on to stride 32, its later stages added to the stride-8
+                    features (``model.options.encoder_stride`` 32)
+  oracle_stride32   ``oracle`` with that encoder
   source_raw        ``source`` without robust intensity normalisation (grey values / 255)
   source_zoom       ``source`` with the zoom augmentation ``train.zoom`` 1.5 (magnified 1/1.5 … 1.5×)
   source_uncalibrated  ``source`` scored without BatchNorm statistics calibrated on the test volume
@@ -111,8 +114,8 @@ SCALES = {
               "calibrate_norms": True},
 }
 ROWS = ("source", "uda", "uda_persistent", "uda_paste", "wda", "wda_points", "wda_confirmed", "wda_confirmed_points",
-        "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_raw", "source_uncalibrated", "source_zoom",
-        "uda_pushed", "uda_pushed_guarded")
+        "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_stride32", "oracle_stride32", "source_raw",
+        "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "uda_persistent": "UDA + z-persistent pseudo-labels",
     "uda_paste": "UDA + z-persistent + pasted source organelles",
@@ -122,7 +125,9 @@ TITLES = {
     "wda_confirmed_points": "WDA-confirmed + test points, confirm",
     "oracle": "supervised-target (oracle)",
     "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
-    "oracle_paper": "oracle, paper's head", "source_raw": "source-only, grey values / 255",
+    "oracle_paper": "oracle, paper's head",
+    "source_stride32": "source-only, CNN encoder to stride 32", "oracle_stride32": "oracle, CNN encoder to stride 32",
+    "source_raw": "source-only, grey values / 255",
     "source_uncalibrated": "source-only, norms not calibrated",
     "source_zoom": "source-only, zoom 1.5 augmentation",
     "uda_pushed": "UDA pushed to collapse, guard off", "uda_pushed_guarded": "UDA pushed to collapse, guard on",
@@ -464,11 +469,6 @@ class Bench:
         return self.results[name]
 
 
-def _source(bench: Bench) -> None:
-    model, wall, cpu = bench.source_model()
-    bench.record("source", bench.score_model(model, bench.spec()), wall, cpu)
-
-
 def _adapted(bench: Bench, mode: str, **extra: Any) -> tuple[torch.nn.Module, float, float]:
     source, source_wall, source_cpu = bench.source_model()
     target = DomainData(bench.target_train, points=bench.train_points if mode == "wda" else None)
@@ -521,6 +521,12 @@ def _pushed(bench: Bench, guarded: bool) -> None:
                  least_foreground_ratio=least)
 
 
+def _source(bench: Bench, name: str = "source", **options: Any) -> None:
+    spec = bench.spec(**options)
+    model, wall, cpu = bench.trained(spec, bench.settings("source"), bench.source, None)
+    bench.record(name, bench.score_model(model, spec), wall, cpu)
+
+
 def _oracle(bench: Bench, name: str = "oracle", **options: Any) -> None:
     spec = bench.spec(**options)
     target = DomainData(bench.target_train, bench.target_train_labels)
@@ -537,12 +543,6 @@ def _source_zoom(bench: Bench) -> None:
 def _source_uncalibrated(bench: Bench) -> None:
     model, wall, cpu = bench.source_model()
     bench.record("source_uncalibrated", bench.score_model(model, bench.spec(), calibrate=False), wall, cpu)
-
-
-def _source_raw(bench: Bench) -> None:
-    spec = bench.spec(intensity=None)
-    model, wall, cpu = bench.trained(spec, bench.settings("source"), bench.source, None)
-    bench.record("source_raw", bench.score_model(model, spec), wall, cpu)
 
 
 def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
@@ -575,7 +575,9 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "peer_source": lambda b: _peer(b, "peer_source", "source", b.source),
     "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
     "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),
-    "source_raw": _source_raw,
+    "source_stride32": lambda b: _source(b, "source_stride32", encoder_stride=32),
+    "oracle_stride32": lambda b: _oracle(b, "oracle_stride32", encoder_stride=32),
+    "source_raw": lambda b: _source(b, "source_raw", intensity=None),
     "source_zoom": _source_zoom,
     "source_uncalibrated": _source_uncalibrated,
     "uda_pushed": lambda b: _pushed(b, guarded=False),

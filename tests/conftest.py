@@ -56,16 +56,17 @@ def small_checkpoint(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`ray` tests run last, so the session's Ray cluster exists only after every other test ran (code
-    that picks Ray when a cluster is connected then sees none in the other tests)."""
-    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+    """A file's `ray` tests run after its other tests, so its Ray cluster (:func:`ray_cluster`) exists only
+    while they run: code that picks Ray when a cluster is connected sees none in the other tests. The test
+    command runs two pytest-xdist workers (``-n 2 --dist loadfile``), each taking whole files."""
+    items.sort(key=lambda item: (item.path, item.get_closest_marker("ray") is not None))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster for every `ray`-marked test of the session (4 logical CPUs on 2 cores, so
-    two actors or two training workers fit beside the driver). Tests that need their own cluster
-    (`ray start --head`, `ray job submit`) start it as a separate process instead."""
+    """One local Ray cluster for the `ray`-marked tests of a file, shut down after them (4 logical CPUs on
+    2 cores, so two actors or two training workers fit beside the driver). Tests that need their own
+    cluster (`ray start --head`, `ray job submit`) start it as a separate process instead."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,

@@ -165,3 +165,37 @@ def test_the_cnn_encoder_takes_groupnorm_and_old_cnn_checkpoints_keep_batchnorm(
     loaded = load_checkpoint(path, ModelSpec("promptdas", options={**options, "head": "paper", "intensity": None}))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(image).logits, old.eval()(image).logits)
+
+
+def test_the_cnn_encoder_runs_to_stride_32_and_old_cnn_checkpoints_stop_at_stride_8(tmp_path):
+    """``encoder_stride`` 16 or 32 adds the ResNet's later stages to the stride-8 features (any multiple of 8
+    as input, not only of 32); a card without the option was written by a model that stopped at stride 8."""
+    import json
+
+    options = {"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32, "projection_dim": 8}
+    torch.manual_seed(0)
+    deep = build_model(ModelSpec("promptdas", options={**options, "encoder_stride": 32})).eval()
+    shallow = build_model(ModelSpec("promptdas", options=options)).eval()
+    added = [name for name in deep.state_dict() if name not in shallow.state_dict()]
+    assert added[0] == "encoder.trunk.layer3.0.conv1.weight" and "encoder.lateral.1.weight" in added
+    assert all(name in deep.state_dict() for name in shallow.state_dict())
+    image = torch.rand(2, 1, 40, 56)  # stride-32 grids of 2 × 2, rounded up from 1.25 × 1.75
+    with torch.no_grad():
+        features = deep.encoder.pyramid(image)[0]
+        assert features.shape == (2, 128, 5, 7) and deep(image).logits.shape == (2, 1, 40, 56)
+        stages = deep.encoder.trunk(deep.encoder.rgb(image))  # stride 2, 4, 8, 16, 32
+        assert [tuple(s.shape[-2:]) for s in stages[2:]] == [(5, 7), (3, 4), (2, 2)]
+        coarse = features - deep.encoder.proj(stages[2])  # what the stride-16 and -32 stages add
+        assert coarse.abs().amin(dim=(0, 1)).gt(0).all()  # at every token
+    with pytest.raises(ConfigError, match="encoder_stride 64"):
+        build_model(ModelSpec("promptdas", options={**options, "encoder_stride": 64}))
+
+    path = save_checkpoint(tmp_path / "old.safetensors", shallow, ModelSpec("promptdas", options=options), {})
+    card = json.loads((tmp_path / "old.json").read_text())
+    del card["model"]["options"]["encoder_stride"]  # a card from before the option
+    (tmp_path / "old.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="encoder_stride: checkpoint 8, config 32"):
+        load_checkpoint(path, ModelSpec("promptdas", options={**options, "encoder_stride": 32}))
+    loaded = load_checkpoint(path, ModelSpec("promptdas", options=options))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(image).logits, shallow(image).logits)

@@ -13,7 +13,8 @@ centre-density map::
 upscaler and heads (:mod:`volseg.models.promptdas.heads`): ``fine`` (default) predicts both maps at
 full resolution from the decoder's embedding fused with the encoder's stride-4 and stride-2 features;
 ``paper`` is the published head (stride 2, interpolated). ``encoder_norm`` (``batch`` as published, or
-``group``) is the CNN encoder's normalisation (:class:`~volseg.models.promptdas.encoders.CNNEncoder`).
+``group``) is the CNN encoder's normalisation, ``encoder_stride`` (8 as published, 16 or 32) the coarsest of
+its stages that feed the stride-8 features (:class:`~volseg.models.promptdas.encoders.CNNEncoder`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class PromptDAS(nn.Module):
     def __init__(self, num_classes: int = 1, encoder: str = "vit_tiny8", decoder_dim: int = 256,
                  decoder_depth: int = 2, decoder_heads: int = 8, decoder_mlp: int = 2048,
                  projection_dim: int = 128, encoder_weights: str | None = None, dims: int = 2,
-                 head: str = "fine", encoder_norm: str = "batch") -> None:
+                 head: str = "fine", encoder_norm: str = "batch", encoder_stride: int = 8) -> None:
         super().__init__()
         if dims != 2:
             raise ConfigError(f"model.options.dims is {dims}, but Prompt-DAS is a 2D model.",
@@ -60,7 +61,7 @@ class PromptDAS(nn.Module):
             raise ConfigError(f"model.options.head {head!r} is not a head of Prompt-DAS.",
                               f"use one of: {', '.join(HEADS)}.")
         self.head = head
-        self.encoder = ENCODERS[encoder](fine=head == "fine", norm=encoder_norm)
+        self.encoder = ENCODERS[encoder](fine=head == "fine", norm=encoder_norm, stride=encoder_stride)
         if encoder_weights:
             self.encoder.load_pretrained(encoder_weights)
         d = decoder_dim
@@ -122,5 +123,5 @@ register("promptdas", PromptDAS, _contract,
          "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn)",
          # new models: the full-resolution head and each volume's robust grey-value range; checkpoints
          # whose cards name neither were built with the paper's head on dtype-scaled input
-         defaults={"head": "fine", "intensity": [1.0, 99.0], "encoder_norm": "batch"},
-         legacy={"head": "paper", "intensity": None, "encoder_norm": "batch"})
+         defaults={"head": "fine", "intensity": [1.0, 99.0], "encoder_norm": "batch", "encoder_stride": 8},
+         legacy={"head": "paper", "intensity": None, "encoder_norm": "batch", "encoder_stride": 8})
