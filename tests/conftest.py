@@ -25,6 +25,10 @@ from volseg.models.checkpoint import save_checkpoint
 SMALL_UNET = ModelSpec("unet", options={"dims": 2, "width": 4, "levels": 2})
 TINY_PROMPTDAS = ModelSpec("promptdas", options={"encoder": "vit_tiny8", "decoder_dim": 32, "decoder_heads": 2,
                                                   "decoder_mlp": 32, "projection_dim": 8})
+#: A small Prompt-DAS with the CNN encoder (BatchNorm), stopped at stride 8: the default stride 32 adds the
+#: ResNet's last two stages, 10 M parameters that tests of calibration, TTA and adaptation do not need.
+CNN_PROMPTDAS = ModelSpec("promptdas", options={"encoder": "cnn", "encoder_stride": 8, "decoder_dim": 32,
+                                                "decoder_heads": 2, "decoder_mlp": 32, "projection_dim": 8})
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import CNN_PROMPTDAS
 from volseg.data.synthetic import generate_volume
 from volseg.errors import ConfigError
 from volseg.evaluation.metrics import dice
@@ -712,8 +713,6 @@ def test_robust_intensity_and_the_fine_head_close_the_synthetic_gap(one_thread):
     assert source_only > 0.8, source_only
 
 
-CNN_SMALL = ModelSpec("promptdas", options={"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32,
-                                            "projection_dim": 8})
 
 
 def test_only_the_pseudo_labelled_target_reads_neighbour_slices(one_thread):
@@ -722,7 +721,7 @@ def test_only_the_pseudo_labelled_target_reads_neighbour_slices(one_thread):
     settings = AdaptSettings(mode="uda", steps=1, batch_size=2, crop=(1, 32, 32), density_sigma=3.0,
                              calibrate_crops=0, persistence_slices=2, guard=GuardSettings(enabled=False))
     torch.manual_seed(0)
-    trainer = PromptDASTrainer(build_model(CNN_SMALL), settings, DomainData(source.raw, source.labels),
+    trainer = PromptDASTrainer(build_model(CNN_PROMPTDAS), settings, DomainData(source.raw, source.labels),
                                DomainData(target.raw))
     assert (trainer.source.neighbour_slices, trainer.target.neighbour_slices) == (0, 2)
     slices, _ = trainer.crops(trainer.target, 1)
@@ -739,12 +738,12 @@ def test_the_adapted_teacher_normalises_with_statistics_of_the_target_alone(crop
     settings = AdaptSettings(mode="uda", steps=3, batch_size=2, crop=(1, 32, 32), density_sigma=3.0,
                              calibrate_crops=crops, calibrate_every=2, guard=GuardSettings(enabled=False))
     torch.manual_seed(0)
-    trainer = PromptDASTrainer(build_model(CNN_SMALL), settings, DomainData(source.raw, source.labels),
+    trainer = PromptDASTrainer(build_model(CNN_PROMPTDAS), settings, DomainData(source.raw, source.labels),
                                DomainData(target.raw))
     for _ in range(settings.steps):
         trainer.step()
     teacher = trainer.inference_model
-    reference = build_model(CNN_SMALL)
+    reference = build_model(CNN_PROMPTDAS)
     reference.load_state_dict(teacher.state_dict())
     images = trainer.target_images(CALIBRATION_STREAM, 6)
     calibrate_norms(reference, images)

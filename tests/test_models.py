@@ -152,29 +152,36 @@ def test_the_cnn_encoder_takes_groupnorm_and_old_cnn_checkpoints_keep_batchnorm(
     with pytest.raises(ConfigError, match="encoder_norm 'layer'"):
         build_model(ModelSpec("promptdas", options={**options, "encoder_norm": "layer"}))
 
-    old = build_model(ModelSpec("promptdas", options={**options, "head": "paper"}))
+    was = {**options, "head": "paper", "intensity": None, "encoder_stride": 8}  # what old cnn models were
+    old = build_model(ModelSpec("promptdas", options=was))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in old.modules())
-    path = save_checkpoint(tmp_path / "old.safetensors", old, ModelSpec("promptdas", options={**options,
-                           "head": "paper", "intensity": None}), {})
+    path = save_checkpoint(tmp_path / "old.safetensors", old, ModelSpec("promptdas", options=was), {})
     card = json.loads((tmp_path / "old.json").read_text())
-    card["model"]["options"] = dict(options)  # a card from before encoder_norm, head and intensity
+    card["model"]["options"] = dict(options)  # a card from before encoder_norm, head, intensity and stride
     (tmp_path / "old.json").write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="encoder_norm: checkpoint 'batch', config 'group'"):
-        load_checkpoint(path, ModelSpec("promptdas", options={**options, "head": "paper", "intensity": None,
-                                                              "encoder_norm": "group"}))
-    loaded = load_checkpoint(path, ModelSpec("promptdas", options={**options, "head": "paper", "intensity": None}))
+        load_checkpoint(path, ModelSpec("promptdas", options={**was, "encoder_norm": "group"}))
+    loaded = load_checkpoint(path, ModelSpec("promptdas", options=was))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(image).logits, old.eval()(image).logits)
 
 
 def test_the_cnn_encoder_runs_to_stride_32_and_old_cnn_checkpoints_stop_at_stride_8(tmp_path):
     """``encoder_stride`` 16 or 32 adds the ResNet's later stages to the stride-8 features (any multiple of 8
-    as input, not only of 32); a card without the option was written by a model that stopped at stride 8."""
+    as input, not only of 32); 32 is the cnn encoder's default, 8 the ViTs' (which ignore it), and a card
+    without the option was written by a model that stopped at stride 8."""
     import json
 
+    from volseg.models.registry import resolve, saved
+
     options = {"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32, "projection_dim": 8}
+    assert resolve(ModelSpec("promptdas", options=options)).options["encoder_stride"] == 32
+    assert resolve(ModelSpec("promptdas", options={"encoder": "vit_s8"})).options["encoder_stride"] == 8
+    assert resolve(ModelSpec("promptdas")).options["encoder_stride"] == 8  # the default encoder, vit_tiny8
+    assert saved(ModelSpec("promptdas", options=options)).options["encoder_stride"] == 8  # a card without it
     torch.manual_seed(0)
-    deep = build_model(ModelSpec("promptdas", options={**options, "encoder_stride": 32})).eval()
+    deep = build_model(ModelSpec("promptdas", options=options)).eval()
+    options = {**options, "encoder_stride": 8}
     shallow = build_model(ModelSpec("promptdas", options=options)).eval()
     added = [name for name in deep.state_dict() if name not in shallow.state_dict()]
     assert added[0] == "encoder.trunk.layer3.0.conv1.weight" and "encoder.lateral.1.weight" in added

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_config
+from tests.conftest import CNN_PROMPTDAS, write_config
 from volseg.cli import main
 from volseg.geometry import read_box
 from volseg.inference.blockwise import predict_box
@@ -18,12 +18,9 @@ from volseg.inference.predictor import CALIBRATION_LATTICE, TorchPredictor
 from volseg.inference.windows import WindowGrid
 from volseg.intensity import measure_intensity, sample_boxes
 from volseg.io import open_volume
-from volseg.models import ModelSpec, build_model, input_contract
+from volseg.models import build_model, input_contract
 from volseg.models.checkpoint import load_checkpoint, save_checkpoint
 from volseg.models.norms import calibrate_norms, norm_digest
-
-CNN_PROMPTDAS = ModelSpec("promptdas", options={"encoder": "cnn", "decoder_dim": 32, "decoder_heads": 2,
-                                                "decoder_mlp": 32, "projection_dim": 8})
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ class RegisteredModel:
     """``load``: reads weights in a format of the model's own (e.g. SAM's released ``.pth``) for
     :func:`volseg.models.checkpoint.load_checkpoint`; None: volseg ``.safetensors`` checkpoints only.
 
-    ``defaults``: the options a spec gets where it leaves them out; ``legacy``: what checkpoints written
+    ``defaults``: the options a spec gets where it leaves them out (a value, or a function of the spec's
+    options giving it, for a default that depends on another option); ``legacy``: what checkpoints written
     before those options existed were built with (their cards do not name them)."""
 
     build: Callable[..., nn.Module]
@@ -139,8 +140,11 @@ def _entry(spec: ModelSpec) -> RegisteredModel:
 
 def resolve(spec: ModelSpec) -> ModelSpec:
     """``spec`` with every option it leaves out set to the model's default (what is built and saved)."""
-    entry = _entry(spec)
-    return ModelSpec(spec.name, spec.num_classes, {**entry.defaults, **dict(spec.options)})
+    options = dict(spec.options)
+    for key, default in _entry(spec).defaults.items():
+        if key not in options:
+            options[key] = default(dict(spec.options)) if callable(default) else default
+    return ModelSpec(spec.name, spec.num_classes, options)
 
 
 def saved(card_spec: ModelSpec) -> ModelSpec:

@@ -31,6 +31,9 @@ from volseg.models.promptdas.heads import MLP, DensityHead, FineUpscaler, LayerN
 from volseg.models.promptdas.prompt_encoder import PromptEncoder
 from volseg.models.registry import InputContract, ModelSpec, register
 
+#: The encoder a spec that names none gets.
+DEFAULT_ENCODER = "vit_tiny8"
+
 
 class PromptDASOutput(NamedTuple):
     """``logits`` B×C×H×W, ``density`` B×1×H×W; φ-embeddings of the prompt tokens (B×N×P) and of the
@@ -46,7 +49,7 @@ class PromptDAS(nn.Module):
     #: Takes point prompts (``forward(image, points, point_mask)``); predictors route prompts to it.
     promptable = True
 
-    def __init__(self, num_classes: int = 1, encoder: str = "vit_tiny8", decoder_dim: int = 256,
+    def __init__(self, num_classes: int = 1, encoder: str = DEFAULT_ENCODER, decoder_dim: int = 256,
                  decoder_depth: int = 2, decoder_heads: int = 8, decoder_mlp: int = 2048,
                  projection_dim: int = 128, encoder_weights: str | None = None, dims: int = 2,
                  head: str = "fine", encoder_norm: str = "batch", encoder_stride: int = 8) -> None:
@@ -119,9 +122,18 @@ def _contract(spec: ModelSpec) -> InputContract:
 #: The upscalers and heads Prompt-DAS can be built with (see :mod:`volseg.models.promptdas.heads`).
 HEADS = ("fine", "paper")
 
+
+def _default_stride(options: dict) -> int:
+    """``encoder_stride`` where a spec leaves it out: 32 for the cnn encoder (its source-only and supervised
+    Dice on VNC → Lucchi were higher than at the published 8: ``bench/adaptation.py``'s ``*_stride32`` rows);
+    8 for the ViTs, which ignore it, so that their checkpoints from before the option still fit."""
+    return 32 if options.get("encoder", DEFAULT_ENCODER) == "cnn" else 8
+
+
 register("promptdas", PromptDAS, _contract,
          "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn)",
          # new models: the full-resolution head and each volume's robust grey-value range; checkpoints
          # whose cards name neither were built with the paper's head on dtype-scaled input
-         defaults={"head": "fine", "intensity": [1.0, 99.0], "encoder_norm": "batch", "encoder_stride": 8},
+         defaults={"head": "fine", "intensity": [1.0, 99.0], "encoder_norm": "batch",
+                   "encoder_stride": _default_stride},
          legacy={"head": "paper", "intensity": None, "encoder_norm": "batch", "encoder_stride": 8})
