@@ -624,9 +624,12 @@ def merge(out: Path, planes: str = "xy", min_area_nm2: float | None = None,
         true = statistics.fmean(r["true_objects"] for r in runs)
         print(f"| {TITLES[name]:<38} | {len(runs):>5} | {_mean_std(dice)} | {_mean_std(iou)} | "
               f"{objects:>8.0f} / {true:<6.0f} | {statistics.fmean(r['train_s'] for r in runs):7.0f} |")
-    for ours, peer in (("source", "peer_source"), ("oracle", "peer_oracle")):
+    for ours, peer in (("source", "peer_source"), ("oracle", "peer_oracle"), ("source_stride32", "peer_source"),
+                       ("oracle_stride32", "peer_oracle")):
         if ours in means and peer in means:
-            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {means[ours] / means[peer]:.3f} Dice")
+            faced = ours.split("_")[0]  # the row whose CPU seconds the peer was given
+            budget = "" if faced == ours else f" (the peer trained on the CPU seconds of the {TITLES[faced]} row)"
+            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {means[ours] / means[peer]:.3f} Dice{budget}")
     for name in ("uda_pushed", "uda_pushed_guarded"):
         runs = [r[name] for r in seeds.values() if name in r]
         stops = [r["stopped_at"] for r in runs if r.get("stopped_at") is not None]

@@ -133,8 +133,8 @@ class CNNEncoder(nn.Module):
     32 run on through the ResNet's later stages and add them, top-down as in a feature pyramid (each
     projected 1×1 and upsampled ×2 onto the stage before it), to the stride-8 output, so every token also
     carries context of 16 or 32 pixels' stride, as the encoder of a U-Net does. On VNC → Lucchi
-    (bench/adaptation.py, 300 source steps) 32 raised the source-only Dice of seeds 0 / 1 from 0.484 /
-    0.551 to 0.553 / 0.563.
+    (bench/adaptation.py, seeds 0-2) 32 raised the supervised model's held-out Dice from 0.854 ± 0.015 to
+    0.871 ± 0.003 and the source-only model's from 0.528 ± 0.026 to 0.546 ± 0.022.
 
     ``norm``: ``batch`` (BatchNorm, the ResNet's own, as published) or ``group`` (GroupNorm, 32 groups),
     which normalises each image by its own statistics rather than the source's running means. On VNC →
