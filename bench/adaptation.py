@@ -28,6 +28,8 @@ over the global window grid, and test-time points are the points file's points w
   source_stride32   ``source`` with the CNN encoder run on to stride 32, its later stages added to the stride-8
                     features (``model.options.encoder_stride`` 32)
   oracle_stride32   ``oracle`` with that encoder
+  uda_persistent_stride32, wda_confirmed_stride32, wda_confirmed_points_stride32
+                    those rows adapted from ``source_stride32``
   source_raw        ``source`` without robust intensity normalisation (grey values / 255)
   source_zoom       ``source`` with the zoom augmentation ``train.zoom`` 1.5 (magnified 1/1.5 … 1.5×)
   source_uncalibrated  ``source`` scored without BatchNorm statistics calibrated on the test volume
@@ -116,7 +118,8 @@ SCALES = {
               "calibrate_norms": True},
 }
 ROWS = ("source", "uda", "uda_persistent", "uda_paste", "wda", "wda_points", "wda_confirmed", "wda_confirmed_points",
-        "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_stride32", "oracle_stride32", "source_raw",
+        "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_stride32", "uda_persistent_stride32",
+        "wda_confirmed_stride32", "wda_confirmed_points_stride32", "oracle_stride32", "source_raw",
         "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "uda_persistent": "UDA + z-persistent pseudo-labels",
@@ -129,6 +132,9 @@ TITLES = {
     "peer_source": "peer: MONAI BasicUNet, source-only", "peer_oracle": "peer: MONAI BasicUNet, oracle",
     "oracle_paper": "oracle, paper's head",
     "source_stride32": "source-only, CNN encoder to stride 32", "oracle_stride32": "oracle, CNN encoder to stride 32",
+    "uda_persistent_stride32": "UDA + z-persistent, stride 32",
+    "wda_confirmed_stride32": "WDA + point-confirmed, stride 32",
+    "wda_confirmed_points_stride32": "WDA-confirmed + test points, stride 32",
     "source_raw": "source-only, grey values / 255",
     "source_uncalibrated": "source-only, norms not calibrated",
     "source_zoom": "source-only, zoom 1.5 augmentation",
@@ -438,9 +444,10 @@ class Bench:
         save_checkpoint(path, result.model, spec, {"train_s": wall, "cpu_s": cpu})
         return result.model, wall, cpu
 
-    def source_model(self) -> tuple[torch.nn.Module, float, float]:
-        """The seed's source model (trained once, then read back from its checkpoint)."""
-        return self.trained(self.spec(), self.settings("source"), self.source, None)
+    def source_model(self, **options: Any) -> tuple[torch.nn.Module, float, float]:
+        """The seed's source model (trained once, then read back from its checkpoint); ``options``: model
+        options other than the scale's."""
+        return self.trained(self.spec(**options), self.settings("source"), self.source, None)
 
     # -- rows
     def record(self, name: str, result: Score, wall: float, cpu: float, **extra: Any) -> None:
@@ -471,10 +478,14 @@ class Bench:
         return self.results[name]
 
 
-def _adapted(bench: Bench, mode: str, **extra: Any) -> tuple[torch.nn.Module, float, float]:
-    source, source_wall, source_cpu = bench.source_model()
+def _adapted(bench: Bench, mode: str, options: dict[str, Any] | None = None, **extra: Any
+             ) -> tuple[torch.nn.Module, float, float]:
+    """A model adapted from the seed's source model (both with the model ``options`` other than the scale's)."""
+    options = options or {}
+    source, source_wall, source_cpu = bench.source_model(**options)
     target = DomainData(bench.target_train, points=bench.train_points if mode == "wda" else None)
-    model, wall, cpu = bench.trained(bench.spec(), bench.settings(mode, **extra), bench.source, target, init=source)
+    model, wall, cpu = bench.trained(bench.spec(**options), bench.settings(mode, **extra), bench.source, target,
+                                     init=source)
     return model, source_wall + wall, source_cpu + cpu
 
 
@@ -483,10 +494,13 @@ def _uda(bench: Bench) -> None:
     bench.record("uda", bench.score_model(model, bench.spec()), wall, cpu)
 
 
-def _uda_persistent(bench: Bench, name: str = "uda_persistent", **extra: Any) -> None:
+def _uda_persistent(bench: Bench, name: str = "uda_persistent", options: dict[str, Any] | None = None,
+                    **extra: Any) -> None:
     slices = slices_apart(PERSISTENCE_NM, bench.target_raw.voxel_size_nm[0])
-    model, wall, cpu = _adapted(bench, "uda", persistence_slices=slices, persistence_share=PERSISTENCE_SHARE, **extra)
-    bench.record(name, bench.score_model(model, bench.spec()), wall, cpu, persistence_slices=slices, **extra)
+    model, wall, cpu = _adapted(bench, "uda", options, persistence_slices=slices, persistence_share=PERSISTENCE_SHARE,
+                                **extra)
+    bench.record(name, bench.score_model(model, bench.spec(**(options or {}))), wall, cpu, persistence_slices=slices,
+                 **extra)
 
 
 def _wda(bench: Bench) -> None:
@@ -496,14 +510,16 @@ def _wda(bench: Bench) -> None:
                  test_points=len(bench.test_points))
 
 
-def _wda_confirmed(bench: Bench) -> None:
+def _wda_confirmed(bench: Bench, suffix: str = "", options: dict[str, Any] | None = None) -> None:
     """WDA with point-confirmed pseudo-labels; ``wda_confirmed_points``: the same model run with the test
-    slices' points as prompts and ``prompts.confirm_nm`` (components no point nearby confirms removed)."""
+    slices' points as prompts and ``prompts.confirm_nm`` (components no point nearby confirms removed).
+    ``options``: model options other than the scale's, ``suffix`` of both rows' names."""
     reach = slices_within(CONFIRM_NM, bench.target_raw.voxel_size_nm[0])
-    model, wall, cpu = _adapted(bench, "wda", confirm_slices=reach)
-    bench.record("wda_confirmed", bench.score_model(model, bench.spec()), wall, cpu, confirm_slices=reach)
-    bench.record("wda_confirmed_points", bench.score_model(model, bench.spec(), bench.test_points,
-                                                           confirm_nm=CONFIRM_NM),
+    model, wall, cpu = _adapted(bench, "wda", options, confirm_slices=reach)
+    spec = bench.spec(**(options or {}))
+    bench.record("wda_confirmed" + suffix, bench.score_model(model, spec), wall, cpu, confirm_slices=reach)
+    bench.record("wda_confirmed_points" + suffix, bench.score_model(model, spec, bench.test_points,
+                                                                    confirm_nm=CONFIRM_NM),
                  wall, cpu, confirm_slices=reach, test_points=len(bench.test_points), confirm_nm=CONFIRM_NM)
 
 
@@ -567,7 +583,10 @@ def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
 
 
 #: Rows one runner records together (one trained model, scored two ways).
-PAIRED_ROWS = (("wda", "wda_points"), ("wda_confirmed", "wda_confirmed_points"))
+PAIRED_ROWS = (("wda", "wda_points"), ("wda_confirmed", "wda_confirmed_points"),
+               ("wda_confirmed_stride32", "wda_confirmed_points_stride32"))
+#: The model options of the ``*_stride32`` rows.
+STRIDE32 = {"encoder_stride": 32}
 ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "source": _source, "uda": _uda, "uda_persistent": _uda_persistent,
     "uda_paste": lambda b: _uda_persistent(b, "uda_paste", source_paste=SOURCE_PASTE),
@@ -577,8 +596,11 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "peer_source": lambda b: _peer(b, "peer_source", "source", b.source),
     "peer_oracle": lambda b: _peer(b, "peer_oracle", "oracle", DomainData(b.target_train, b.target_train_labels)),
     "oracle_paper": lambda b: _oracle(b, "oracle_paper", head="paper"),
-    "source_stride32": lambda b: _source(b, "source_stride32", encoder_stride=32),
-    "oracle_stride32": lambda b: _oracle(b, "oracle_stride32", encoder_stride=32),
+    "source_stride32": lambda b: _source(b, "source_stride32", **STRIDE32),
+    "oracle_stride32": lambda b: _oracle(b, "oracle_stride32", **STRIDE32),
+    "uda_persistent_stride32": lambda b: _uda_persistent(b, "uda_persistent_stride32", STRIDE32),
+    "wda_confirmed_stride32": lambda b: _wda_confirmed(b, "_stride32", STRIDE32),
+    "wda_confirmed_points_stride32": lambda b: _wda_confirmed(b, "_stride32", STRIDE32),
     "source_raw": lambda b: _source(b, "source_raw", intensity=None),
     "source_zoom": _source_zoom,
     "source_uncalibrated": _source_uncalibrated,
