@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import CNN_PROMPTDAS
 from volseg.geometry import BlockGrid, Box
 from volseg.inference.blend import window_weights
 from volseg.inference.blockwise import predict_box
@@ -37,8 +38,7 @@ CASES = [
     ((7, 23, 31), ModelSpec("convnet", num_classes=2, options={"dims": 3}), (4, 12, 10), (3, 5, 7), (2, 5, 6)),
     ((3, 19, 22), ModelSpec("convnet", options={"dims": 3}), (8, 8, 8), (4, 8, 5), (1, 4, 9)),
     # Prompt-DAS whose CNN encoder runs to stride 32, on windows that are no multiple of 32
-    ((2, 61, 55), ModelSpec("promptdas", options={"encoder": "cnn", "encoder_stride": 32, "decoder_dim": 32,
-                                                  "decoder_heads": 2, "decoder_mlp": 32, "projection_dim": 8}),
+    ((2, 61, 55), ModelSpec("promptdas", options={**CNN_PROMPTDAS.options, "encoder_stride": 32}),
      (1, 40, 40), (1, 24, 28), (2, 17, 23)),
 ]
 

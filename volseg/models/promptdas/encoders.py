@@ -153,17 +153,19 @@ class CNNEncoder(nn.Module):
                               f"use one of: {', '.join(map(str, CNN_STRIDES))}.")
         self.rgb = GreyToRGB()
         last = CNN_STRIDES.index(stride) + 2  # timm's feature indices: 0 at stride 2, 2 at stride 8
-        self.first = 0 if fine else 2
+        first = 0 if fine else 2
         self.trunk = timm.create_model(backbone, pretrained=False, features_only=True,
-                                       out_indices=tuple(range(self.first, last + 1)), norm_layer=NORMS[norm])
-        channels = dict(zip(range(self.first, last + 1), self.trunk.feature_info.channels(), strict=True))
+                                       out_indices=tuple(range(first, last + 1)), norm_layer=NORMS[norm])
+        channels = dict(zip(range(first, last + 1), self.trunk.feature_info.channels(), strict=True))
         self.proj = nn.Conv2d(channels[2], out_channels, 1)
         self.lateral = nn.ModuleList(nn.Conv2d(channels[i], out_channels, 1) for i in range(3, last + 1))
         self.out_channels = out_channels
         self.fine_channels = (channels[0], channels[1]) if fine else None
 
     def _stride_8(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """The stride-8 output of the trunk's stages (from stride 8 on), coarser ones added top-down."""
+        """The stride-8 output of the trunk's stages (the last ones, from stride 8 on), coarser ones added
+        top-down."""
+        features = features[-1 - len(self.lateral):]
         top = None
         for lateral, stage in zip(reversed(self.lateral), reversed(features[1:]), strict=True):
             top = lateral(stage) if top is None else lateral(stage) + _upsampled(top, stage)
@@ -171,14 +173,13 @@ class CNNEncoder(nn.Module):
         return out if top is None else out + _upsampled(top, out)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        features = self.trunk(self.rgb(image))
-        return self._stride_8(features[2 - self.first:])
+        return self._stride_8(self.trunk(self.rgb(image)))
 
     def pyramid(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(stride 8, stride 4, stride 2) features; needs ``fine``."""
         assert self.fine_channels is not None, "built without fine features"
-        s2, s4, *rest = self.trunk(self.rgb(image))
-        return self._stride_8(rest), s4, s2
+        features = self.trunk(self.rgb(image))
+        return self._stride_8(features), features[1], features[0]
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         result = self.trunk.load_state_dict(_read_state_dict(path), strict=False)
