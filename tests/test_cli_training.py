@@ -83,3 +83,35 @@ def test_adapt_refuses_a_non_promptable_model_and_wda_without_points(tmp_path, t
     assert main(["adapt", str(config)]) == 2
     assert "target.points" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_and_adapt_compute_with_their_sections_threads_whoever_calls_them(tmp_path, two_domains):
+    """`train.threads` / `adapt.threads` hold for every caller of the commands (the demo calls them directly,
+    not through the CLI verbs), the card records the threads used, and the caller's setting is restored."""
+    import torch
+
+    from volseg.commands.adapt import adapt
+    from volseg.commands.train import train
+    from volseg.config import load_config
+
+    urls = two_domains[0]
+    source = {"raw": {"url": f"{urls['source']}/raw"}, "labels": {"url": f"{urls['source']}/mito"}}
+    common = {"steps": 1, "batch_size": 2, "crop": [1, 32, 32], "threads": 1}
+    config = load_config(write_config(tmp_path / "c.yaml", {
+        "model": MODEL,
+        "train": {**source, **common, "checkpoint": str(tmp_path / "source.safetensors")},
+        "adapt": {"mode": "uda", "source": source, "target": {"raw": {"url": f"{urls['target']}/raw"}},
+                  "init": str(tmp_path / "source.safetensors"), **common,
+                  "checkpoint": str(tmp_path / "uda.safetensors")}}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(config, progress=False)
+        assert torch.get_num_threads() == 2
+        adapt(config, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for name in ("source", "uda"):
+        card = json.loads((tmp_path / f"{name}.json").read_text())
+        assert card["threads"] == 1 and card["workers"] == 1

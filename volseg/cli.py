@@ -15,7 +15,6 @@ from typing import Any, NoReturn
 
 from volseg.allocator import keep_freed_memory
 from volseg.errors import USER_ERROR_EXIT_CODE, ConfigError, VolsegError
-from volseg.threads import torch_threads
 
 DEMO_CONFIG = "configs/demo.yaml"
 #: Exit code of a run whose blocks did not all succeed (the rest are written; a rerun resumes).
@@ -234,9 +233,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from volseg.commands.train import train
 
-    config = _load(args)
-    with torch_threads(config.train.threads if config.train is not None else None):
-        _print(_trained_lines(train(config, progress=_progress(args), overwrite=args.overwrite)))
+    _print(_trained_lines(train(_load(args), progress=_progress(args), overwrite=args.overwrite)))
     return 0
 
 
@@ -271,18 +268,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _adapt(args: argparse.Namespace) -> int:
     from volseg.commands.adapt import adapt
 
-    config = _load(args)
-    with torch_threads(config.adapt.threads if config.adapt is not None else None):
-        _print(_trained_lines(adapt(config, progress=_progress(args), overwrite=args.overwrite)))
+    _print(_trained_lines(adapt(_load(args), progress=_progress(args), overwrite=args.overwrite)))
     return 0
 
 
 def _sam_adapt(args: argparse.Namespace) -> int:
     from volseg.commands.sam_adapt import sam_adapt
 
-    config = _load(args)
-    with torch_threads(config.sam_adapt.threads if config.sam_adapt is not None else None):
-        result = sam_adapt(config, progress=_progress(args), overwrite=args.overwrite)
+    result = sam_adapt(_load(args), progress=_progress(args), overwrite=args.overwrite)
     _print([*_trained_lines(result.trained), *result.lines])
     return 0
 

@@ -29,6 +29,7 @@ from volseg.io.guard import PathRef, points_ref
 from volseg.io.points import read_points
 from volseg.models import build_model
 from volseg.models.checkpoint import load_checkpoint, read_card
+from volseg.threads import torch_threads
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.trainer import DomainData, TrainingInputs
 
@@ -86,8 +87,15 @@ def adapt_paths(config: Config) -> list[PathRef]:
 
 
 def adapt(config: Config, progress: bool = True, overwrite: bool = False) -> TrainResult:
-    """Adapt as ``adapt:`` says and write ``adapt.checkpoint`` (replacing one only with ``overwrite``)."""
+    """Adapt as ``adapt:`` says, with ``adapt.threads`` torch threads, and write ``adapt.checkpoint``
+    (replacing one only with ``overwrite``)."""
     config.require("adapt", command="adapt")
+    assert config.adapt is not None
+    with torch_threads(config.adapt.threads):
+        return _adapt(config, progress, overwrite)
+
+
+def _adapt(config: Config, progress: bool, overwrite: bool) -> TrainResult:
     cfg = config.adapt
     assert cfg is not None
     spec = config.model.spec

@@ -23,6 +23,7 @@ from volseg.commands.train import (
     TrainResult,
     check_training_outputs,
     checkpoint_refs,
+    one_process,
     open_labelled,
     save_trained,
     volume_ref,
@@ -35,6 +36,7 @@ from volseg.io.guard import PathRef, points_ref
 from volseg.models import ModelSpec, build_model
 from volseg.models.checkpoint import load_checkpoint
 from volseg.models.sam.model import SamSegmenter, load_sam
+from volseg.threads import torch_threads
 from volseg.training.promptdas.settings import AdaptSettings
 from volseg.training.promptdas.trainer import DomainData
 from volseg.training.sam.all_in_sam import AllInSamSettings, all_in_sam
@@ -169,9 +171,15 @@ def sam_adapt_paths(config: Config) -> list[PathRef]:
 
 
 def sam_adapt(config: Config, progress: bool = True, overwrite: bool = False) -> SamAdaptResult:
-    """Run ``sam_adapt.method`` and write ``sam_adapt.checkpoint`` (see the module docstring); an existing
-    checkpoint is replaced only with ``overwrite``."""
+    """Run ``sam_adapt.method`` with ``sam_adapt.threads`` torch threads and write ``sam_adapt.checkpoint``
+    (see the module docstring); an existing checkpoint is replaced only with ``overwrite``."""
     config.require("sam_adapt", command="sam-adapt")
+    assert config.sam_adapt is not None
+    with torch_threads(config.sam_adapt.threads):
+        return _sam_adapt(config, progress, overwrite)
+
+
+def _sam_adapt(config: Config, progress: bool, overwrite: bool) -> SamAdaptResult:
     cfg = config.sam_adapt
     assert cfg is not None
     if cfg.method == "dfg" and config.model.name != "promptdas":
@@ -187,6 +195,6 @@ def sam_adapt(config: Config, progress: bool = True, overwrite: bool = False) ->
     if cfg.sam_checkpoint is None:
         lines.append("SAM weights: randomly initialised (no sam_adapt.sam_checkpoint; for tests only)")
     card = {"mode": cfg.method, "data": data, "sam_checkpoint": cfg.sam_checkpoint, "sam_adapt": cfg.model_dump()}
-    trained = save_trained(cfg.checkpoint, model, config.model.spec, {**card, "workers": 1}, history, title,
+    trained = save_trained(cfg.checkpoint, model, config.model.spec, {**card, **one_process()}, history, title,
                            overwrite)
     return SamAdaptResult(trained, lines)

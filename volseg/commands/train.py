@@ -31,6 +31,7 @@ from volseg.models.checkpoint import (
     curve_path,
     save_checkpoint,
 )
+from volseg.threads import torch_threads
 from volseg.training.augment import WIDE
 from volseg.training.crops import CropSampler
 from volseg.training.loop import SupervisedSettings, TrainHistory, train_supervised
@@ -140,6 +141,12 @@ def open_labelled(raw_ref: Any, labels_ref: Any, field: str) -> tuple[Any, Any]:
     return raw, labels
 
 
+def one_process() -> dict[str, int]:
+    """The card's record of a run trained in this process: one worker, and its torch threads (float results
+    depend on them)."""
+    return {"workers": 1, "threads": torch.get_num_threads()}
+
+
 def train_and_save(config: Config, prepare: Callable[[], TrainingInputs], inputs: TrainingInputs,
                    card: dict[str, Any], output: str, title: str, progress: bool, overwrite: bool = False
                    ) -> TrainResult:
@@ -155,8 +162,8 @@ def train_and_save(config: Config, prepare: Callable[[], TrainingInputs], inputs
             result = train_promptdas(inputs.model, inputs.settings, inputs.source, inputs.target, on_step=bar)
         finally:
             bar.close()
-        return save_trained(output, result.model, config.model.spec, {**card, "workers": 1}, result.history, title,
-                            overwrite)
+        return save_trained(output, result.model, config.model.spec, {**card, **one_process()}, result.history,
+                            title, overwrite)
     from volseg.training.distributed import TrainingJob, train_distributed
 
     per_worker = len(Replica(0, workers).shard(inputs.settings.batch_size))
@@ -189,8 +196,15 @@ def _sigma_vx(cfg: TrainConfig, raw: Any) -> float:
 
 
 def train(config: Config, progress: bool = True, overwrite: bool = False) -> TrainResult:
-    """Train ``model:`` on ``train:`` and write ``train.checkpoint`` (replacing one only with ``overwrite``)."""
+    """Train ``model:`` on ``train:`` with ``train.threads`` torch threads and write ``train.checkpoint``
+    (replacing one only with ``overwrite``)."""
     config.require("train", command="train")
+    assert config.train is not None
+    with torch_threads(config.train.threads):
+        return _train(config, progress, overwrite)
+
+
+def _train(config: Config, progress: bool, overwrite: bool) -> TrainResult:
     cfg = config.train
     assert cfg is not None
     check_training_outputs(config, train_inputs(config), "train.checkpoint", cfg.checkpoint, overwrite)
@@ -220,4 +234,4 @@ def train(config: Config, progress: bool = True, overwrite: bool = False) -> Tra
     finally:
         bar.close()
     card["data"]["voxel_size_nm"] = list(raw.voxel_size_nm)
-    return save_trained(cfg.checkpoint, model, spec, {**card, "workers": 1}, history, title, overwrite)
+    return save_trained(cfg.checkpoint, model, spec, {**card, **one_process()}, history, title, overwrite)
