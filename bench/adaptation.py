@@ -30,6 +30,13 @@ over the global window grid, and test-time points are the points file's points w
   oracle_stride32   ``oracle`` with that encoder
   uda_persistent_stride32, wda_confirmed_stride32, wda_confirmed_points_stride32
                     those rows adapted from ``source_stride32``
+  source_unet       ``source`` with the U-Net encoder and head (``model.options.encoder: unet``: MONAI BasicUNet's
+                    encoder levels, InstanceNorm, decoded as a U-Net decodes, around Prompt-DAS's prompt decoder)
+  oracle_unet       ``oracle`` with that model
+  uda_persistent_unet, wda_confirmed_unet, wda_confirmed_points_unet
+                    those rows adapted from ``source_unet``
+  peer_source_unet  ``peer_source`` on the CPU seconds of ``source_unet`` (measured in the same run)
+  peer_oracle_unet  ``peer_oracle`` on the CPU seconds of ``oracle_unet``
   source_raw        ``source`` without robust intensity normalisation (grey values / 255)
   source_zoom       ``source`` with the zoom augmentation ``train.zoom`` 1.5 (magnified 1/1.5 … 1.5×)
   source_uncalibrated  ``source`` scored without BatchNorm statistics calibrated on the test volume
@@ -119,7 +126,9 @@ SCALES = {
 }
 ROWS = ("source", "uda", "uda_persistent", "uda_paste", "wda", "wda_points", "wda_confirmed", "wda_confirmed_points",
         "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_stride32", "uda_persistent_stride32",
-        "wda_confirmed_stride32", "wda_confirmed_points_stride32", "oracle_stride32", "source_raw",
+        "wda_confirmed_stride32", "wda_confirmed_points_stride32", "oracle_stride32", "source_unet", "oracle_unet",
+        "uda_persistent_unet", "wda_confirmed_unet", "wda_confirmed_points_unet", "peer_source_unet",
+        "peer_oracle_unet", "source_raw",
         "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
     "source": "source-only", "uda": "UDA", "uda_persistent": "UDA + z-persistent pseudo-labels",
@@ -135,6 +144,12 @@ TITLES = {
     "uda_persistent_stride32": "UDA + z-persistent, stride 32",
     "wda_confirmed_stride32": "WDA + point-confirmed, stride 32",
     "wda_confirmed_points_stride32": "WDA-confirmed + test points, stride 32",
+    "source_unet": "source-only, U-Net encoder and head", "oracle_unet": "oracle, U-Net encoder and head",
+    "uda_persistent_unet": "UDA + z-persistent, U-Net encoder and head",
+    "wda_confirmed_unet": "WDA + point-confirmed, U-Net encoder and head",
+    "wda_confirmed_points_unet": "WDA-confirmed + test points, U-Net encoder and head",
+    "peer_source_unet": "peer: source-only, at source_unet's CPU s",
+    "peer_oracle_unet": "peer: oracle, at oracle_unet's CPU s",
     "source_raw": "source-only, grey values / 255",
     "source_uncalibrated": "source-only, norms not calibrated",
     "source_zoom": "source-only, zoom 1.5 augmentation",
@@ -584,9 +599,12 @@ def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
 
 #: Rows one runner records together (one trained model, scored two ways).
 PAIRED_ROWS = (("wda", "wda_points"), ("wda_confirmed", "wda_confirmed_points"),
-               ("wda_confirmed_stride32", "wda_confirmed_points_stride32"))
+               ("wda_confirmed_stride32", "wda_confirmed_points_stride32"),
+               ("wda_confirmed_unet", "wda_confirmed_points_unet"))
 #: The model options of the ``*_stride32`` rows.
 STRIDE32 = {"encoder_stride": 32}
+#: The model options of the ``*_unet`` rows (the head follows the encoder).
+UNET = {"encoder": "unet"}
 ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "source": _source, "uda": _uda, "uda_persistent": _uda_persistent,
     "uda_paste": lambda b: _uda_persistent(b, "uda_paste", source_paste=SOURCE_PASTE),
@@ -601,6 +619,14 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "uda_persistent_stride32": lambda b: _uda_persistent(b, "uda_persistent_stride32", STRIDE32),
     "wda_confirmed_stride32": lambda b: _wda_confirmed(b, "_stride32", STRIDE32),
     "wda_confirmed_points_stride32": lambda b: _wda_confirmed(b, "_stride32", STRIDE32),
+    "source_unet": lambda b: _source(b, "source_unet", **UNET),
+    "oracle_unet": lambda b: _oracle(b, "oracle_unet", **UNET),
+    "uda_persistent_unet": lambda b: _uda_persistent(b, "uda_persistent_unet", UNET),
+    "wda_confirmed_unet": lambda b: _wda_confirmed(b, "_unet", UNET),
+    "wda_confirmed_points_unet": lambda b: _wda_confirmed(b, "_unet", UNET),
+    "peer_source_unet": lambda b: _peer(b, "peer_source_unet", "source_unet", b.source),
+    "peer_oracle_unet": lambda b: _peer(b, "peer_oracle_unet", "oracle_unet",
+                                        DomainData(b.target_train, b.target_train_labels)),
     "source_raw": lambda b: _source(b, "source_raw", intensity=None),
     "source_zoom": _source_zoom,
     "source_uncalibrated": _source_uncalibrated,

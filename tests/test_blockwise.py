@@ -40,6 +40,9 @@ CASES = [
     # Prompt-DAS whose CNN encoder runs to stride 32, on windows that are no multiple of 32
     ((2, 61, 55), ModelSpec("promptdas", options={**CNN_PROMPTDAS.options, "encoder_stride": 32}),
      (1, 40, 40), (1, 24, 28), (2, 17, 23)),
+    # Prompt-DAS with the U-Net encoder and head (InstanceNorm, full-resolution levels), windows no multiple of 16
+    ((2, 61, 55), ModelSpec("promptdas", options={**CNN_PROMPTDAS.options, "encoder": "unet"}),
+     (1, 40, 40), (1, 24, 28), (2, 17, 23)),
 ]
 
 

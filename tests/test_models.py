@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -206,3 +207,37 @@ def test_the_cnn_encoder_runs_to_stride_32_and_old_cnn_checkpoints_stop_at_strid
     loaded = load_checkpoint(path, ModelSpec("promptdas", options=options))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(image).logits, shallow(image).logits)
+
+
+def test_the_unet_encoder_decodes_as_a_unet_and_its_windows_stand_alone(tmp_path):
+    """``encoder: unet`` (MONAI BasicUNet's encoder half) gets the ``unet`` head by default, which decodes the
+    stride-8 embedding with the encoder's stride-4, -2 and full-resolution levels; InstanceNorm makes an image's
+    output independent of its batch, and a checkpoint records the head. The ``unet`` head on another encoder
+    is refused, naming the head and the fix."""
+    from volseg.models.promptdas.heads import UNetUpscaler
+    from volseg.models.registry import resolve
+
+    options = {"encoder": "unet", "decoder_dim": 32, "decoder_heads": 2, "decoder_mlp": 32, "projection_dim": 8}
+    spec = ModelSpec("promptdas", options=options)
+    assert resolve(spec).options["head"] == "unet"
+    assert resolve(ModelSpec("promptdas", options={**options, "encoder": "cnn"})).options["head"] == "fine"
+    torch.manual_seed(0)
+    model = build_model(spec).train()
+    assert isinstance(model.upscaler, UNetUpscaler)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    image, other = torch.rand(1, 1, 40, 56), torch.rand(1, 1, 40, 56) * 0.3
+    with torch.no_grad():
+        levels = model.encoder.pyramid(image)
+        assert [tuple(level.shape[1:]) for level in levels] == [(128, 5, 7), (64, 10, 14), (32, 20, 28), (32, 40, 56)]
+        alone, batched = model(image).logits, model(torch.cat([image, other])).logits[:1]
+    assert alone.shape == (1, 1, 40, 56)
+    torch.testing.assert_close(alone, batched, rtol=1e-4, atol=1e-5)
+
+    path = save_checkpoint(tmp_path / "unet.safetensors", model, spec, {})
+    assert json.loads((tmp_path / "unet.json").read_text())["model"]["options"]["head"] == "unet"
+    with pytest.raises(CheckpointError, match="head: checkpoint 'unet', config 'fine'"):
+        load_checkpoint(path, ModelSpec("promptdas", options={**options, "head": "fine"}))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path, spec).eval()(image).logits, model.eval()(image).logits)
+    with pytest.raises(ConfigError, match=r"head 'unet' needs the encoder's full-resolution levels.*encoder: unet"):
+        build_model(ModelSpec("promptdas", options={**options, "encoder": "cnn", "head": "unet"}))

@@ -2,10 +2,11 @@
 fine head also ``B×C2×(H/2)×(W/2)`` and ``B×C4×(H/4)×(W/4)`` features (:meth:`pyramid`).
 
 ``vit_s8`` is the paper's encoder (ViT-S/8: embed 384, depth 12, heads 6, patch 8, no class token, DINO
-weights from a local file). ``vit_tiny8`` (embed 192, depth 4) and ``cnn`` (a ResNet-style CNN of
-stride 8 from timm) train in minutes on a CPU. All take ``B×1×H×W`` grey input in [0, 1]; the grey
-slice is replicated to 3 channels and standardised with ImageNet mean/std inside the encoder, so
-pretrained weights see what they were trained on. Position embeddings are resampled to any token grid.
+weights from a local file). ``vit_tiny8`` (embed 192, depth 4), ``cnn`` (a ResNet-style CNN of
+stride 8 from timm) and ``unet`` (the encoder half of MONAI's BasicUNet) train in minutes on a CPU. All
+take ``B×1×H×W`` grey input in [0, 1]; for the ViTs and the CNN the grey slice is replicated to 3
+channels and standardised with ImageNet mean/std inside the encoder, so pretrained weights see what they
+were trained on. Position embeddings are resampled to any token grid.
 
 The fine features come from the CNN trunk's own stride-2 and stride-4 stages, and for a ViT (whose
 patches start at stride 8) from a light convolutional stem beside it, as HQ-SAM and SAM 2 feed early
@@ -14,7 +15,9 @@ high-resolution features to their mask decoders.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
@@ -34,6 +37,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STRIDE = 8
 #: The strides the cnn encoder's trunk may run to (``model.options.encoder_stride``).
 CNN_STRIDES = (8, 16, 32)
+#: The unet encoder's channels at strides 1, 2, 4, 8 and 16, its activation and normalisation (MONAI
+#: ``BasicUNet``'s defaults).
+UNET_FEATURES = (32, 32, 64, 128, 256)
+UNET_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
+UNET_NORM = ("instance", {"affine": True})
+
+
+class Pyramid(NamedTuple):
+    """An encoder's features at strides 8, 4 and 2, and at full resolution where it has them (``s1``)."""
+
+    s8: torch.Tensor
+    s4: torch.Tensor
+    s2: torch.Tensor
+    s1: torch.Tensor | None = None
 
 
 class GreyToRGB(nn.Module):
@@ -91,11 +108,11 @@ class ViTEncoder(nn.Module):
         tokens = self.vit.forward_features(self.rgb(image))  # B×(h/8·w/8)×D, or B×h/8×w/8×D
         return tokens.reshape(b, h // STRIDE, w // STRIDE, -1).permute(0, 3, 1, 2).contiguous()
 
-    def pyramid(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(stride 8, stride 4, stride 2) features; needs ``fine``."""
+    def pyramid(self, image: torch.Tensor) -> Pyramid:
+        """Stride 8, 4 and 2 features; needs ``fine``."""
         assert self.stem is not None, "built without fine features"
         s2, s4 = self.stem(image)
-        return self(image), s4, s2
+        return Pyramid(self(image), s4, s2)
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         """Load DINO/timm ViT weights from a local ``.safetensors`` or ``.pth`` file.
@@ -175,15 +192,58 @@ class CNNEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self._stride_8(self.trunk(self.rgb(image)))
 
-    def pyramid(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(stride 8, stride 4, stride 2) features; needs ``fine``."""
+    def pyramid(self, image: torch.Tensor) -> Pyramid:
+        """Stride 8, 4 and 2 features; needs ``fine``."""
         assert self.fine_channels is not None, "built without fine features"
         features = self.trunk(self.rgb(image))
-        return self._stride_8(features), features[1], features[0]
+        return Pyramid(self._stride_8(features), features[1], features[0])
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         result = self.trunk.load_state_dict(_read_state_dict(path), strict=False)
         return list(result.missing_keys)
+
+
+class UNetEncoder(nn.Module):
+    """The encoder half of MONAI's ``BasicUNet`` (two 3×3 convolutions per level, InstanceNorm, LeakyReLU,
+    max-pooling between levels; channels 32, 32, 64, 128, 256 at strides 1 to 16). Output: the stride-8
+    level projected 1×1 to ``out_channels``, with the stride-16 level added top-down; :meth:`pyramid` also
+    gives the stride-4, stride-2 and full-resolution levels, which the ``unet`` head decodes as a U-Net's
+    decoder does.
+
+    InstanceNorm normalises every window by its own statistics, so the encoder has no running statistics
+    to calibrate and a window's output depends on that window alone. On VNC → Lucchi (bench/adaptation.py,
+    source-only, 300 steps) it kept the CNN's Dice with the fine head (0.553 against 0.553, seed 0) and
+    raised it with the ``unet`` head: ``source_unet`` row."""
+
+    def __init__(self, out_channels: int = 128, features: tuple[int, ...] = UNET_FEATURES) -> None:
+        super().__init__()
+        from monai.networks.nets.basic_unet import Down, TwoConv  # MONAI takes seconds to import
+
+        f = features
+        self.levels = nn.ModuleList([TwoConv(2, 1, f[0], UNET_ACT, UNET_NORM, True)]
+                                    + [Down(2, a, b, UNET_ACT, UNET_NORM, True) for a, b in itertools.pairwise(f)])
+        self.proj = nn.Conv2d(f[3], out_channels, 1)
+        self.lateral = nn.Conv2d(f[4], out_channels, 1)
+        self.out_channels = out_channels
+        self.fine_channels = (f[1], f[2])
+        self.full_channels = f[0]
+
+    def pyramid(self, image: torch.Tensor) -> Pyramid:
+        """Stride 8, 4, 2 and 1 features (the grey values centred and scaled to about unit spread first)."""
+        x = (image - 0.5) / 0.25
+        levels = []
+        for level in self.levels:
+            x = level(x)
+            levels.append(x)
+        s1, s2, s4, s8, s16 = levels
+        return Pyramid(self.proj(s8) + _upsampled(self.lateral(s16), s8), s4, s2, s1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.pyramid(image).s8
+
+    def load_pretrained(self, path: str | Path) -> list[str]:
+        raise ConfigError("model.options.encoder_weights: the unet encoder has no pretrained weights.",
+                          "train it from scratch (leave encoder_weights out), or use the cnn or vit encoders.")
 
 
 def _upsampled(coarse: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -203,7 +263,8 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 #: name → builder of an encoder (all of stride 8; ``fine``: with stride-2 and stride-4 features too;
 #: ``norm`` and ``stride``: the CNN's normalisation and coarsest stage, see :class:`CNNEncoder`; a ViT's
-#: tokens already see the whole image, and it has LayerNorm: it ignores both).
+#: tokens already see the whole image, and it has LayerNorm: it ignores both, as the unet encoder does,
+#: which always has its fine levels and InstanceNorm).
 ENCODERS = {
     "vit_s8": lambda fine=False, norm="batch", stride=STRIDE: ViTEncoder(embed_dim=384, depth=12, num_heads=6,
                                                                          fine=fine),
@@ -211,4 +272,7 @@ ENCODERS = {
                                                                             fine=fine),
     "cnn": lambda fine=False, norm="batch", stride=STRIDE: CNNEncoder("resnet18", out_channels=128, fine=fine,
                                                                       norm=norm, stride=stride),
+    "unet": lambda fine=False, norm="batch", stride=STRIDE: UNetEncoder(out_channels=128),
 }
+#: The encoders with full-resolution features (:attr:`Pyramid.s1`), which the ``unet`` head needs.
+FULL_RESOLUTION = frozenset({"unet"})

@@ -1,4 +1,4 @@
-"""Output heads of Prompt-DAS: segmentation f_S, density f_R and the PCL projection φ, on one of two
+"""Output heads of Prompt-DAS: segmentation f_S, density f_R and the PCL projection φ, on one of three
 upscalers of the decoder's stride-8 image embedding:
 
 * ``paper`` (:class:`Upscaler`): two transposed convolutions to stride 2; the segmentation logits and
@@ -9,6 +9,13 @@ upscalers of the decoder's stride-8 image embedding:
   organelles are predicted from pixels, not from stride-8 tokens::
 
       embedding D×h/8 ─▶ ×2 ─(+ s4 features)─▶ ×2 ─(+ s2 features)─▶ ×2 ─(+ image conv)─▶ D/8×H×W
+
+* ``unet`` (:class:`UNetUpscaler`): the decoder half of MONAI's BasicUNet on the embedding and the
+  ``unet`` encoder's stride-4, stride-2 and full-resolution levels: at each level a transposed
+  convolution ×2, the encoder's level concatenated, then two 3×3 convolutions (InstanceNorm, LeakyReLU),
+  so the organelle the stride-8 embedding finds is drawn out to the membranes the fine levels see::
+
+      embedding D×h/8 ─▶ ×2 ⧺ s4 ─▶ 2 conv ─▶ ×2 ⧺ s2 ─▶ 2 conv ─▶ ×2 ⧺ s1 ─▶ 2 conv ─▶ D/8×H×W
 """
 
 from __future__ import annotations
@@ -90,6 +97,26 @@ class FineUpscaler(nn.Module):
         x = F.gelu(self.norm2(self.up2(x) + self.skip2(s2)))
         x = F.gelu(self.up1(x) + self.skip1(image - 0.5))
         return x + self.refine(x)
+
+
+class UNetUpscaler(nn.Module):
+    """``B×D×h×w`` (stride 8) → ``B×(D/8)×8h×8w`` through three of MONAI's ``UpCat`` blocks, with the
+    encoder's stride-4 (``fine_channels[1]``), stride-2 (``fine_channels[0]``) and full-resolution
+    (``full_channels``) levels (see the module docstring)."""
+
+    def __init__(self, dim: int, fine_channels: tuple[int, int], full_channels: int) -> None:
+        super().__init__()
+        from monai.networks.nets.basic_unet import UpCat  # MONAI takes seconds to import
+
+        from volseg.models.promptdas.encoders import UNET_ACT, UNET_NORM
+
+        c2, c4 = fine_channels
+        self.up4 = UpCat(2, dim, c4, c4, UNET_ACT, UNET_NORM, True, 0.0, "deconv")
+        self.up2 = UpCat(2, c4, c2, c2, UNET_ACT, UNET_NORM, True, 0.0, "deconv")
+        self.up1 = UpCat(2, c2, full_channels, dim // 8, UNET_ACT, UNET_NORM, True, 0.0, "deconv")
+
+    def forward(self, x: torch.Tensor, s4: torch.Tensor, s2: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        return self.up1(self.up2(self.up4(x, s4), s2), s1)
 
 
 class SegmentationHead(nn.Module):

@@ -12,9 +12,11 @@ centre-density map::
 ``H`` and ``W`` must be multiples of 8. Points are pixel (y, x) in the image. ``head`` selects the
 upscaler and heads (:mod:`volseg.models.promptdas.heads`): ``fine`` (default) predicts both maps at
 full resolution from the decoder's embedding fused with the encoder's stride-4 and stride-2 features;
-``paper`` is the published head (stride 2, interpolated). ``encoder_norm`` (``batch`` as published, or
-``group``) is the CNN encoder's normalisation, ``encoder_stride`` (8 as published, 16 or 32) the coarsest of
-its stages that feed the stride-8 features (:class:`~volseg.models.promptdas.encoders.CNNEncoder`).
+``paper`` is the published head (stride 2, interpolated); ``unet`` decodes as a U-Net does, from the
+``unet`` encoder's levels down to full resolution (the default head of that encoder). ``encoder_norm``
+(``batch`` as published, or ``group``) is the CNN encoder's normalisation, ``encoder_stride`` (8 as
+published, 16 or 32) the coarsest of its stages that feed the stride-8 features
+(:class:`~volseg.models.promptdas.encoders.CNNEncoder`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ from torch import nn
 
 from volseg.errors import ConfigError
 from volseg.models.promptdas.decoder import TwoWayTransformer
-from volseg.models.promptdas.encoders import ENCODERS
-from volseg.models.promptdas.heads import MLP, DensityHead, FineUpscaler, LayerNorm2d, SegmentationHead, Upscaler
+from volseg.models.promptdas.encoders import ENCODERS, FULL_RESOLUTION
+from volseg.models.promptdas.heads import (
+    MLP,
+    DensityHead,
+    FineUpscaler,
+    LayerNorm2d,
+    SegmentationHead,
+    UNetUpscaler,
+    Upscaler,
+)
 from volseg.models.promptdas.prompt_encoder import PromptEncoder
 from volseg.models.registry import InputContract, ModelSpec, register
 
@@ -63,8 +73,11 @@ class PromptDAS(nn.Module):
         if head not in HEADS:
             raise ConfigError(f"model.options.head {head!r} is not a head of Prompt-DAS.",
                               f"use one of: {', '.join(HEADS)}.")
+        if head == "unet" and encoder not in FULL_RESOLUTION:
+            raise ConfigError(f"model.options.head 'unet' needs the encoder's full-resolution levels, which "
+                              f"encoder {encoder!r} does not have.", "use encoder: unet, or head: fine.")
         self.head = head
-        self.encoder = ENCODERS[encoder](fine=head == "fine", norm=encoder_norm, stride=encoder_stride)
+        self.encoder = ENCODERS[encoder](fine=head != "paper", norm=encoder_norm, stride=encoder_stride)
         if encoder_weights:
             self.encoder.load_pretrained(encoder_weights)
         d = decoder_dim
@@ -76,8 +89,13 @@ class PromptDAS(nn.Module):
         self.mask_tokens = nn.Parameter(torch.randn(1, num_classes, d) * 0.02)
         self.contrastive_embedding = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.decoder = TwoWayTransformer(d, decoder_depth, decoder_heads, decoder_mlp, downsample=2)
-        scale = 1 if head == "fine" else 2
-        self.upscaler = FineUpscaler(d, self.encoder.fine_channels) if head == "fine" else Upscaler(d)
+        scale = 2 if head == "paper" else 1
+        if head == "paper":
+            self.upscaler = Upscaler(d)
+        elif head == "fine":
+            self.upscaler = FineUpscaler(d, self.encoder.fine_channels)
+        else:
+            self.upscaler = UNetUpscaler(d, self.encoder.fine_channels, self.encoder.full_channels)
         self.segmentation_head = SegmentationHead(d, scale)
         self.density_head = DensityHead(d, scale=scale)
         self.projector = MLP(d, d, projection_dim, 3)
@@ -89,8 +107,8 @@ class PromptDAS(nn.Module):
         """``image`` B×1×H×W in [0, 1]; ``points`` B×N×2 pixel (y, x) with ``point_mask`` B×N bool
         (all valid if omitted); ``contrastive_points`` B×K×2 (training only)."""
         b, _, h, w = image.shape
-        fine = self.encoder.pyramid(image) if self.head == "fine" else None
-        features = self.neck(fine[0] if fine is not None else self.encoder(image))
+        fine = None if self.head == "paper" else self.encoder.pyramid(image)
+        features = self.neck(self.encoder(image) if fine is None else fine.s8)
         image_pe = self.prompt_encoder.dense(tuple(features.shape[-2:]), image.device)
         tokens = [self.mask_tokens.expand(b, -1, -1)]
         visible = [torch.ones(b, self.num_classes, dtype=torch.bool, device=image.device)]
@@ -105,7 +123,10 @@ class PromptDAS(nn.Module):
             visible.append(torch.zeros(contrastive_points.shape[:2], dtype=torch.bool, device=image.device))
         tokens_out, image_out = self.decoder(features, image_pe, torch.cat(tokens, 1), torch.cat(visible, 1))
         image_out = image_out.transpose(1, 2).reshape(features.shape)
-        upscaled = self.upscaler(image_out) if fine is None else self.upscaler(image_out, fine[1], fine[2], image)
+        if fine is None:
+            upscaled = self.upscaler(image_out)
+        else:
+            upscaled = self.upscaler(image_out, fine.s4, fine.s2, image if self.head == "fine" else fine.s1)
         logits = torch.cat([self.segmentation_head(tokens_out[:, c], upscaled) for c in range(self.num_classes)], 1)
         density = self.density_head(upscaled)
         c = self.num_classes
@@ -120,7 +141,13 @@ def _contract(spec: ModelSpec) -> InputContract:
 
 
 #: The upscalers and heads Prompt-DAS can be built with (see :mod:`volseg.models.promptdas.heads`).
-HEADS = ("fine", "paper")
+HEADS = ("fine", "paper", "unet")
+
+
+def _default_head(options: dict) -> str:
+    """``head`` where a spec leaves it out: ``unet`` for the unet encoder (a U-Net's own decoder), else
+    ``fine``."""
+    return "unet" if options.get("encoder", DEFAULT_ENCODER) == "unet" else "fine"
 
 
 def _default_stride(options: dict) -> int:
@@ -131,9 +158,9 @@ def _default_stride(options: dict) -> int:
 
 
 register("promptdas", PromptDAS, _contract,
-         "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn)",
+         "Prompt-DAS: promptable segmentation + centre density (encoders vit_s8, vit_tiny8, cnn, unet)",
          # new models: the full-resolution head and each volume's robust grey-value range; checkpoints
          # whose cards name neither were built with the paper's head on dtype-scaled input
-         defaults={"head": "fine", "intensity": [1.0, 99.0], "encoder_norm": "batch",
+         defaults={"head": _default_head, "intensity": [1.0, 99.0], "encoder_norm": "batch",
                    "encoder_stride": _default_stride},
          legacy={"head": "paper", "intensity": None, "encoder_norm": "batch", "encoder_stride": 8})
