@@ -5,6 +5,9 @@ plain MONAI U-Net given the same crops, augmentation and CPU seconds, scored on 
     uv run --group bench python bench/adaptation.py --seed 1 --rows source,oracle,peer_source,peer_oracle
     uv run --group bench python bench/adaptation.py --merge          # the table: mean ± std over the seeds run
 
+``--merge`` prints each row's mean ± std over the seeds that ran it, volseg ÷ peer over the seeds both rows ran,
+and issue 13's targets for each model family (CNN to stride 8, to stride 32, U-Net) over the seeds their rows share.
+
 Data: ``../shared/data`` (or ``$VOLSEG_DATA``). Lucchi is split at z = 100: adaptation, the WDA points and
 the oracle's labels come from slices z < 100 only; every row is scored on all slices z ≥ 100, blockwise
 over the global window grid, and test-time points are the points file's points with z ≥ 100. Rows:
@@ -659,31 +662,80 @@ def merge(out: Path, planes: str = "xy", min_area_nm2: float | None = None,
     area = f", output.min_area_nm2 {min_area_nm2:g}" if own_area else ""
     print(f"VNC → Lucchi, held-out Lucchi slices z ≥ {HOLD_OUT_Z}, inference.planes {planes}{area}; "
           f"seeds {sorted(seeds)} (mean ± std over the seeds that ran each row)\n")
-    print(f"| {'row':<38} | seeds | {'Dice':>13} | {'IoU':>13} | {'2D objects / true':>17} | {'train s':>7} |")
-    print(f"|{'-' * 40}|-------|{'-' * 15}|{'-' * 15}|{'-' * 19}|{'-' * 9}|")
-    means = {}
-    for name in ROWS:
+    present = [name for name in ROWS if any(name in r for r in seeds.values())]
+    width = max(len(TITLES[name]) for name in present)
+    print(f"| {'row':<{width}} | seeds | {'Dice':>13} | {'IoU':>13} | {'2D objects / true':>17} | {'train s':>7} |")
+    print(f"|{'-' * (width + 2)}|-------|{'-' * 15}|{'-' * 15}|{'-' * 19}|{'-' * 9}|")
+    for name in present:
         runs = [r[name] for r in seeds.values() if name in r]
-        if not runs:
-            continue
         dice, iou = [r["dice"] for r in runs], [r["iou"] for r in runs]
-        means[name] = statistics.fmean(dice)
         objects = statistics.fmean(r["objects"] for r in runs)
         true = statistics.fmean(r["true_objects"] for r in runs)
-        print(f"| {TITLES[name]:<38} | {len(runs):>5} | {_mean_std(dice)} | {_mean_std(iou)} | "
+        print(f"| {TITLES[name]:<{width}} | {len(runs):>5} | {_mean_std(dice)} | {_mean_std(iou)} | "
               f"{objects:>8.0f} / {true:<6.0f} | {statistics.fmean(r['train_s'] for r in runs):7.0f} |")
-    for ours, peer in (("source", "peer_source"), ("oracle", "peer_oracle"), ("source_stride32", "peer_source"),
-                       ("oracle_stride32", "peer_oracle")):
-        if ours in means and peer in means:
-            faced = ours.split("_")[0]  # the row whose CPU seconds the peer was given
-            budget = "" if faced == ours else f" (the peer trained on the CPU seconds of the {TITLES[faced]} row)"
-            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {means[ours] / means[peer]:.3f} Dice{budget}")
+    for ours, peer, faced in PEER_PAIRS:
+        both = [r for r in seeds.values() if ours in r and peer in r]
+        if both:
+            ratio = statistics.fmean(r[ours]["dice"] for r in both) / statistics.fmean(r[peer]["dice"] for r in both)
+            budget = "" if faced == ours else f", the peer trained on the CPU seconds of the {TITLES[faced]} row"
+            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {ratio:.3f} Dice (over the {len(both)} seeds both ran{budget})")
+    for family in FAMILIES:
+        print_targets(seeds, family)
     for name in ("uda_pushed", "uda_pushed_guarded"):
         runs = [r[name] for r in seeds.values() if name in r]
         stops = [r["stopped_at"] for r in runs if r.get("stopped_at") is not None]
         if runs:
             print(f"\n{TITLES[name]}: stopped in {len(stops)} of {len(runs)} seeds (at steps {stops}); least "
                   f"foreground ratio to the source model {[round(r['least_foreground_ratio'], 2) for r in runs]}")
+
+
+#: (volseg row, peer row, the volseg row whose CPU seconds the peer was given) printed as volseg ÷ peer
+PEER_PAIRS = (("source", "peer_source", "source"), ("oracle", "peer_oracle", "oracle"),
+              ("source_stride32", "peer_source", "source"), ("oracle_stride32", "peer_oracle", "oracle"),
+              ("source_unet", "peer_source_unet", "source_unet"), ("oracle_unet", "peer_oracle_unet", "oracle_unet"))
+
+
+#: the rows' model families by the suffix of their names
+FAMILIES = {"": "the CNN encoder to stride 8", "_stride32": "the CNN encoder to stride 32",
+            "_unet": "the U-Net encoder and head"}
+
+
+def print_targets(seeds: dict[int, dict[str, Any]], family: str) -> None:
+    """Issue 13's targets for one model family (the rows named ``…{family}``), each on the mean Dice of
+    the seeds that ran every row it compares; a target whose rows have not run is left out."""
+    rows = {"source": "source", "uda": "uda_persistent", "wda": "wda_confirmed", "points": "wda_confirmed_points",
+            "oracle": "oracle"}
+    rows = {key: name + family for key, name in rows.items()}
+    peers = {"source": "peer_source" + family if family == "_unet" else "peer_source",
+             "oracle": "peer_oracle" + family if family == "_unet" else "peer_oracle"}
+
+    def mean(*needed: str) -> tuple[dict[str, float], int] | None:
+        both = [r for r in seeds.values() if all(n in r for n in needed)]
+        if not both:
+            return None
+        return {n: statistics.fmean(r[n]["dice"] for r in both) for n in needed}, len(both)
+
+    checks = [
+        ("oracle ≥ peer's oracle − 0.01", (rows["oracle"], peers["oracle"]), lambda m: (m[0], m[1] - 0.01)),
+        ("source-only ≥ peer's source-only", (rows["source"], peers["source"]), lambda m: (m[0], m[1])),
+        ("UDA ≥ source + ½ (oracle − source)", (rows["uda"], rows["source"], rows["oracle"]),
+         lambda m: (m[0], m[1] + (m[2] - m[1]) / 2)),
+        ("WDA ≥ UDA + 0.02", (rows["wda"], rows["uda"]), lambda m: (m[0], m[1] + 0.02)),
+        ("WDA ≥ 0.95 × oracle", (rows["wda"], rows["oracle"]), lambda m: (m[0], 0.95 * m[1])),
+        ("test-time points ≥ WDA + 0.01", (rows["points"], rows["wda"]), lambda m: (m[0], m[1] + 0.01)),
+    ]
+    lines = []
+    for title, needed, bound in checks:
+        found = mean(*needed)
+        if found is None:
+            continue
+        means, count = found
+        value, target = bound([means[n] for n in needed])
+        lines.append(f"  {title}: {value:.3f} against {target:.3f}, {'met' if value >= target else 'missed'} "
+                     f"({count} seed{'s' if count > 1 else ''})")
+    if lines:
+        print(f"\nIssue 13's targets, {FAMILIES[family]}:")
+        print("\n".join(lines))
 
 
 def _mean_std(values: list[float]) -> str:
