@@ -678,7 +678,8 @@ def merge(out: Path, planes: str = "xy", min_area_nm2: float | None = None,
         if both:
             ratio = statistics.fmean(r[ours]["dice"] for r in both) / statistics.fmean(r[peer]["dice"] for r in both)
             budget = "" if faced == ours else f", the peer trained on the CPU seconds of the {TITLES[faced]} row"
-            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {ratio:.3f} Dice (over the {len(both)} seeds both ran{budget})")
+            seeds_run = f"{len(both)} seed{'s' if len(both) > 1 else ''}"
+            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {ratio:.3f} Dice (over the {seeds_run} both ran{budget})")
     for family in FAMILIES:
         print_targets(seeds, family)
     for name in ("uda_pushed", "uda_pushed_guarded"):
