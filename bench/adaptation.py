@@ -678,8 +678,7 @@ def merge(out: Path, planes: str = "xy", min_area_nm2: float | None = None,
         if both:
             ratio = statistics.fmean(r[ours]["dice"] for r in both) / statistics.fmean(r[peer]["dice"] for r in both)
             budget = "" if faced == ours else f", the peer trained on the CPU seconds of the {TITLES[faced]} row"
-            seeds_run = f"{len(both)} seed{'s' if len(both) > 1 else ''}"
-            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {ratio:.3f} Dice (over the {seeds_run} both ran{budget})")
+            print(f"\nvolseg ÷ peer, {TITLES[ours]}: {ratio:.3f} Dice (over the {_seeds(len(both))} both ran{budget})")
     for family in FAMILIES:
         print_targets(seeds, family)
     for name in ("uda_pushed", "uda_pushed_guarded"):
@@ -707,14 +706,7 @@ def print_targets(seeds: dict[int, dict[str, Any]], family: str) -> None:
     rows = {"source": "source", "uda": "uda_persistent", "wda": "wda_confirmed", "points": "wda_confirmed_points",
             "oracle": "oracle"}
     rows = {key: name + family for key, name in rows.items()}
-    peers = {"source": "peer_source" + family if family == "_unet" else "peer_source",
-             "oracle": "peer_oracle" + family if family == "_unet" else "peer_oracle"}
-
-    def mean(*needed: str) -> tuple[dict[str, float], int] | None:
-        both = [r for r in seeds.values() if all(n in r for n in needed)]
-        if not both:
-            return None
-        return {n: statistics.fmean(r[n]["dice"] for r in both) for n in needed}, len(both)
+    peers = {key: next(peer for ours, peer, _ in PEER_PAIRS if ours == rows[key]) for key in ("source", "oracle")}
 
     checks = [
         ("oracle ≥ peer's oracle − 0.01", (rows["oracle"], peers["oracle"]), lambda m: (m[0], m[1] - 0.01)),
@@ -727,16 +719,19 @@ def print_targets(seeds: dict[int, dict[str, Any]], family: str) -> None:
     ]
     lines = []
     for title, needed, bound in checks:
-        found = mean(*needed)
-        if found is None:
+        shared = [r for r in seeds.values() if all(n in r for n in needed)]
+        if not shared:
             continue
-        means, count = found
-        value, target = bound([means[n] for n in needed])
+        value, target = bound([statistics.fmean(r[n]["dice"] for r in shared) for n in needed])
         lines.append(f"  {title}: {value:.3f} against {target:.3f}, {'met' if value >= target else 'missed'} "
-                     f"({count} seed{'s' if count > 1 else ''})")
+                     f"({_seeds(len(shared))})")
     if lines:
         print(f"\nIssue 13's targets, {FAMILIES[family]}:")
         print("\n".join(lines))
+
+
+def _seeds(count: int) -> str:
+    return f"{count} seed{'s' if count > 1 else ''}"
 
 
 def _mean_std(values: list[float]) -> str:
