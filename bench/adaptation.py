@@ -38,6 +38,9 @@ over the global window grid, and test-time points are the points file's points w
   oracle_unet       ``oracle`` with that model
   uda_persistent_unet, wda_confirmed_unet, wda_confirmed_points_unet
                     those rows adapted from ``source_unet``
+  wda_confirmed_persistent_unet, wda_confirmed_persistent_points_unet
+                    ``wda_confirmed_unet`` with the pseudo-labels' z-persistence of ``uda_persistent`` too (the
+                    UDA recipe plus the points), and that model with the test points
   peer_source_unet  ``peer_source`` on the CPU seconds of ``source_unet`` (measured in the same run)
   peer_oracle_unet  ``peer_oracle`` on the CPU seconds of ``oracle_unet``
   source_raw        ``source`` without robust intensity normalisation (grey values / 255)
@@ -130,7 +133,8 @@ SCALES = {
 ROWS = ("source", "uda", "uda_persistent", "uda_paste", "wda", "wda_points", "wda_confirmed", "wda_confirmed_points",
         "oracle", "peer_source", "peer_oracle", "oracle_paper", "source_stride32", "uda_persistent_stride32",
         "wda_confirmed_stride32", "wda_confirmed_points_stride32", "oracle_stride32", "source_unet", "oracle_unet",
-        "uda_persistent_unet", "wda_confirmed_unet", "wda_confirmed_points_unet", "peer_source_unet",
+        "uda_persistent_unet", "wda_confirmed_unet", "wda_confirmed_points_unet", "wda_confirmed_persistent_unet",
+        "wda_confirmed_persistent_points_unet", "peer_source_unet",
         "peer_oracle_unet", "source_raw",
         "source_uncalibrated", "source_zoom", "uda_pushed", "uda_pushed_guarded")
 TITLES = {
@@ -151,6 +155,8 @@ TITLES = {
     "uda_persistent_unet": "UDA + z-persistent, U-Net encoder and head",
     "wda_confirmed_unet": "WDA + point-confirmed, U-Net encoder and head",
     "wda_confirmed_points_unet": "WDA-confirmed + test points, U-Net encoder and head",
+    "wda_confirmed_persistent_unet": "WDA + point-confirmed + z-persistent, U-Net",
+    "wda_confirmed_persistent_points_unet": "WDA-confirmed-persistent + test points, U-Net",
     "peer_source_unet": "peer: source-only, at source_unet's CPU s",
     "peer_oracle_unet": "peer: oracle, at oracle_unet's CPU s",
     "source_raw": "source-only, grey values / 255",
@@ -528,17 +534,23 @@ def _wda(bench: Bench) -> None:
                  test_points=len(bench.test_points))
 
 
-def _wda_confirmed(bench: Bench, suffix: str = "", options: dict[str, Any] | None = None) -> None:
+def _wda_confirmed(bench: Bench, suffix: str = "", options: dict[str, Any] | None = None,
+                   persistent: bool = False) -> None:
     """WDA with point-confirmed pseudo-labels; ``wda_confirmed_points``: the same model run with the test
     slices' points as prompts and ``prompts.confirm_nm`` (components no point nearby confirms removed).
-    ``options``: model options other than the scale's, ``suffix`` of both rows' names."""
+    ``options``: model options other than the scale's, ``suffix`` of both rows' names; ``persistent``:
+    the pseudo-labels' z-persistence of ``uda_persistent`` too (rows ``wda_confirmed_persistent…``)."""
     reach = slices_within(CONFIRM_NM, bench.target_raw.voxel_size_nm[0])
-    model, wall, cpu = _adapted(bench, "wda", options, confirm_slices=reach)
+    extra: dict[str, Any] = {"confirm_slices": reach}
+    if persistent:
+        extra.update(persistence_slices=slices_apart(PERSISTENCE_NM, bench.target_raw.voxel_size_nm[0]),
+                     persistence_share=PERSISTENCE_SHARE)
+    model, wall, cpu = _adapted(bench, "wda", options, **extra)
     spec = bench.spec(**(options or {}))
-    bench.record("wda_confirmed" + suffix, bench.score_model(model, spec), wall, cpu, confirm_slices=reach)
-    bench.record("wda_confirmed_points" + suffix, bench.score_model(model, spec, bench.test_points,
-                                                                    confirm_nm=CONFIRM_NM),
-                 wall, cpu, confirm_slices=reach, test_points=len(bench.test_points), confirm_nm=CONFIRM_NM)
+    name = "wda_confirmed_persistent" if persistent else "wda_confirmed"
+    bench.record(name + suffix, bench.score_model(model, spec), wall, cpu, **extra)
+    bench.record(f"{name}_points{suffix}", bench.score_model(model, spec, bench.test_points, confirm_nm=CONFIRM_NM),
+                 wall, cpu, **extra, test_points=len(bench.test_points), confirm_nm=CONFIRM_NM)
 
 
 def _pushed(bench: Bench, guarded: bool) -> None:
@@ -603,7 +615,8 @@ def _peer(bench: Bench, name: str, faces: str, domain: DomainData) -> None:
 #: Rows one runner records together (one trained model, scored two ways).
 PAIRED_ROWS = (("wda", "wda_points"), ("wda_confirmed", "wda_confirmed_points"),
                ("wda_confirmed_stride32", "wda_confirmed_points_stride32"),
-               ("wda_confirmed_unet", "wda_confirmed_points_unet"))
+               ("wda_confirmed_unet", "wda_confirmed_points_unet"),
+               ("wda_confirmed_persistent_unet", "wda_confirmed_persistent_points_unet"))
 #: The model options of the ``*_stride32`` rows.
 STRIDE32 = {"encoder_stride": 32}
 #: The model options of the ``*_unet`` rows (the head follows the encoder).
@@ -627,6 +640,8 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "uda_persistent_unet": lambda b: _uda_persistent(b, "uda_persistent_unet", UNET),
     "wda_confirmed_unet": lambda b: _wda_confirmed(b, "_unet", UNET),
     "wda_confirmed_points_unet": lambda b: _wda_confirmed(b, "_unet", UNET),
+    "wda_confirmed_persistent_unet": lambda b: _wda_confirmed(b, "_unet", UNET, persistent=True),
+    "wda_confirmed_persistent_points_unet": lambda b: _wda_confirmed(b, "_unet", UNET, persistent=True),
     "peer_source_unet": lambda b: _peer(b, "peer_source_unet", "source_unet", b.source),
     "peer_oracle_unet": lambda b: _peer(b, "peer_oracle_unet", "oracle_unet",
                                         DomainData(b.target_train, b.target_train_labels)),
@@ -695,6 +710,9 @@ PEER_PAIRS = (("source", "peer_source", "source"), ("oracle", "peer_oracle", "or
               ("source_unet", "peer_source_unet", "source_unet"), ("oracle_unet", "peer_oracle_unet", "oracle_unet"))
 
 
+#: The WDA rows issue 13's WDA targets are checked on (name, without the family's suffix; as printed).
+WDA_VARIANTS = (("wda_confirmed", "WDA"), ("wda_confirmed_persistent", "WDA + z-persistent"))
+
 #: the rows' model families by the suffix of their names
 FAMILIES = {"": "the CNN encoder to stride 8", "_stride32": "the CNN encoder to stride 32",
             "_unet": "the U-Net encoder and head"}
@@ -703,8 +721,7 @@ FAMILIES = {"": "the CNN encoder to stride 8", "_stride32": "the CNN encoder to 
 def print_targets(seeds: dict[int, dict[str, Any]], family: str) -> None:
     """Issue 13's targets for one model family (the rows named ``…{family}``), each on the mean Dice of
     the seeds that ran every row it compares; a target whose rows have not run is left out."""
-    rows = {"source": "source", "uda": "uda_persistent", "wda": "wda_confirmed", "points": "wda_confirmed_points",
-            "oracle": "oracle"}
+    rows = {"source": "source", "uda": "uda_persistent", "oracle": "oracle"}
     rows = {key: name + family for key, name in rows.items()}
     peers = {key: next(peer for ours, peer, _ in PEER_PAIRS if ours == rows[key]) for key in ("source", "oracle")}
 
@@ -713,10 +730,12 @@ def print_targets(seeds: dict[int, dict[str, Any]], family: str) -> None:
         ("source-only ≥ peer's source-only", (rows["source"], peers["source"]), lambda m: (m[0], m[1])),
         ("UDA ≥ source + ½ (oracle − source)", (rows["uda"], rows["source"], rows["oracle"]),
          lambda m: (m[0], m[1] + (m[2] - m[1]) / 2)),
-        ("WDA ≥ UDA + 0.02", (rows["wda"], rows["uda"]), lambda m: (m[0], m[1] + 0.02)),
-        ("WDA ≥ 0.95 × oracle", (rows["wda"], rows["oracle"]), lambda m: (m[0], 0.95 * m[1])),
-        ("test-time points ≥ WDA + 0.01", (rows["points"], rows["wda"]), lambda m: (m[0], m[1] + 0.01)),
     ]
+    for wda, variant in WDA_VARIANTS:  # each WDA recipe the family has run
+        wda, points = wda + family, f"{wda}_points{family}"
+        checks += [(f"{variant} ≥ UDA + 0.02", (wda, rows["uda"]), lambda m: (m[0], m[1] + 0.02)),
+                   (f"{variant} ≥ 0.95 × oracle", (wda, rows["oracle"]), lambda m: (m[0], 0.95 * m[1])),
+                   (f"test-time points ≥ {variant} + 0.01", (points, wda), lambda m: (m[0], m[1] + 0.01))]
     lines = []
     for title, needed, bound in checks:
         shared = [r for r in seeds.values() if all(n in r for n in needed)]
