@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -475,12 +476,20 @@ class Bench:
 
     # -- rows
     def record(self, name: str, result: Score, wall: float, cpu: float, **extra: Any) -> None:
+        """Add row ``name`` to the seed's JSON. Another run of the same seed (other rows) may have written
+        it since this one read it: the file is read again and written back whole under a lock, so each
+        run's rows stay in it."""
         c = result.confusion
-        self.results[name] = {"dice": c.dice, "iou": c.iou, "objects": result.objects,
-                              "raw_objects": result.raw_objects, "true_objects": result.true_objects,
-                              "train_s": wall, "cpu_s": cpu, **extra}
+        entry = {"dice": c.dice, "iou": c.iou, "objects": result.objects, "raw_objects": result.raw_objects,
+                 "true_objects": result.true_objects, "train_s": wall, "cpu_s": cpu, **extra}
         self.out.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.results, indent=1) + "\n")
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            written = json.loads(self.path.read_text()) if self.path.exists() else {}
+            self.results = {**written, name: entry}
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(json.dumps(self.results, indent=1) + "\n")
+            partial.replace(self.path)
         print(f"seed {self.seed} {name}: Dice {c.dice:.3f} IoU {c.iou:.3f}, objects {result.objects} "
               f"(true {result.true_objects}), train {wall:.0f} s / {cpu:.0f} CPU s", flush=True)
 
