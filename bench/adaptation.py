@@ -527,13 +527,18 @@ def _uda(bench: Bench) -> None:
     bench.record("uda", bench.score_model(model, bench.spec()), wall, cpu)
 
 
+def _persistence(bench: Bench) -> dict[str, Any]:
+    """The adaptation settings of the pseudo-labels' z-persistence (``uda_persistent`` and the rows after it)."""
+    return {"persistence_slices": slices_apart(PERSISTENCE_NM, bench.target_raw.voxel_size_nm[0]),
+            "persistence_share": PERSISTENCE_SHARE}
+
+
 def _uda_persistent(bench: Bench, name: str = "uda_persistent", options: dict[str, Any] | None = None,
                     **extra: Any) -> None:
-    slices = slices_apart(PERSISTENCE_NM, bench.target_raw.voxel_size_nm[0])
-    model, wall, cpu = _adapted(bench, "uda", options, persistence_slices=slices, persistence_share=PERSISTENCE_SHARE,
-                                **extra)
-    bench.record(name, bench.score_model(model, bench.spec(**(options or {}))), wall, cpu, persistence_slices=slices,
-                 **extra)
+    persistence = _persistence(bench)
+    model, wall, cpu = _adapted(bench, "uda", options, **persistence, **extra)
+    bench.record(name, bench.score_model(model, bench.spec(**(options or {}))), wall, cpu,
+                 persistence_slices=persistence["persistence_slices"], **extra)
 
 
 def _wda(bench: Bench) -> None:
@@ -552,8 +557,7 @@ def _wda_confirmed(bench: Bench, suffix: str = "", options: dict[str, Any] | Non
     reach = slices_within(CONFIRM_NM, bench.target_raw.voxel_size_nm[0])
     extra: dict[str, Any] = {"confirm_slices": reach}
     if persistent:
-        extra.update(persistence_slices=slices_apart(PERSISTENCE_NM, bench.target_raw.voxel_size_nm[0]),
-                     persistence_share=PERSISTENCE_SHARE)
+        extra.update(_persistence(bench))
     model, wall, cpu = _adapted(bench, "wda", options, **extra)
     spec = bench.spec(**(options or {}))
     name = "wda_confirmed_persistent" if persistent else "wda_confirmed"
