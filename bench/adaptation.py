@@ -535,11 +535,10 @@ def _adapted(bench: Bench, mode: str, options: dict[str, Any] | None = None, **e
     return model, source_wall + wall, source_cpu + cpu
 
 
-def _short(bench: Bench, steps_only: bool = False) -> dict[str, Any]:
-    """The short schedule's settings (:data:`SHORT_STEPS`; ``steps_only``: only its number of steps)."""
-    steps = {"steps": max(1, round(bench.scale["adapt_steps"] * SHORT_STEPS))}
-    return steps if steps_only else {**steps, "learning_rate": bench.scale["adapt_lr"] * SHORT_LR,
-                                     "ema_alpha": SHORT_EMA}
+def _short(bench: Bench) -> dict[str, Any]:
+    """The short schedule's adaptation settings (:data:`SHORT_STEPS`)."""
+    return {"steps": max(1, round(bench.scale["adapt_steps"] * SHORT_STEPS)),
+            "learning_rate": bench.scale["adapt_lr"] * SHORT_LR, "ema_alpha": SHORT_EMA}
 
 
 def _uda(bench: Bench) -> None:
@@ -677,7 +676,7 @@ ROW_RUNNERS: dict[str, Callable[[Bench], None]] = {
     "wda_confirmed_points_unet": lambda b: _wda_confirmed(b, "_unet", UNET),
     "wda_confirmed_persistent_unet": lambda b: _wda_confirmed(b, "_unet", UNET, persistent=True),
     "wda_confirmed_persistent_points_unet": lambda b: _wda_confirmed(b, "_unet", UNET, persistent=True),
-    "uda_persistent_cut_unet": lambda b: _uda_persistent(b, "uda_persistent_cut_unet", UNET, **_short(b, True)),
+    "uda_persistent_cut_unet": lambda b: _uda_persistent(b, "uda_persistent_cut_unet", UNET, steps=_short(b)["steps"]),
     "uda_persistent_short_unet": lambda b: _uda_persistent(b, "uda_persistent_short_unet", UNET, **_short(b)),
     "wda_confirmed_short_unet": lambda b: _wda_confirmed(b, "_short_unet", UNET, schedule=_short(b)),
     "wda_confirmed_points_short_unet": lambda b: _wda_confirmed(b, "_short_unet", UNET, schedule=_short(b)),
